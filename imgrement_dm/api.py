@@ -1,0 +1,207 @@
+"""The scripting API: wrap a disk, look at it, unwrap it.
+
+``wrap()`` is the whole life of a traced device in one call: it checks the
+disk, creates the mapping with our uuid prefix, waits for udev, and undoes
+everything it did if any step fails, so a refused wrap leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from imgrement_dm import devices
+from imgrement_dm.dm import Control, Target, check_name
+from imgrement_dm.errors import (
+    DeviceBusyError,
+    DeviceError,
+    ImgrementError,
+    NameTakenError,
+    NoSuchMappingError,
+    NotRootError,
+    TargetNotLoadedError,
+)
+from imgrement_dm.table import TARGET_TYPE, ImgrementTable
+from imgrement_dm.udevsync import NodeSync
+
+UUID_PREFIX = devices.UUID_PREFIX
+DEFAULT_NAME = "traced"
+
+
+@dataclass(frozen=True)
+class MappedDevice:
+    """A device-mapper device as ``list`` shows it."""
+
+    name: str
+    uuid: str
+    major: int
+    minor: int
+    open_count: int
+    suspended: bool
+    table: list[Target]
+    status: list[Target]
+
+    @property
+    def ours(self) -> bool:
+        return self.uuid.startswith(UUID_PREFIX)
+
+    @property
+    def node(self) -> Path:
+        return Path("/dev/mapper") / self.name
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise NotRootError("this needs root (device-mapper control): run it with sudo")
+
+
+def _ensure_target(ctl: Control) -> None:
+    if TARGET_TYPE in ctl.list_versions():
+        return
+    # An installed module loads on demand; a built-but-not-installed one does not.
+    subprocess.run(["modprobe", "-q", f"dm-{TARGET_TYPE}"], check=False, capture_output=True)
+    if TARGET_TYPE not in ctl.list_versions():
+        raise TargetNotLoadedError(
+            f"the kernel has no '{TARGET_TYPE}' target: load it with "
+            f"'sudo modprobe dm-{TARGET_TYPE}' (after 'sudo make install'), or "
+            "'sudo insmod dm_target/imgrement.ko' from a built checkout"
+        )
+
+
+class TracedDevice:
+    """A live imgrement mapping; a context manager that unwraps on exit."""
+
+    def __init__(self, name: str, uuid_: str, major: int, minor: int, source: str) -> None:
+        self.name = name
+        self.uuid = uuid_
+        self.major = major
+        self.minor = minor
+        self.source = source
+        self._unwrapped = False
+
+    @property
+    def node(self) -> Path:
+        return Path("/dev/mapper") / self.name
+
+    def status(self) -> dict[str, str]:
+        """The target's INFO counters as a dict (``bios`` for now)."""
+        with Control() as ctl:
+            line = ctl.table_status(self.name)[0].params
+        return dict(item.split("=", 1) for item in line.split() if "=" in item)
+
+    def table(self) -> ImgrementTable:
+        with Control() as ctl:
+            return ImgrementTable.parse(ctl.table_status(self.name, table=True)[0])
+
+    def unwrap(self, *, deferred: bool = False) -> None:
+        if not self._unwrapped:
+            unwrap(self.name, deferred=deferred)
+            self._unwrapped = True
+
+    def __enter__(self) -> TracedDevice:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.unwrap()
+
+    def __repr__(self) -> str:
+        return f"TracedDevice({self.name!r} over {self.source!r}, {self.major}:{self.minor})"
+
+
+def wrap(device: str, name: str = DEFAULT_NAME) -> TracedDevice:
+    """Stack an imgrement mapping on ``device``; /dev/mapper/NAME exists on return."""
+    _require_root()
+    check_name(name)
+    dev = devices.resolve(device)
+    if dev.sectors == 0:
+        raise DeviceError(f"{device} has no sectors (an empty loop device or no medium?)")
+    devices.check_unused(dev)
+    with Control() as ctl:
+        if any(n == name for n, _, _ in ctl.list_devices()):
+            raise NameTakenError(
+                f"a device-mapper device named {name!r} exists already; choose another "
+                "name with --name, or unwrap it first"
+            )
+        _ensure_target(ctl)
+        table = ImgrementTable(device=dev.devno, length=dev.sectors)
+        dm_uuid = UUID_PREFIX + uuid.uuid4().hex
+        with NodeSync() as sync:
+            info = ctl.create(name, dm_uuid, event_nr=sync.cookie)
+            try:
+                ctl.load_table(name, [table.target()])
+                ctl.resume(name, event_nr=sync.cookie)
+                sync.node_created(name, info.major, info.minor)
+            except BaseException:
+                _remove_quietly(ctl, name, info.major, info.minor)
+                raise
+    return TracedDevice(name, dm_uuid, info.major, info.minor, device)
+
+
+def _remove_quietly(ctl: Control, name: str, major: int, minor: int) -> None:
+    """Undo a half-made wrap; the original error is the one worth reporting."""
+    try:
+        with NodeSync(timeout=10) as sync:
+            ctl.remove(name, event_nr=sync.cookie)
+            sync.node_removed(name, major, minor)
+    except ImgrementError:
+        pass
+
+
+def unwrap(name: str, *, deferred: bool = False) -> None:
+    """Remove our mapping ``name``; refuses devices that are not ours or are open."""
+    _require_root()
+    check_name(name)
+    with Control() as ctl:
+        info = ctl.info(name)
+        if not info.uuid.startswith(UUID_PREFIX):
+            raise DeviceBusyError(
+                f"{name!r} is not an imgrement device (uuid {info.uuid or 'none'!r}); "
+                "imgrement-dm only removes devices it made: use dmsetup for others"
+            )
+        if info.open_count and not deferred:
+            raise DeviceBusyError(
+                f"/dev/mapper/{name} is open ({info.open_count} user(s)); unmount or close "
+                "it first, or pass --deferred to remove it when the last user closes it"
+            )
+        with NodeSync() as sync:
+            ctl.remove(name, deferred=deferred, event_nr=sync.cookie)
+            if deferred and info.open_count:
+                return
+            sync.node_removed(name, info.major, info.minor)
+
+
+def list_devices(*, all_devices: bool = False) -> list[MappedDevice]:
+    """Our mapped devices (every device-mapper device with ``all_devices``)."""
+    out = []
+    with Control() as ctl:
+        for name, _, _ in ctl.list_devices():
+            try:
+                info = ctl.info(name)
+                if not all_devices and not info.uuid.startswith(UUID_PREFIX):
+                    continue
+                table = ctl.table_status(name, table=True) if info.active_table else []
+                status = ctl.table_status(name) if info.active_table else []
+            except NoSuchMappingError:
+                continue  # removed while we looked
+            out.append(
+                MappedDevice(
+                    name=name,
+                    uuid=info.uuid,
+                    major=info.major,
+                    minor=info.minor,
+                    open_count=info.open_count,
+                    suspended=info.suspended,
+                    table=table,
+                    status=status,
+                )
+            )
+    return out

@@ -1,0 +1,242 @@
+"""Debian distro kernels for the sandbox: fetch, cache, build the target.
+
+For each Debian suite we keep one small root (made by mmdebstrap) that holds
+the suite's own compiler and kernel headers, with the kernel image and its
+modules unpacked beside them.  The module is built inside that root, so each
+kernel gets the compiler and glibc its kbuild tools expect (trixie's and
+sid's headers cannot be used with bookworm's gcc and glibc), and the guest
+boots the image from the same root.  Nothing is installed into the host's
+/boot or /lib/modules.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from imgrement_dm.errors import ImgrementError
+
+#: Kernel series we support, by the Debian suite that ships it.
+SUITES: dict[str, str] = {
+    "5.10": "bullseye",
+    "6.1": "bookworm",
+    "6.12": "trixie",
+    "7.2": "sid",
+}
+DEFAULT_KERNEL = "6.1"
+ARCH = "amd64"
+
+
+class SandboxError(ImgrementError):
+    """The sandbox could not be prepared or run."""
+
+    exit_code = 10
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A prepared kernel: where its root, image and build tree are."""
+
+    series: str
+    suite: str
+    release: str  # e.g. 6.1.0-56-amd64
+    root: Path
+
+    @property
+    def image(self) -> Path:
+        for candidate in (
+            self.root / "boot" / f"vmlinuz-{self.release}",
+            self.root / "usr" / "lib" / "modules" / self.release / "vmlinuz",
+        ):
+            if candidate.exists():
+                return candidate
+        raise SandboxError(f"kernel image for {self.release} missing under {self.root}")
+
+
+def cache_dir() -> Path:
+    """Where downloads and per-suite roots live: outside the checkout."""
+    env = os.environ.get("IMGREMENT_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(base) / "imgrement-dm"
+
+
+def resolve_series(name: str) -> str:
+    """Accept a series (``6.1``) or a suite name (``bookworm``)."""
+    if name in SUITES:
+        return name
+    for series, suite in SUITES.items():
+        if name == suite:
+            return series
+    known = ", ".join(f"{s} ({suite})" for s, suite in SUITES.items())
+    raise SandboxError(f"unknown kernel {name!r}: choose one of {known}")
+
+
+def debian_mirror() -> str:
+    """The Debian mirror this host's apt already uses (or IMGREMENT_DEBIAN_MIRROR)."""
+    env = os.environ.get("IMGREMENT_DEBIAN_MIRROR")
+    if env:
+        return env.rstrip("/")
+    texts = []
+    for path in [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]:
+        try:
+            texts.append(path.read_text())
+        except OSError:
+            continue
+    for text in texts:
+        for uri in re.findall(r"(?:^deb\s+(?:\[[^]]*\]\s+)?|^URIs:\s*)(\S+)", text, re.M):
+            if re.search(r"/debian/?$", uri):
+                return str(uri).rstrip("/")
+    raise SandboxError(
+        "no Debian mirror found in /etc/apt sources; set IMGREMENT_DEBIAN_MIRROR "
+        "to the URL of a Debian archive mirror"
+    )
+
+
+def _run(cmd: list[str], what: str, log: Path | None = None, *, merge: bool = False) -> str:
+    """Run a preparation step; its output (stdout, or both streams with ``merge``)."""
+    try:
+        proc = subprocess.run(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT if merge else subprocess.PIPE,
+            text=True,
+            check=False,
+        )
+    except FileNotFoundError:
+        raise SandboxError(
+            f"{cmd[0]} is not installed; run 'make' (or scripts/install-host-deps) first"
+        ) from None
+    if log is not None:
+        with log.open("a") as f:
+            f.write(f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr or ''}\n")
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-15:]
+        raise SandboxError(f"{what} failed (exit {proc.returncode}):\n  " + "\n  ".join(tail))
+    return proc.stdout
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _say(msg: str) -> None:
+    print(f"sandbox: {msg}", flush=True)
+
+
+def prepare(series: str) -> Kernel:
+    """Return the kernel for ``series``, fetching and unpacking it on first use."""
+    series = resolve_series(series)
+    suite = SUITES[series]
+    base = cache_dir() / "kernels" / suite
+    root = base / "root"
+    stamp = base / "release"
+    with _locked(base.parent / f"{suite}.lock"):
+        if stamp.exists() and root.is_dir():
+            return Kernel(series, suite, stamp.read_text().strip(), root)
+        if os.geteuid() != 0:
+            raise SandboxError(
+                f"preparing the {series} kernel the first time needs root (mmdebstrap, chroot)"
+            )
+        _say(f"preparing Debian {suite} kernel {series} (first use; cached in {base})")
+        shutil.rmtree(base, ignore_errors=True)
+        base.mkdir(parents=True)
+        log = base / "prepare.log"
+        tmp_root = base / "root.tmp"
+        mirror = debian_mirror()
+        cmd = [
+            "mmdebstrap",
+            "--variant=apt",
+            "--skip=cleanup/apt/lists",
+            f"--include=make,kmod,linux-headers-{ARCH}",
+        ]
+        if suite == "sid":
+            # sid's Release file is routinely past its Valid-Until on mirrors.
+            cmd.append('--aptopt=Acquire::Check-Valid-Until "false"')
+        cmd += [suite, str(tmp_root), f"deb {mirror} {suite} main"]
+        _run(cmd, f"mmdebstrap of {suite}", log)
+        release = _headers_release(tmp_root)
+        _fetch_image(tmp_root, release, log)
+        _run(["depmod", "-b", str(tmp_root), release], "depmod", log)
+        tmp_root.rename(root)
+        stamp.write_text(release + "\n")
+        _say(f"kernel {release} ready")
+        return Kernel(series, suite, release, root)
+
+
+def _headers_release(root: Path) -> str:
+    out = _run(
+        ["chroot", str(root), "dpkg-query", "-W", "-f=${Depends}", f"linux-headers-{ARCH}"],
+        "reading the headers package",
+    )
+    m = re.search(rf"linux-headers-(\S+-{ARCH})", out)
+    if not m:
+        raise SandboxError(f"cannot tell the kernel release from {out!r}")
+    return m.group(1)
+
+
+def _fetch_image(root: Path, release: str, log: Path) -> None:
+    """Download the image (and, on newer suites, its split-out parts) and unpack them."""
+    depends = _run(
+        ["chroot", str(root), "apt-cache", "depends", f"linux-image-{release}"],
+        "resolving the kernel image",
+        log,
+    )
+    packages = [f"linux-image-{release}"]
+    for name in re.findall(r"Depends:\s*(linux-\S+)", depends):
+        # 7.x splits the image into linux-binary-*, linux-modules-* and friends.
+        if name.endswith(release) and name not in packages:
+            packages.append(name)
+    debs = root / "var" / "cache" / "imgrement-debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    _run(
+        ["chroot", str(root), "sh", "-c", 'cd "$0" && apt-get download "$@"',
+         "/var/cache/imgrement-debs", *packages],
+        "downloading the kernel image",
+        log,
+    )
+    for deb in sorted(debs.glob("*.deb")):
+        # dpkg -x would replace the merged-/usr links with directories.
+        with subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)],
+                              stdout=subprocess.PIPE) as unpack:
+            tar = subprocess.run(
+                ["tar", "-x", "--keep-directory-symlink", "-C", str(root)],
+                stdin=unpack.stdout, capture_output=True, check=False,
+            )
+        if unpack.returncode or tar.returncode:
+            raise SandboxError(f"unpacking {deb.name} failed: {tar.stderr.decode()[-500:]}")
+        deb.unlink()
+
+
+def build_module(kernel: Kernel, source: Path, *, sparse: bool = False) -> Path:
+    """Build dm_target/ against ``kernel`` inside its root; return the .ko path."""
+    build = kernel.root / "build" / "imgrement"
+    shutil.rmtree(build, ignore_errors=True)
+    build.mkdir(parents=True)
+    for item in source.iterdir():
+        if item.is_file() and item.suffix in (".c", ".h") or item.name in ("Kbuild", "Makefile"):
+            shutil.copy2(item, build / item.name)
+    cmd = ["chroot", str(kernel.root), "make", "-C", f"/lib/modules/{kernel.release}/build",
+           "M=/build/imgrement", "W=1", "modules"]
+    if sparse:
+        cmd.append("C=1")
+    out = _run(cmd, f"building the target for {kernel.release}", merge=True)
+    warnings = [line for line in out.splitlines() if "warning:" in line]
+    if warnings:
+        raise SandboxError("the target built with warnings:\n  " + "\n  ".join(warnings))
+    ko = build / "imgrement.ko"
+    if not ko.exists():
+        raise SandboxError(f"the build made no {ko}")
+    return ko

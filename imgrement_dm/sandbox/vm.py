@@ -1,0 +1,131 @@
+"""Boot a prepared kernel in QEMU (through virtme-ng) and run one command.
+
+The guest sees the host's files read-only at the same paths (so the checkout
+and its venv are usable as they are), gets empty virtio scratch disks with
+serials ``imgrement-scratchN``, and a results folder shared read-write.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from imgrement_dm.sandbox.kernels import Kernel, SandboxError
+
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``256M`` -> bytes; refuses zero and anything unparseable."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in SIZE_UNITS and not t[-1:].isdigit() else ""
+    number = t[: len(t) - len(unit)]
+    if not number.isdigit() or int(number) == 0:
+        raise SandboxError(f"invalid disk size {text!r}: use a number with K, M, G or T, e.g. 256M")
+    size = int(number) * SIZE_UNITS[unit]
+    if size % 512:
+        raise SandboxError(f"invalid disk size {text!r}: not a multiple of 512 bytes")
+    return size
+
+
+@dataclass
+class GuestRun:
+    """Everything one boot needs."""
+
+    kernel: Kernel
+    module: Path
+    command: list[str]
+    results: Path
+    cwd: Path
+    disks: list[int] = field(default_factory=list)
+    memory: str = "2G"
+    cpus: int = 2
+    kvm: bool = False
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+def _vng() -> str:
+    here = Path(sys.executable).parent
+    for candidate in (here / "vng", shutil.which("vng")):
+        if candidate and Path(candidate).exists():
+            return str(candidate)
+    raise SandboxError(
+        "virtme-ng (vng) is not installed; run 'make' to create .venv with it"
+    )
+
+
+def run(spec: GuestRun) -> int:
+    """Boot, run ``spec.command`` as root in the guest, return its exit status."""
+    spec.results.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="imgrement-disks-", dir=_disk_dir()) as tmp:
+        drives: list[str] = []
+        for i, size in enumerate(spec.disks):
+            img = Path(tmp) / f"scratch{i}.img"
+            with img.open("wb") as f:
+                f.truncate(size)
+            drives += [
+                "-drive", f"file={img},format=raw,if=none,id=scratch{i},cache=unsafe",
+                "-device", f"virtio-blk-pci,drive=scratch{i},serial=imgrement-scratch{i}",
+            ]
+        for attempt in (1, 2):
+            token = uuid.uuid4().hex
+            marker = spec.results / f".started-{token}"
+            rc = _boot(spec, drives, marker)
+            started = marker.exists()
+            marker.unlink(missing_ok=True)
+            if started:
+                return rc
+            # virtme-ng has been seen to die once, early and silently: retry once.
+            print(f"sandbox: the guest did not start (vng exit {rc}), attempt {attempt}",
+                  file=sys.stderr)
+            time.sleep(1)
+    raise SandboxError("the guest failed to start twice; see the output above")
+
+
+def _disk_dir() -> str:
+    # Scratch images are sparse; keep them off tmpfs so large ones cost nothing.
+    return "/var/tmp" if os.path.isdir("/var/tmp") else tempfile.gettempdir()
+
+
+def _boot(spec: GuestRun, drives: list[str], marker: Path) -> int:
+    init = resources.files("imgrement_dm.sandbox").joinpath("guest_init.sh")
+    env = {
+        "IMGREMENT_KO": str(spec.module),
+        "IMGREMENT_RESULTS": str(spec.results),
+        "IMGREMENT_DISKS": str(len(spec.disks)),
+        "IMGREMENT_VENV_BIN": str(Path(sys.executable).parent),
+        "IMGREMENT_CWD": str(spec.cwd),
+        "IMGREMENT_KERNEL_SERIES": spec.kernel.series,
+        **spec.extra_env,
+    }
+    guest = (
+        ["env", *(f"{k}={v}" for k, v in env.items())]
+        + ["bash", "-c", f'touch {shlex.quote(str(marker))}; exec bash "$0" "$@"', str(init)]
+        + spec.command
+    )
+    cmd = [
+        _vng(),
+        "--force-9p",
+        "-r", str(spec.kernel.image),
+        f"--rwdir={spec.results}",
+        "--memory", spec.memory,
+        "--cpus", str(spec.cpus),
+        "--cwd", str(spec.cwd),
+    ]
+    if not spec.kvm:
+        cmd.append("--disable-kvm")
+    if drives:
+        cmd.append("--qemu-opts=" + " ".join(shlex.quote(d) for d in drives))
+    cmd += ["--exec", shlex.join(guest)]
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    proc = subprocess.run(cmd, env={**os.environ, "PATH": path}, check=False)
+    return proc.returncode

@@ -1,0 +1,115 @@
+"""Knowing when /dev/mapper/NAME exists, with or without udev.
+
+With udev running, the dm rules create the node when they handle the
+"change" event that resuming a device emits.  We tag our ioctls with a
+flags-only cookie (primary source, no semaphore, so ``dmsetup udevcomplete``
+has nothing to do) and watch the udev monitor, started *before* the ioctl so
+the event cannot be missed, for our device number.  Without udev we tell
+the rules to stay out of it and make or remove the node ourselves, as libdm
+does.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from imgrement_dm.errors import UdevTimeoutError
+
+# libdm's udev flags, carried in the high 16 bits of event_nr (the cookie).
+DM_UDEV_DISABLE_DM_RULES_FLAG = 0x0001
+DM_UDEV_DISABLE_SUBSYSTEM_RULES_FLAG = 0x0002
+DM_UDEV_DISABLE_DISK_RULES_FLAG = 0x0004
+DM_UDEV_DISABLE_OTHER_RULES_FLAG = 0x0008
+DM_UDEV_PRIMARY_SOURCE_FLAG = 0x0040
+
+MAPPER_DIR = Path("/dev/mapper")
+DEFAULT_TIMEOUT = 60.0
+
+
+def udev_running() -> bool:
+    """systemd-udevd listens on this socket while it runs."""
+    return os.path.exists("/run/udev/control")
+
+
+class NodeSync:
+    """Create before a uevent-generating ioctl; then wait for its effect.
+
+    ``cookie`` is the event_nr to pass with the ioctl.
+    """
+
+    def __init__(self, *, use_udev: bool | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.use_udev = udev_running() if use_udev is None else use_udev
+        self.timeout = timeout
+        self._monitor: Any = None
+        if self.use_udev:
+            import pyudev
+
+            self._monitor = pyudev.Monitor.from_netlink(pyudev.Context())
+            self._monitor.filter_by("block")
+            self._monitor.start()
+            self.cookie = DM_UDEV_PRIMARY_SOURCE_FLAG << 16
+        else:
+            self.cookie = (
+                DM_UDEV_DISABLE_DM_RULES_FLAG
+                | DM_UDEV_DISABLE_SUBSYSTEM_RULES_FLAG
+                | DM_UDEV_DISABLE_DISK_RULES_FLAG
+                | DM_UDEV_DISABLE_OTHER_RULES_FLAG
+            ) << 16
+
+    def __enter__(self) -> NodeSync:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._monitor is not None:
+            self._monitor = None
+
+    def _wait_event(self, major: int, minor: int, actions: tuple[str, ...]) -> None:
+        devnum = os.makedev(major, minor)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise UdevTimeoutError(
+                    f"udev did not finish with device {major}:{minor} in {self.timeout:.0f} s; "
+                    "check that systemd-udevd is healthy ('udevadm monitor')"
+                )
+            device = self._monitor.poll(timeout=left)
+            if device is None:
+                continue
+            if device.action in actions and device.device_number == devnum:
+                return
+
+    def node_created(self, name: str, major: int, minor: int) -> Path:
+        """Wait until /dev/mapper/NAME is the node of (major, minor)."""
+        node = MAPPER_DIR / name
+        if self.use_udev:
+            self._wait_event(major, minor, ("change",))
+        else:
+            MAPPER_DIR.mkdir(mode=0o755, exist_ok=True)
+            if not node.exists():
+                os.mknod(node, 0o600 | stat.S_IFBLK, os.makedev(major, minor))
+        st = os.stat(node)
+        if not stat.S_ISBLK(st.st_mode) or st.st_rdev != os.makedev(major, minor):
+            raise UdevTimeoutError(f"{node} exists but is not device {major}:{minor}")
+        return node
+
+    def node_removed(self, name: str, major: int, minor: int) -> None:
+        """Wait until /dev/mapper/NAME is gone after a remove."""
+        node = MAPPER_DIR / name
+        if self.use_udev:
+            self._wait_event(major, minor, ("remove",))
+        elif node.is_block_device():
+            node.unlink()
