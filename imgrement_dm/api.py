@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 from imgrement_dm import devices
-from imgrement_dm.dm import Control, Target, check_name
+from imgrement_dm.dm import Control, DeviceInfo, Target, check_name
 from imgrement_dm.errors import (
     DeviceBusyError,
     DeviceError,
@@ -30,6 +31,8 @@ from imgrement_dm.udevsync import NodeSync
 
 UUID_PREFIX = devices.UUID_PREFIX
 DEFAULT_NAME = "traced"
+#: How long unwrap waits for a short-lived opener (udev's probe) to go away.
+TRANSIENT_OPEN_WAIT = 5.0
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,8 @@ def unwrap(name: str, *, deferred: bool = False) -> None:
                 "imgrement-dm only removes devices it made: use dmsetup for others"
             )
         if info.open_count and not deferred:
+            info = _wait_transient_open(ctl, name, info)
+        if info.open_count and not deferred:
             raise DeviceBusyError(
                 f"/dev/mapper/{name} is open ({info.open_count} user(s)); unmount or close "
                 "it first, or pass --deferred to remove it when the last user closes it"
@@ -177,6 +182,20 @@ def unwrap(name: str, *, deferred: bool = False) -> None:
             if deferred and info.open_count:
                 return
             sync.node_removed(name, info.major, info.minor)
+
+
+def _wait_transient_open(ctl: Control, name: str, info: DeviceInfo) -> DeviceInfo:
+    """Give udev's probe a moment to close the device.
+
+    Closing a device after writing makes udev re-read it (its inotify
+    "watch"), so an unwrap right after a write can find it briefly open.
+    libdm retries removal for the same reason.
+    """
+    deadline = time.monotonic() + TRANSIENT_OPEN_WAIT
+    while info.open_count and time.monotonic() < deadline:
+        time.sleep(0.1)
+        info = ctl.info(name)
+    return info
 
 
 def list_devices(*, all_devices: bool = False) -> list[MappedDevice]:

@@ -114,3 +114,7 @@ def sandbox(kernel: str | None, disks: tuple[str, ...], memory: str, results: Pa
         kvm=kvm,
     )
     sys.exit(rc)
+
+
+if __name__ == "__main__":
+    main(prog_name="imgrement-dm")

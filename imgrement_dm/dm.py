@@ -223,7 +223,7 @@ class Control:
             try:
                 fcntl.ioctl(self._fd, request, buf, True)
             except OSError as e:
-                raise self._error(command, name, e.errno) from None
+                raise self._error(command, name, e.errno or errno.EIO) from None
             if io.flags & lib.DM_BUFFER_FULL_FLAG:
                 if size >= MAX_BUFFER:
                     raise DeviceMapperError(command, errno.ENOBUFS, "reply larger than 64 MiB")

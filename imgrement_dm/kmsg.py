@@ -40,7 +40,7 @@ class Cursor:
                 break
             if not record:
                 break
-            header, _, text = record.decode("utf-8", "replace").partition(";")
+            _, _, text = record.decode("utf-8", "replace").partition(";")
             out.append(text.split("\n", 1)[0])
         return out
 

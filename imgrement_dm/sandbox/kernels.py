@@ -226,7 +226,7 @@ def build_module(kernel: Kernel, source: Path, *, sparse: bool = False) -> Path:
     shutil.rmtree(build, ignore_errors=True)
     build.mkdir(parents=True)
     for item in source.iterdir():
-        if item.is_file() and item.suffix in (".c", ".h") or item.name in ("Kbuild", "Makefile"):
+        if (item.is_file() and item.suffix in (".c", ".h")) or item.name in ("Kbuild", "Makefile"):
             shutil.copy2(item, build / item.name)
     cmd = ["chroot", str(kernel.root), "make", "-C", f"/lib/modules/{kernel.release}/build",
            "M=/build/imgrement", "W=1", "modules"]

@@ -107,11 +107,11 @@ def _boot(spec: GuestRun, drives: list[str], marker: Path) -> int:
         "IMGREMENT_KERNEL_SERIES": spec.kernel.series,
         **spec.extra_env,
     }
-    guest = (
-        ["env", *(f"{k}={v}" for k, v in env.items())]
-        + ["bash", "-c", f'touch {shlex.quote(str(marker))}; exec bash "$0" "$@"', str(init)]
-        + spec.command
-    )
+    start = f'touch {shlex.quote(str(marker))}; exec bash "$0" "$@"'
+    guest = [
+        "env", *(f"{k}={v}" for k, v in env.items()),
+        "bash", "-c", start, str(init), *spec.command,
+    ]
     cmd = [
         _vng(),
         "--force-9p",

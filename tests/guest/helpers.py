@@ -1,0 +1,84 @@
+"""Small tools the guest tests share: direct I/O, the CLI, leftovers."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+CLI = [sys.executable, "-m", "imgrement_dm.cli"]
+
+
+def pattern(seed: int, size: int) -> bytes:
+    """Deterministic, incompressible test data."""
+    return random.Random(seed).randbytes(size)
+
+
+def aligned(data: bytes) -> mmap.mmap:
+    """A page-aligned copy of ``data``, as O_DIRECT needs."""
+    buf = mmap.mmap(-1, max(len(data), 1))
+    buf[: len(data)] = data
+    return buf
+
+
+def direct_write(path: str | Path, offset: int, data: bytes, *, flags: int = 0) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_DIRECT | flags)
+    try:
+        buf = aligned(data)
+        with memoryview(buf) as view:
+            assert os.pwrite(fd, view[: len(data)], offset) == len(data)
+        buf.close()
+    finally:
+        os.close(fd)
+
+
+def direct_read(path: str | Path, offset: int, size: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, size)
+        assert os.preadv(fd, [buf], offset) == size
+        data = bytes(buf)
+        buf.close()
+        return data
+    finally:
+        os.close(fd)
+
+
+def cli(*args: str, user: int | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the installed CLI module; optionally as another uid."""
+    prefix: list[str] = []
+    if user is not None:
+        prefix = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"]
+    return subprocess.run([*prefix, *CLI, *args], capture_output=True, text=True, check=False)
+
+
+def sh(*args: str) -> str:
+    return subprocess.run(list(args), capture_output=True, text=True, check=True).stdout
+
+
+def dm_devices() -> list[str]:
+    """Names of every device-mapper device, as dmsetup sees them."""
+    out = sh("dmsetup", "ls").strip()
+    if not out or out == "No devices found":
+        return []
+    return sorted(line.split()[0] for line in out.splitlines())
+
+
+def loop_devices() -> list[str]:
+    return sorted(sh("losetup", "--noheadings", "--output", "NAME").split())
+
+
+def mapper_nodes() -> list[str]:
+    return sorted(p.name for p in Path("/dev/mapper").iterdir() if p.name != "control")
+
+
+def sectors(dev: str) -> int:
+    return int(sh("blockdev", "--getsz", dev))
+
+
+def devno(dev: str) -> str:
+    st = os.stat(dev)
+    return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"

@@ -1,0 +1,70 @@
+"""Table grammar, sandbox helpers and the JUnit checker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from imgrement_dm.dm import Target
+from imgrement_dm.sandbox import kernels
+from imgrement_dm.sandbox.vm import parse_size
+from imgrement_dm.table import ImgrementTable
+from tests import check_junit
+
+
+def test_table_line_round_trip() -> None:
+    t = ImgrementTable(device="254:0", length=524288, offset=0)
+    assert t.target() == Target(0, 524288, "imgrement", "254:0 0")
+    assert ImgrementTable.parse(t.target()) == t
+
+
+def test_table_parse_refuses_other_targets() -> None:
+    with pytest.raises(ValueError, match="not an imgrement target"):
+        ImgrementTable.parse(Target(0, 8, "linear", "8:0 0"))
+
+
+@pytest.mark.parametrize(
+    "text,size", [("256M", 256 << 20), ("1G", 1 << 30), ("4096", 4096), ("64MiB", 64 << 20)]
+)
+def test_parse_size(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["0", "M", "12X", "-1G", "1000"])
+def test_parse_size_refuses(text: str) -> None:
+    with pytest.raises(kernels.SandboxError, match="invalid disk size"):
+        parse_size(text)
+
+
+def test_kernel_names() -> None:
+    assert kernels.resolve_series("6.1") == "6.1"
+    assert kernels.resolve_series("trixie") == "6.12"
+    with pytest.raises(kernels.SandboxError, match=r"unknown kernel '4\.19'"):
+        kernels.resolve_series("4.19")
+
+
+def test_mirror_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMGREMENT_DEBIAN_MIRROR", "http://mirror.invalid/debian/")
+    assert kernels.debian_mirror() == "http://mirror.invalid/debian"
+
+
+def _junit(tmp_path: Path, name: str, tests: int, failures: int, skipped: int) -> None:
+    (tmp_path / name).write_text(
+        f'<testsuites><testsuite name="x" tests="{tests}" failures="{failures}" '
+        f'errors="0" skipped="{skipped}"/></testsuites>'
+    )
+
+
+def test_check_junit_requires_a_guest_run(tmp_path: Path) -> None:
+    assert check_junit.main([str(tmp_path), "--expect-guest"]) == 1
+    _junit(tmp_path, "guest-6.1.0-1-amd64.xml", 5, 0, 0)
+    assert check_junit.main([str(tmp_path), "--expect-guest"]) == 0
+
+
+@pytest.mark.parametrize("tests,failures,skipped", [(0, 0, 0), (5, 1, 0), (5, 0, 1)])
+def test_check_junit_fails_on_empty_failed_or_skipped(
+    tmp_path: Path, tests: int, failures: int, skipped: int
+) -> None:
+    _junit(tmp_path, "guest-x.xml", tests, failures, skipped)
+    assert check_junit.main([str(tmp_path), "--expect-guest"]) == 1
