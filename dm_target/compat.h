@@ -28,7 +28,9 @@ static inline sector_t imgrement_bdev_nr_sectors(struct block_device *bdev)
 
 /*
  * .prepare_ioctl grew the ioctl command, its argument and a "forward" out
- * parameter in 6.15; only the block device matters to us.
+ * parameter after 6.12 (Debian's 6.12 has the old form, 7.2 the new one;
+ * 6.15 is our best knowledge of the release).  Only the block device
+ * matters to us.
  */
 #if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 15, 0)
 #define IMGREMENT_PREPARE_IOCTL_ARGS					\
@@ -37,6 +39,50 @@ static inline sector_t imgrement_bdev_nr_sectors(struct block_device *bdev)
 #else
 #define IMGREMENT_PREPARE_IOCTL_ARGS					\
 	struct dm_target *ti, struct block_device **bdev
+#endif
+
+/* blk_opf_t (the type of bi_opf) arrived in 6.0. */
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 0, 0)
+typedef blk_opf_t imgrement_opf_t;
+#else
+typedef unsigned int imgrement_opf_t;
+#endif
+
+/* memcpy_from_bvec() arrived in 5.15; before that, map the page ourselves. */
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(5, 15, 0)
+#define imgrement_memcpy_from_bvec(to, bv) memcpy_from_bvec(to, bv)
+#else
+#include <linux/highmem.h>
+static inline void imgrement_memcpy_from_bvec(char *to, struct bio_vec *bv)
+{
+	void *from = kmap_atomic(bv->bv_page);
+
+	memcpy(to, from + bv->bv_offset, bv->bv_len);
+	kunmap_atomic(from);
+}
+#endif
+
+/*
+ * Renaming a debugfs entry: debugfs_rename() until 6.13, then
+ * debugfs_change_name().  Returns 0 or a negative errno.
+ */
+#include <linux/debugfs.h>
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 13, 0)
+static inline int imgrement_debugfs_change_name(struct dentry *parent,
+						struct dentry *dentry,
+						const char *name)
+{
+	return debugfs_change_name(dentry, "%s", name);
+}
+#else
+static inline int imgrement_debugfs_change_name(struct dentry *parent,
+						struct dentry *dentry,
+						const char *name)
+{
+	struct dentry *d = debugfs_rename(parent, dentry, parent, name);
+
+	return IS_ERR_OR_NULL(d) ? -EEXIST : 0;
+}
 #endif
 
 #endif /* IMGREMENT_COMPAT_H */

@@ -1,61 +1,228 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * dm-imgrement: a pass-through device-mapper target that watches every bio
- * reaching the device below it.
+ * dm-imgrement: a pass-through device-mapper target that records every bio
+ * reaching the device below it, with its data.
  *
- * Semantics: the target maps its whole length linearly onto a range of one
- * underlying block device, exactly as dm-linear does.  Nothing about the I/O
- * changes: bios are remapped in .map and completed by the device below.  What
- * the target adds is observation; this version keeps a count of the bios it
- * mapped, reported by the INFO status line.
+ * Semantics.  The target maps its range linearly onto one underlying block
+ * device, as dm-linear does; the I/O itself is never changed, delayed or
+ * failed for the sake of the trace.  For every bio it writes one record:
+ * operation, flags, start sector and size, each segment, submit and
+ * completion time, completion status and the submitting task; and, by
+ * capture mode, a copy of the data.  Writes are copied in .map, exactly as
+ * submitted (the pages may change once the bio completes); reads are copied
+ * in .end_io, once the device below has filled them.
+ *
+ * Records go into a bounded buffer allocated when the table is loaded and
+ * are read from /sys/kernel/debug/imgrement/<dm name>/records (debugfs.c).
+ * Space is reserved when a bio is mapped and the record is published when it
+ * completes, so records appear in submission order.  When the buffer is
+ * full a record is dropped and counted, and its sequence number is skipped.
+ * The format is in imgrement_record.h and docs/record-format.md.
  *
  * Status:
- *   INFO:  bios=<number of bios mapped since the table was loaded>
- *   TABLE: <device> <offset>   (the table arguments, as given back by dmsetup)
+ *   INFO:  bios=N bytes=N records=N dropped=N capture=MODE buffer=BYTES
+ *          used=BYTES log=on|off
+ *   TABLE: the table arguments, as given (with the current capture mode
+ *          and log setting, if they were given or changed by message)
+ *
+ * Messages:
+ *   mark <label>                  put a mark record in the stream; replies
+ *                                 with the mark's sequence number
+ *   capture meta|writes|all       change what is copied, at once
+ *   log on|off                    also print each bio to the kernel log,
+ *                                 rate-limited
+ *   reset-stats                   zero the INFO counters
  */
 
 #include <linux/module.h>
 #include <linux/init.h>
 #include <linux/bio.h>
 #include <linux/slab.h>
+#include <linux/sched.h>
+#include <linux/ratelimit.h>
 #include <linux/device-mapper.h>
 
 #include "compat.h"
+#include "imgrement.h"
 
 #define DM_MSG_PREFIX "imgrement"
 
+#define IMGREMENT_DEFAULT_BUFFER_KB	(16 * 1024)
+#define IMGREMENT_MIN_BUFFER_KB		64
+#define IMGREMENT_MAX_BUFFER_KB		(1024 * 1024)
+
+/* Which optional arguments were given, so TABLE status gives them back. */
+#define OPT_CAPTURE	(1U << 0)
+#define OPT_BUFFER	(1U << 1)
+#define OPT_LOG		(1U << 2)
+
+/* One target (one table line). */
 struct imgrement_c {
 	struct dm_dev *dev;
-	sector_t start;		/* offset into dev, in 512-byte sectors */
-	atomic64_t bios;	/* bios mapped since the table was loaded */
+	sector_t start;			/* offset into dev, in sectors */
+	struct imgrement_dev *idev;	/* the stream, shared across reloads */
+	u32 buffer_kb;
+	unsigned int opts;		/* OPT_* given in the table */
+	int capture;			/* enum imgrement_capture; READ_ONCE */
+	bool log;			/* READ_ONCE */
+	struct ratelimit_state log_rs;
 };
+
+/* Per-bio state, from .map to .end_io. */
+struct imgrement_io {
+	struct imgrement_bio_record *rec;	/* NULL: dropped */
+	struct bvec_iter iter;			/* the bio's data, for reads */
+	bool copy_at_end;			/* copy the payload in end_io */
+};
+
+static LIST_HEAD(imgrement_devs);
+static DEFINE_MUTEX(imgrement_devs_lock);
+
+const char *imgrement_capture_name(enum imgrement_capture capture)
+{
+	switch (capture) {
+	case IMGREMENT_CAPTURE_META:
+		return "meta";
+	case IMGREMENT_CAPTURE_WRITES:
+		return "writes";
+	case IMGREMENT_CAPTURE_ALL:
+		return "all";
+	}
+	return "?";
+}
+
+static int parse_capture(const char *s)
+{
+	if (!strcmp(s, "meta"))
+		return IMGREMENT_CAPTURE_META;
+	if (!strcmp(s, "writes"))
+		return IMGREMENT_CAPTURE_WRITES;
+	if (!strcmp(s, "all"))
+		return IMGREMENT_CAPTURE_ALL;
+	return -EINVAL;
+}
+
+static int parse_on_off(const char *s)
+{
+	if (!strcmp(s, "on"))
+		return 1;
+	if (!strcmp(s, "off"))
+		return 0;
+	return -EINVAL;
+}
+
+/*
+ * Find the stream of @md, or make it.  A reload finds the one its old table
+ * uses; its buffer size cannot change while the device exists.
+ */
+static struct imgrement_dev *imgrement_dev_get(struct dm_target *ti, u32 buffer_kb)
+{
+	struct mapped_device *md = dm_table_get_md(ti->table);
+	struct imgrement_dev *dev;
+	int ret;
+
+	mutex_lock(&imgrement_devs_lock);
+	list_for_each_entry(dev, &imgrement_devs, list) {
+		if (dev->md != md)
+			continue;
+		if (dev->ring.size != buffer_kb * 1024) {
+			ti->error = "The buffer size of an existing device cannot change";
+			dev = ERR_PTR(-EINVAL);
+		} else {
+			refcount_inc(&dev->ref);
+		}
+		goto out;
+	}
+
+	dev = kzalloc(sizeof(*dev), GFP_KERNEL);
+	if (!dev) {
+		ti->error = "Cannot allocate device state";
+		dev = ERR_PTR(-ENOMEM);
+		goto out;
+	}
+	ret = imgrement_ring_init(&dev->ring, buffer_kb * 1024);
+	if (ret) {
+		ti->error = "Cannot allocate the record buffer";
+		kfree(dev);
+		dev = ERR_PTR(ret);
+		goto out;
+	}
+	refcount_set(&dev->ref, 1);
+	dev->md = md;
+	if (dm_copy_name_and_uuid(md, dev->name, NULL))
+		strscpy(dev->name, dm_disk(md)->disk_name, sizeof(dev->name));
+	imgrement_debugfs_add(dev);
+	list_add(&dev->list, &imgrement_devs);
+out:
+	mutex_unlock(&imgrement_devs_lock);
+	return dev;
+}
+
+static void imgrement_dev_put(struct imgrement_dev *dev)
+{
+	mutex_lock(&imgrement_devs_lock);
+	if (!refcount_dec_and_test(&dev->ref)) {
+		mutex_unlock(&imgrement_devs_lock);
+		return;
+	}
+	list_del(&dev->list);
+	mutex_unlock(&imgrement_devs_lock);
+
+	imgrement_ring_close(&dev->ring);
+	imgrement_debugfs_remove(dev);
+	imgrement_ring_exit(&dev->ring);
+	kfree(dev);
+}
+
+/* Keep the debugfs directory named after the device across renames. */
+static void imgrement_dev_sync_name(struct imgrement_dev *dev)
+{
+	char name[DM_NAME_LEN];
+
+	if (dm_copy_name_and_uuid(dev->md, name, NULL))
+		return;
+	mutex_lock(&imgrement_devs_lock);
+	imgrement_debugfs_rename(dev, name);
+	mutex_unlock(&imgrement_devs_lock);
+}
 
 /*
  * Construct a mapping:
- *   <device> [<offset>]
+ *   <device> [<offset> [<#opt_args> <opt_args>...]]
  *
- * <device>  the block device to watch: a path or major:minor
- * <offset>  first sector of the device to map, default 0; the mapped range
- *           must lie inside the device
+ * <device>     the block device to watch: a path or major:minor
+ * <offset>     first sector of the device to map (default 0); the mapped
+ *              range must lie inside the device
+ * <opt_args>, each one word:
+ *   capture:meta|writes|all   what to copy besides metadata (default writes)
+ *   buffer_kb:<N>             record buffer size in KiB, 64 to 1048576
+ *                             (default 16384); fixed while the device exists
+ *   log:on|off                print each bio to the kernel log (default off)
  */
 static int imgrement_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 {
 	struct imgrement_c *ic;
 	unsigned long long start = 0;
+	unsigned int nr_opts = 0, i;
+	u32 buffer_kb = IMGREMENT_DEFAULT_BUFFER_KB;
 	char dummy;
 	int ret;
 
-	if (argc < 1 || argc > 2) {
-		ti->error = "Invalid argument count: expected <device> [<offset>]";
+	if (argc < 1) {
+		ti->error = "Invalid argument count: expected <device> [<offset> [<#opts> <opts>...]]";
 		return -EINVAL;
 	}
-
-	if (argc == 2 && sscanf(argv[1], "%llu%c", &start, &dummy) != 1) {
+	if (argc >= 2 && sscanf(argv[1], "%llu%c", &start, &dummy) != 1) {
 		ti->error = "Invalid offset: expected a sector number";
 		return -EINVAL;
 	}
 	if (start != (sector_t)start) {
 		ti->error = "Offset too large";
+		return -EINVAL;
+	}
+	if (argc >= 3 && (sscanf(argv[2], "%u%c", &nr_opts, &dummy) != 1 ||
+			  nr_opts != argc - 3)) {
+		ti->error = "Invalid optional argument count: it must equal the arguments that follow";
 		return -EINVAL;
 	}
 
@@ -65,14 +232,55 @@ static int imgrement_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 		return -ENOMEM;
 	}
 	ic->start = start;
-	atomic64_set(&ic->bios, 0);
+	ic->capture = IMGREMENT_CAPTURE_WRITES;
+	/* At most 20 bios in any 5 seconds reach the kernel log. */
+	ratelimit_state_init(&ic->log_rs, 5 * HZ, 20);
+	ratelimit_set_flags(&ic->log_rs, RATELIMIT_MSG_ON_RELEASE);
+
+	for (i = 3; i < argc; i++) {
+		const char *arg = argv[i];
+		int v;
+
+		if (!strncmp(arg, "capture:", 8) && !(ic->opts & OPT_CAPTURE)) {
+			v = parse_capture(arg + 8);
+			if (v < 0) {
+				ti->error = "Invalid capture mode: expected capture:meta, capture:writes or capture:all";
+				ret = -EINVAL;
+				goto bad;
+			}
+			ic->capture = v;
+			ic->opts |= OPT_CAPTURE;
+		} else if (!strncmp(arg, "buffer_kb:", 10) && !(ic->opts & OPT_BUFFER)) {
+			if (sscanf(arg + 10, "%u%c", &buffer_kb, &dummy) != 1 ||
+			    buffer_kb < IMGREMENT_MIN_BUFFER_KB ||
+			    buffer_kb > IMGREMENT_MAX_BUFFER_KB) {
+				ti->error = "Invalid buffer_kb: expected 64 to 1048576";
+				ret = -EINVAL;
+				goto bad;
+			}
+			ic->opts |= OPT_BUFFER;
+		} else if (!strncmp(arg, "log:", 4) && !(ic->opts & OPT_LOG)) {
+			v = parse_on_off(arg + 4);
+			if (v < 0) {
+				ti->error = "Invalid log setting: expected log:on or log:off";
+				ret = -EINVAL;
+				goto bad;
+			}
+			ic->log = v;
+			ic->opts |= OPT_LOG;
+		} else {
+			ti->error = "Unknown or repeated optional argument";
+			ret = -EINVAL;
+			goto bad;
+		}
+	}
+	ic->buffer_kb = buffer_kb;
 
 	ret = dm_get_device(ti, argv[0], dm_table_get_mode(ti->table), &ic->dev);
 	if (ret) {
 		ti->error = "Device lookup failed";
 		goto bad;
 	}
-
 	if (ic->start > imgrement_bdev_nr_sectors(ic->dev->bdev) ||
 	    ti->len > imgrement_bdev_nr_sectors(ic->dev->bdev) - ic->start) {
 		ti->error = "Mapping extends past the end of the device";
@@ -80,9 +288,17 @@ static int imgrement_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 		goto bad_put;
 	}
 
+	ic->idev = imgrement_dev_get(ti, buffer_kb);
+	if (IS_ERR(ic->idev)) {
+		ret = PTR_ERR(ic->idev);
+		goto bad_put;
+	}
+
 	ti->num_flush_bios = 1;
 	ti->num_discard_bios = 1;
+	ti->num_secure_erase_bios = 1;
 	ti->num_write_zeroes_bios = 1;
+	ti->per_io_data_size = sizeof(struct imgrement_io);
 	ti->private = ic;
 	return 0;
 
@@ -97,20 +313,318 @@ static void imgrement_dtr(struct dm_target *ti)
 {
 	struct imgrement_c *ic = ti->private;
 
+	imgrement_dev_put(ic->idev);
 	dm_put_device(ti, ic->dev);
 	kfree(ic);
+}
+
+static u8 record_op(struct bio *bio)
+{
+	switch (bio_op(bio)) {
+	case REQ_OP_READ:
+		return IMGREMENT_OP_READ;
+	case REQ_OP_WRITE:
+		if (!bio_has_data(bio) && (bio->bi_opf & REQ_PREFLUSH))
+			return IMGREMENT_OP_FLUSH;
+		return IMGREMENT_OP_WRITE;
+	case REQ_OP_FLUSH:
+		return IMGREMENT_OP_FLUSH;
+	case REQ_OP_DISCARD:
+		return IMGREMENT_OP_DISCARD;
+	case REQ_OP_SECURE_ERASE:
+		return IMGREMENT_OP_SECURE_ERASE;
+	case REQ_OP_WRITE_ZEROES:
+		return IMGREMENT_OP_WRITE_ZEROES;
+	case REQ_OP_ZONE_APPEND:
+		return IMGREMENT_OP_ZONE_APPEND;
+	default:
+		if (op_is_zone_mgmt(bio_op(bio)))
+			return IMGREMENT_OP_ZONE_MGMT;
+		return IMGREMENT_OP_OTHER;
+	}
+}
+
+static u32 record_flags(struct bio *bio)
+{
+	imgrement_opf_t opf = bio->bi_opf;
+	u32 f = 0;
+
+	if (opf & REQ_FUA)
+		f |= IMGREMENT_F_FUA;
+	if (opf & REQ_PREFLUSH)
+		f |= IMGREMENT_F_PREFLUSH;
+	if (opf & REQ_SYNC)
+		f |= IMGREMENT_F_SYNC;
+	if (opf & REQ_META)
+		f |= IMGREMENT_F_META;
+	if (opf & REQ_PRIO)
+		f |= IMGREMENT_F_PRIO;
+	if (opf & REQ_RAHEAD)
+		f |= IMGREMENT_F_RAHEAD;
+	if (opf & REQ_BACKGROUND)
+		f |= IMGREMENT_F_BACKGROUND;
+	if (opf & REQ_NOWAIT)
+		f |= IMGREMENT_F_NOWAIT;
+	if (opf & REQ_NOUNMAP)
+		f |= IMGREMENT_F_NOUNMAP;
+	if (opf & REQ_IDLE)
+		f |= IMGREMENT_F_IDLE;
+	if (opf & REQ_NOMERGE)
+		f |= IMGREMENT_F_NOMERGE;
+	return f;
+}
+
+static char op_letter(u8 op)
+{
+	static const char letters[] = "RWFDEZAM";
+
+	return op < sizeof(letters) - 1 ? letters[op] : '?';
+}
+
+/* The prototype's shape, with 64-bit sectors; rate-limited per target. */
+static void log_bio(struct imgrement_c *ic, struct bio *bio, u8 op, sector_t sector)
+{
+	struct bvec_iter iter;
+	struct bio_vec bv;
+	unsigned int i = 0;
+
+	if (!__ratelimit(&ic->log_rs))
+		return;
+	pr_info("imgrement: %c, bytes to transfer: %u, delta count: %u\n",
+		op_letter(op), bio->bi_iter.bi_size,
+		bio_has_data(bio) ? bio_segments(bio) : 0);
+	if (!bio_has_data(bio))
+		return;
+	bio_for_each_segment(bv, bio, iter) {
+		unsigned int n = bv.bv_len >> SECTOR_SHIFT;
+
+		if (i == 8) {
+			pr_info("imgrement: (%u more segments not shown)\n",
+				bio_segments(bio) - i);
+			break;
+		}
+		pr_info("imgrement: bv #%u: len %u, offset %u, %u sectors (%llu..%llu)\n",
+			i, bv.bv_len, bv.bv_offset, n, (unsigned long long)sector,
+			(unsigned long long)(sector + (n ? n - 1 : 0)));
+		sector += n;
+		i++;
+	}
+}
+
+/* Copy the data described by @iter into @dst. */
+static void copy_payload(struct bio *bio, struct bvec_iter iter, char *dst)
+{
+	struct bvec_iter it;
+	struct bio_vec bv;
+
+	__bio_for_each_segment(bv, bio, it, iter) {
+		imgrement_memcpy_from_bvec(dst, &bv);
+		dst += bv.bv_len;
+	}
+}
+
+static void fill_segments(struct imgrement_bio_record *rec, struct bio *bio,
+			  sector_t sector, unsigned int nr_segs)
+{
+	struct imgrement_segment *seg = (struct imgrement_segment *)(rec + 1);
+	struct bvec_iter iter;
+	struct bio_vec bv;
+
+	bio_for_each_segment(bv, bio, iter) {
+		if (!nr_segs--)
+			break;
+		seg->len = cpu_to_le32(bv.bv_len);
+		seg->offset = cpu_to_le32(bv.bv_offset);
+		seg->sector = cpu_to_le64(sector);
+		sector += bv.bv_len >> SECTOR_SHIFT;
+		seg++;
+	}
+}
+
+static void record_bio(struct imgrement_c *ic, struct bio *bio, sector_t sector)
+{
+	struct imgrement_io *io = dm_per_bio_data(bio, sizeof(struct imgrement_io));
+	int capture = READ_ONCE(ic->capture);
+	u8 op = record_op(bio);
+	unsigned int nr_segs = bio_has_data(bio) ? bio_segments(bio) : 0;
+	u32 payload = 0, bytes;
+	struct imgrement_bio_record *rec;
+
+	io->rec = NULL;
+	io->copy_at_end = false;
+	if (op == IMGREMENT_OP_WRITE && capture != IMGREMENT_CAPTURE_META)
+		payload = bio->bi_iter.bi_size;
+	else if (op == IMGREMENT_OP_READ && capture == IMGREMENT_CAPTURE_ALL)
+		payload = bio->bi_iter.bi_size;
+	if (nr_segs > U16_MAX)
+		nr_segs = U16_MAX;	/* a 256 MiB bio: keep the first ones */
+
+	bytes = sizeof(*rec) + nr_segs * sizeof(struct imgrement_segment) + payload;
+	rec = (struct imgrement_bio_record *)imgrement_ring_reserve(&ic->idev->ring, bytes);
+	if (!rec) {
+		atomic64_inc(&ic->idev->dropped);
+		return;
+	}
+	rec->sector = cpu_to_le64(sector);
+	rec->bytes = cpu_to_le32(bio->bi_iter.bi_size);
+	rec->op = op;
+	rec->raw_op = (__force u8)bio_op(bio);
+	rec->nr_segments = cpu_to_le16(nr_segs);
+	rec->flags = cpu_to_le32(record_flags(bio));
+	rec->rflags = cpu_to_le32(payload ? IMGREMENT_R_PAYLOAD : 0);
+	rec->submit_ns = cpu_to_le64(ktime_get_ns());
+	rec->complete_ns = 0;
+	rec->status = 0;
+	rec->pid = cpu_to_le32(task_tgid_nr(current));
+	rec->tid = cpu_to_le32(task_pid_nr(current));
+	rec->payload_len = cpu_to_le32(payload);
+	memset(rec->comm, 0, sizeof(rec->comm));
+	get_task_comm(rec->comm, current);
+	if (nr_segs)
+		fill_segments(rec, bio, sector, nr_segs);
+	/* Zero the padding after the payload: no stale bytes reach readers. */
+	memset((char *)rec + bytes, 0, le32_to_cpu(rec->hdr.size) - bytes);
+
+	if (payload && op == IMGREMENT_OP_WRITE) {
+		/* As submitted: the pages may change once the bio completes. */
+		copy_payload(bio, bio->bi_iter,
+			     (char *)rec + sizeof(*rec) +
+			     nr_segs * sizeof(struct imgrement_segment));
+	} else if (payload) {
+		/* A read: the data exists only once the device has filled it. */
+		io->iter = bio->bi_iter;
+		io->copy_at_end = true;
+	}
+	io->rec = rec;
 }
 
 static int imgrement_map(struct dm_target *ti, struct bio *bio)
 {
 	struct imgrement_c *ic = ti->private;
+	struct imgrement_dev *idev = ic->idev;
+	sector_t sector = bio->bi_iter.bi_sector;	/* on the traced device */
+
+	atomic64_inc(&idev->bios);
+	atomic64_add(bio->bi_iter.bi_size, &idev->bytes);
+	record_bio(ic, bio, sector);
+	if (unlikely(READ_ONCE(ic->log)))
+		log_bio(ic, bio, record_op(bio), sector);
 
 	bio_set_dev(bio, ic->dev->bdev);
 	if (bio_sectors(bio) || op_is_zone_mgmt(bio_op(bio)))
 		bio->bi_iter.bi_sector = ic->start +
 			dm_target_offset(ti, bio->bi_iter.bi_sector);
-	atomic64_inc(&ic->bios);
 	return DM_MAPIO_REMAPPED;
+}
+
+static int imgrement_end_io(struct dm_target *ti, struct bio *bio,
+			    blk_status_t *error)
+{
+	struct imgrement_c *ic = ti->private;
+	struct imgrement_io *io = dm_per_bio_data(bio, sizeof(struct imgrement_io));
+	struct imgrement_bio_record *rec = io->rec;
+
+	if (!rec)
+		return DM_ENDIO_DONE;
+	rec->complete_ns = cpu_to_le64(ktime_get_ns());
+	rec->status = cpu_to_le32((u32)blk_status_to_errno(*error));
+	if (io->copy_at_end) {
+		u16 nr_segs = le16_to_cpu(rec->nr_segments);
+
+		if (*error) {
+			/* A failed read filled nothing worth keeping. */
+			rec->payload_len = 0;
+			rec->rflags = 0;
+		} else {
+			copy_payload(bio, io->iter,
+				     (char *)rec + sizeof(*rec) +
+				     nr_segs * sizeof(struct imgrement_segment));
+		}
+	}
+	imgrement_ring_commit(&ic->idev->ring, &rec->hdr, IMGREMENT_REC_BIO);
+	atomic64_inc(&ic->idev->records);
+	io->rec = NULL;
+	return DM_ENDIO_DONE;
+}
+
+static int imgrement_mark(struct imgrement_c *ic, unsigned int argc, char **argv,
+			  char *result, unsigned int maxlen)
+{
+	struct imgrement_mark_record *rec;
+	unsigned int i, len = 0;
+	char *label;
+	u64 seq;
+
+	for (i = 1; i < argc; i++)
+		len += strlen(argv[i]) + (i > 1);
+	if (!len || len > IMGREMENT_MARK_MAX) {
+		DMWARN("mark needs a label of 1 to %d bytes", IMGREMENT_MARK_MAX);
+		return -EINVAL;
+	}
+	rec = (struct imgrement_mark_record *)imgrement_ring_reserve(&ic->idev->ring,
+								     sizeof(*rec) + len);
+	if (!rec) {
+		atomic64_inc(&ic->idev->dropped);
+		scnprintf(result, maxlen, "dropped");
+		return 1;
+	}
+	seq = le64_to_cpu(rec->hdr.seq);
+	rec->time_ns = cpu_to_le64(ktime_get_ns());
+	rec->label_len = cpu_to_le32(len);
+	rec->reserved = 0;
+	label = (char *)(rec + 1);
+	memset(label, 0, le32_to_cpu(rec->hdr.size) - sizeof(*rec));
+	for (i = 1; i < argc; i++) {
+		size_t n = strlen(argv[i]);
+
+		if (i > 1)
+			*label++ = ' ';
+		memcpy(label, argv[i], n);
+		label += n;
+	}
+	imgrement_ring_commit(&ic->idev->ring, &rec->hdr, IMGREMENT_REC_MARK);
+	atomic64_inc(&ic->idev->records);
+	scnprintf(result, maxlen, "seq %llu", seq);
+	return 1;
+}
+
+static int imgrement_message(struct dm_target *ti, unsigned int argc, char **argv,
+			     char *result, unsigned int maxlen)
+{
+	struct imgrement_c *ic = ti->private;
+	int v;
+
+	if (argc >= 1 && !strcasecmp(argv[0], "mark"))
+		return imgrement_mark(ic, argc, argv, result, maxlen);
+	if (argc == 2 && !strcasecmp(argv[0], "capture")) {
+		v = parse_capture(argv[1]);
+		if (v < 0) {
+			DMWARN("capture needs meta, writes or all");
+			return -EINVAL;
+		}
+		WRITE_ONCE(ic->capture, v);
+		ic->opts |= OPT_CAPTURE;
+		return 0;
+	}
+	if (argc == 2 && !strcasecmp(argv[0], "log")) {
+		v = parse_on_off(argv[1]);
+		if (v < 0) {
+			DMWARN("log needs on or off");
+			return -EINVAL;
+		}
+		WRITE_ONCE(ic->log, v);
+		ic->opts |= OPT_LOG;
+		return 0;
+	}
+	if (argc == 1 && !strcasecmp(argv[0], "reset-stats")) {
+		atomic64_set(&ic->idev->bios, 0);
+		atomic64_set(&ic->idev->bytes, 0);
+		atomic64_set(&ic->idev->records, 0);
+		atomic64_set(&ic->idev->dropped, 0);
+		return 0;
+	}
+	DMWARN("unrecognised message: expected mark, capture, log or reset-stats");
+	return -EINVAL;
 }
 
 static void imgrement_status(struct dm_target *ti, status_type_t type,
@@ -118,24 +632,51 @@ static void imgrement_status(struct dm_target *ti, status_type_t type,
 			     unsigned int maxlen)
 {
 	struct imgrement_c *ic = ti->private;
-	unsigned int sz = 0;
+	struct imgrement_dev *idev = ic->idev;
+	unsigned int sz = 0, nr = 0;
 
 	switch (type) {
 	case STATUSTYPE_INFO:
-		DMEMIT("bios=%lld", (long long)atomic64_read(&ic->bios));
+		imgrement_dev_sync_name(idev);
+		DMEMIT("bios=%lld bytes=%lld records=%lld dropped=%lld capture=%s buffer=%u used=%llu log=%s",
+		       (long long)atomic64_read(&idev->bios),
+		       (long long)atomic64_read(&idev->bytes),
+		       (long long)atomic64_read(&idev->records),
+		       (long long)atomic64_read(&idev->dropped),
+		       imgrement_capture_name(READ_ONCE(ic->capture)),
+		       idev->ring.size, imgrement_ring_used(&idev->ring),
+		       READ_ONCE(ic->log) ? "on" : "off");
 		break;
 	case STATUSTYPE_TABLE:
 		DMEMIT("%s %llu", ic->dev->name, (unsigned long long)ic->start);
+		if (!ic->opts)
+			break;
+		nr = hweight32(ic->opts);
+		DMEMIT(" %u", nr);
+		if (ic->opts & OPT_CAPTURE)
+			DMEMIT(" capture:%s", imgrement_capture_name(READ_ONCE(ic->capture)));
+		if (ic->opts & OPT_BUFFER)
+			DMEMIT(" buffer_kb:%u", ic->buffer_kb);
+		if (ic->opts & OPT_LOG)
+			DMEMIT(" log:%s", READ_ONCE(ic->log) ? "on" : "off");
 		break;
 #ifdef IMGREMENT_HAVE_STATUSTYPE_IMA
 	case STATUSTYPE_IMA:
-		DMEMIT("target_name=%s,target_version=%u.%u.%u,device_name=%s,start=%llu;",
+		DMEMIT("target_name=%s,target_version=%u.%u.%u,device_name=%s,start=%llu,capture=%s;",
 		       ti->type->name, ti->type->version[0], ti->type->version[1],
 		       ti->type->version[2], ic->dev->name,
-		       (unsigned long long)ic->start);
+		       (unsigned long long)ic->start,
+		       imgrement_capture_name(READ_ONCE(ic->capture)));
 		break;
 #endif
 	}
+}
+
+static void imgrement_resume(struct dm_target *ti)
+{
+	struct imgrement_c *ic = ti->private;
+
+	imgrement_dev_sync_name(ic->idev);
 }
 
 static int imgrement_prepare_ioctl(IMGREMENT_PREPARE_IOCTL_ARGS)
@@ -160,28 +701,36 @@ static int imgrement_iterate_devices(struct dm_target *ti,
 
 static struct target_type imgrement_target = {
 	.name = "imgrement",
-	.version = {0, 1, 0},
+	.version = {1, 0, 0},
 	.module = THIS_MODULE,
 	.ctr = imgrement_ctr,
 	.dtr = imgrement_dtr,
 	.map = imgrement_map,
+	.end_io = imgrement_end_io,
 	.status = imgrement_status,
+	.message = imgrement_message,
+	.resume = imgrement_resume,
 	.prepare_ioctl = imgrement_prepare_ioctl,
 	.iterate_devices = imgrement_iterate_devices,
 };
 
 static int __init dm_imgrement_init(void)
 {
-	int ret = dm_register_target(&imgrement_target);
+	int ret;
 
-	if (ret < 0)
+	imgrement_debugfs_init();
+	ret = dm_register_target(&imgrement_target);
+	if (ret < 0) {
 		DMERR("register failed %d", ret);
+		imgrement_debugfs_exit();
+	}
 	return ret;
 }
 
 static void __exit dm_imgrement_exit(void)
 {
 	dm_unregister_target(&imgrement_target);
+	imgrement_debugfs_exit();
 }
 
 module_init(dm_imgrement_init);

@@ -5,8 +5,32 @@ removes the mapping over a block device through device-mapper ioctls, and
 gives both a command line (``imgrement-dm``) and a scripting API.
 """
 
-from imgrement_dm.api import TracedDevice, list_devices, wrap
+from imgrement_dm.api import (
+    Status,
+    TracedDevice,
+    list_devices,
+    mark,
+    set_capture,
+    status,
+    unwrap,
+    wrap,
+)
 from imgrement_dm.errors import ImgrementError
+from imgrement_dm.records import BioRecord, Drop, MarkRecord, RecordReader
 
-__all__ = ["ImgrementError", "TracedDevice", "list_devices", "wrap"]
+__all__ = [
+    "BioRecord",
+    "Drop",
+    "ImgrementError",
+    "MarkRecord",
+    "RecordReader",
+    "Status",
+    "TracedDevice",
+    "list_devices",
+    "mark",
+    "set_capture",
+    "status",
+    "unwrap",
+    "wrap",
+]
 __version__ = "0.1.0"

@@ -3,9 +3,17 @@
 The device-mapper ioctl structures are declared here only by the fields we
 use, followed by ``...;``: cffi then asks the C compiler for the real layout
 of ``<linux/dm-ioctl.h>``, so no offset or size is ever copied by hand.
+
+The record layout is compiled the same way from dm_target/imgrement_record.h,
+the header the kernel target is built from: the fields named here are
+checked against it by the compiler, and their offsets come from it.
 """
 
+from pathlib import Path
+
 from cffi import FFI
+
+TARGET_DIR = Path(__file__).resolve().parent.parent / "dm_target"
 
 CDEF = """
 #define DM_VERSION_MAJOR ...
@@ -95,6 +103,83 @@ struct dm_target_msg {
     char message[];
     ...;
 };
+
+/* --- dm_target/imgrement_record.h --- */
+typedef uint16_t __le16;
+typedef uint32_t __le32;
+typedef uint64_t __le64;
+
+#define IMGREMENT_RECORD_VERSION ...
+#define IMGREMENT_REC_NONE ...
+#define IMGREMENT_REC_BIO ...
+#define IMGREMENT_REC_MARK ...
+#define IMGREMENT_REC_PAD ...
+#define IMGREMENT_OP_READ ...
+#define IMGREMENT_OP_WRITE ...
+#define IMGREMENT_OP_FLUSH ...
+#define IMGREMENT_OP_DISCARD ...
+#define IMGREMENT_OP_SECURE_ERASE ...
+#define IMGREMENT_OP_WRITE_ZEROES ...
+#define IMGREMENT_OP_ZONE_APPEND ...
+#define IMGREMENT_OP_ZONE_MGMT ...
+#define IMGREMENT_OP_OTHER ...
+#define IMGREMENT_F_FUA ...
+#define IMGREMENT_F_PREFLUSH ...
+#define IMGREMENT_F_SYNC ...
+#define IMGREMENT_F_META ...
+#define IMGREMENT_F_PRIO ...
+#define IMGREMENT_F_RAHEAD ...
+#define IMGREMENT_F_BACKGROUND ...
+#define IMGREMENT_F_NOWAIT ...
+#define IMGREMENT_F_NOUNMAP ...
+#define IMGREMENT_F_IDLE ...
+#define IMGREMENT_F_NOMERGE ...
+#define IMGREMENT_R_PAYLOAD ...
+#define IMGREMENT_COMM_LEN ...
+#define IMGREMENT_MARK_MAX ...
+
+struct imgrement_record_header {
+    __le32 size;
+    __le16 type;
+    uint8_t version;
+    uint8_t reserved;
+    __le64 seq;
+    ...;
+};
+
+struct imgrement_segment {
+    __le32 len;
+    __le32 offset;
+    __le64 sector;
+    ...;
+};
+
+struct imgrement_bio_record {
+    struct imgrement_record_header hdr;
+    __le64 sector;
+    __le32 bytes;
+    uint8_t op;
+    uint8_t raw_op;
+    __le16 nr_segments;
+    __le32 flags;
+    __le32 rflags;
+    __le64 submit_ns;
+    __le64 complete_ns;
+    __le32 status;
+    __le32 pid;
+    __le32 tid;
+    __le32 payload_len;
+    char comm[...];
+    ...;
+};
+
+struct imgrement_mark_record {
+    struct imgrement_record_header hdr;
+    __le64 time_ns;
+    __le32 label_len;
+    __le32 reserved;
+    ...;
+};
 """
 
 ffibuilder = FFI()
@@ -105,7 +190,10 @@ ffibuilder.set_source(
     #include <stdint.h>
     #include <sys/ioctl.h>
     #include <linux/dm-ioctl.h>
+    #include "imgrement_record.h"
     """,
+    include_dirs=[str(TARGET_DIR)],
+    depends=[str(TARGET_DIR / "imgrement_record.h")],
 )
 
 if __name__ == "__main__":

@@ -11,11 +11,12 @@ import os
 import subprocess
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
+from typing import BinaryIO
 
-from imgrement_dm import devices
+from imgrement_dm import devices, layout
 from imgrement_dm.dm import Control, DeviceInfo, Target, check_name
 from imgrement_dm.errors import (
     DeviceBusyError,
@@ -26,13 +27,53 @@ from imgrement_dm.errors import (
     NotRootError,
     TargetNotLoadedError,
 )
-from imgrement_dm.table import TARGET_TYPE, ImgrementTable
+from imgrement_dm.records import RecordReader
+from imgrement_dm.table import CAPTURE_MODES, TARGET_TYPE, ImgrementTable
 from imgrement_dm.udevsync import NodeSync
 
 UUID_PREFIX = devices.UUID_PREFIX
+MARK_MAX = layout.MARK_MAX
 DEFAULT_NAME = "traced"
 #: How long unwrap waits for a short-lived opener (udev's probe) to go away.
 TRANSIENT_OPEN_WAIT = 5.0
+
+
+@dataclass(frozen=True)
+class Status:
+    """The target's INFO line: counters since load (or reset-stats) and settings."""
+
+    bios: int
+    bytes: int
+    records: int
+    dropped: int
+    capture: str
+    buffer: int
+    used: int
+    log: bool
+
+    @classmethod
+    def parse(cls, line: str) -> Status:
+        kv = dict(item.split("=", 1) for item in line.split() if "=" in item)
+        try:
+            return cls(
+                bios=int(kv["bios"]),
+                bytes=int(kv["bytes"]),
+                records=int(kv["records"]),
+                dropped=int(kv["dropped"]),
+                capture=kv["capture"],
+                buffer=int(kv["buffer"]),
+                used=int(kv["used"]),
+                log=kv["log"] == "on",
+            )
+        except (KeyError, ValueError):
+            raise ImgrementError(
+                f"unexpected imgrement status {line!r}: is the module older than this tool?"
+            ) from None
+
+
+def _escape_arg(text: str) -> str:
+    """One device-mapper message argument: whitespace and backslashes escaped."""
+    return "".join("\\" + c if c.isspace() or c == "\\" else c for c in text)
 
 
 @dataclass(frozen=True)
@@ -90,15 +131,33 @@ class TracedDevice:
     def node(self) -> Path:
         return Path("/dev/mapper") / self.name
 
-    def status(self) -> dict[str, str]:
-        """The target's INFO counters as a dict (``bios`` for now)."""
-        with Control() as ctl:
-            line = ctl.table_status(self.name)[0].params
-        return dict(item.split("=", 1) for item in line.split() if "=" in item)
+    def status(self) -> Status:
+        """The target's counters and settings."""
+        return status(self.name)
 
     def table(self) -> ImgrementTable:
         with Control() as ctl:
             return ImgrementTable.parse(ctl.table_status(self.name, table=True)[0])
+
+    def records(self, *, first_seq: int | None = None,
+                save: BinaryIO | None = None) -> RecordReader:
+        """A reader of this device's record stream (see :class:`RecordReader`)."""
+        return RecordReader.live(self.name, first_seq=first_seq, save=save)
+
+    def mark(self, label: str) -> int:
+        """Put a mark in the stream; its sequence number."""
+        return mark(self.name, label)
+
+    def set_capture(self, mode: str) -> None:
+        """What to copy from now on: ``meta``, ``writes`` or ``all``."""
+        set_capture(self.name, mode)
+
+    def set_log(self, on: bool) -> None:
+        """Also print each bio to the kernel log (rate-limited)."""
+        _message(self.name, f"log {'on' if on else 'off'}")
+
+    def reset_stats(self) -> None:
+        _message(self.name, "reset-stats")
 
     def unwrap(self, *, deferred: bool = False) -> None:
         if not self._unwrapped:
@@ -120,10 +179,20 @@ class TracedDevice:
         return f"TracedDevice({self.name!r} over {self.source!r}, {self.major}:{self.minor})"
 
 
-def wrap(device: str, name: str = DEFAULT_NAME) -> TracedDevice:
-    """Stack an imgrement mapping on ``device``; /dev/mapper/NAME exists on return."""
+def wrap(device: str, name: str = DEFAULT_NAME, *, capture: str | None = None,
+         buffer_kb: int | None = None, log: bool | None = None) -> TracedDevice:
+    """Stack an imgrement mapping on ``device``; /dev/mapper/NAME exists on return.
+
+    ``capture`` (meta, writes, all), ``buffer_kb`` and ``log`` go into the
+    table; left as None, the target's defaults apply (writes, 16 MiB, off).
+    """
     _require_root()
     check_name(name)
+    try:
+        options = ImgrementTable(device="0:0", length=0, capture=capture,
+                                 buffer_kb=buffer_kb, log=log)
+    except ValueError as e:
+        raise ImgrementError(f"{e}; see 'imgrement-dm wrap --help'") from None
     dev = devices.resolve(device)
     if dev.sectors == 0:
         raise DeviceError(f"{device} has no sectors (an empty loop device or no medium?)")
@@ -135,7 +204,7 @@ def wrap(device: str, name: str = DEFAULT_NAME) -> TracedDevice:
                 "name with --name, or unwrap it first"
             )
         _ensure_target(ctl)
-        table = ImgrementTable(device=dev.devno, length=dev.sectors)
+        table = replace(options, device=dev.devno, length=dev.sectors)
         dm_uuid = UUID_PREFIX + uuid.uuid4().hex
         with NodeSync() as sync:
             info = ctl.create(name, dm_uuid, event_nr=sync.cookie)
@@ -164,12 +233,7 @@ def unwrap(name: str, *, deferred: bool = False) -> None:
     _require_root()
     check_name(name)
     with Control() as ctl:
-        info = ctl.info(name)
-        if not info.uuid.startswith(UUID_PREFIX):
-            raise DeviceBusyError(
-                f"{name!r} is not an imgrement device (uuid {info.uuid or 'none'!r}); "
-                "imgrement-dm only removes devices it made: use dmsetup for others"
-            )
+        info = _ours(ctl, name)
         if info.open_count and not deferred:
             info = _wait_transient_open(ctl, name, info)
         if info.open_count and not deferred:
@@ -182,6 +246,61 @@ def unwrap(name: str, *, deferred: bool = False) -> None:
             if deferred and info.open_count:
                 return
             sync.node_removed(name, info.major, info.minor)
+
+
+def _ours(ctl: Control, name: str) -> DeviceInfo:
+    """The device ``name``, refusing one this tool did not make."""
+    info = ctl.info(name)
+    if not info.uuid.startswith(UUID_PREFIX):
+        raise DeviceBusyError(
+            f"{name!r} is not an imgrement device (uuid {info.uuid or 'none'!r}); "
+            "imgrement-dm only drives and removes devices it made: use dmsetup for others"
+        )
+    return info
+
+
+def _message(name: str, text: str) -> str | None:
+    _require_root()
+    check_name(name)
+    with Control() as ctl:
+        _ours(ctl, name)
+        return ctl.message(name, text)
+
+
+def status(name: str) -> Status:
+    """The counters and settings of traced device ``name``."""
+    _require_root()
+    check_name(name)
+    with Control() as ctl:
+        _ours(ctl, name)
+        return Status.parse(ctl.table_status(name)[0].params)
+
+
+def mark(name: str, label: str) -> int:
+    """Put a mark labelled ``label`` into the stream of ``name``; its sequence number."""
+    raw = label.encode()
+    if not raw or len(raw) > MARK_MAX or "\0" in label:
+        raise ImgrementError(
+            f"a mark label needs 1 to {MARK_MAX} bytes and no NUL; got {len(raw)} bytes"
+        )
+    reply = _message(name, "mark " + _escape_arg(label)) or ""
+    if reply == "dropped":
+        raise ImgrementError(
+            f"the mark was dropped: the record buffer of {name!r} is full; read the "
+            "stream (imgrement-dm trace) so the buffer drains"
+        )
+    if not reply.startswith("seq "):
+        raise ImgrementError(f"unexpected reply to mark: {reply!r}")
+    return int(reply.split()[1])
+
+
+def set_capture(name: str, mode: str) -> None:
+    """Switch what ``name`` copies: meta, writes or all; takes effect at once."""
+    if mode not in CAPTURE_MODES:
+        raise ImgrementError(
+            f"capture mode {mode!r} is not one of {', '.join(CAPTURE_MODES)}"
+        )
+    _message(name, f"capture {mode}")
 
 
 def _wait_transient_open(ctl: Control, name: str, info: DeviceInfo) -> DeviceInfo:

@@ -160,7 +160,7 @@ def prepare(series: str) -> Kernel:
             "mmdebstrap",
             "--variant=apt",
             "--skip=cleanup/apt/lists",
-            f"--include=make,kmod,linux-headers-{ARCH}",
+            f"--include=make,kmod,perl,sparse,linux-headers-{ARCH}",
         ]
         if suite == "sid":
             # sid's Release file is routinely past its Valid-Until on mirrors.
@@ -228,10 +228,14 @@ def build_module(kernel: Kernel, source: Path, *, sparse: bool = False) -> Path:
     for item in source.iterdir():
         if (item.is_file() and item.suffix in (".c", ".h")) or item.name in ("Kbuild", "Makefile"):
             shutil.copy2(item, build / item.name)
-    cmd = ["chroot", str(kernel.root), "make", "-C", f"/lib/modules/{kernel.release}/build",
-           "M=/build/imgrement", "W=1", "modules"]
+    make = ["make", "-C", f"/lib/modules/{kernel.release}/build", "M=/build/imgrement",
+            "W=1", "modules"]
     if sparse:
-        cmd.append("C=1")
+        make.append("C=1")
+    # kbuild tools (objtool on 7.x) read /proc: mount it in a private mount
+    # namespace, so it disappears with the build.
+    cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+           'mount -t proc proc "$0/proc" && exec chroot "$0" "$@"', str(kernel.root), *make]
     out = _run(cmd, f"building the target for {kernel.release}", merge=True)
     warnings = [line for line in out.splitlines() if "warning:" in line]
     if warnings:

@@ -89,13 +89,13 @@ def test_status_counts_each_bio(disk: str) -> None:
         # One open for all I/O: closing a written device makes udev re-read it.
         fd = os.open(traced.node, os.O_RDWR | os.O_DIRECT)
         try:
-            before = int(traced.status()["bios"])
+            before = traced.status().bios
             for i in range(5):
                 buf = aligned(pattern(i, 4096))
                 assert os.pwrite(fd, buf, i * 4096) == 4096
             assert os.preadv(fd, [buf], 0) == 4096
             assert bytes(buf) == pattern(0, 4096)
-            assert int(traced.status()["bios"]) == before + 6
+            assert traced.status().bios == before + 6
         finally:
             os.close(fd)
         assert traced.table().device == devno(disk)

@@ -1,0 +1,143 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * /sys/kernel/debug/imgrement/<dm name>/: where records reach user space.
+ *
+ *   records  the binary record stream (imgrement_record.h).  read() returns
+ *            whole records only, blocks until one is there (or returns
+ *            -EAGAIN with O_NONBLOCK), and poll() reports when one is.
+ *            Several readers share one stream: each record goes to exactly
+ *            one of them, like bytes from a pipe.  After the device is
+ *            removed, readers drain what is left and then see end of file.
+ *   dropped  records dropped because the buffer was full, since creation
+ *   stats    counters and buffer use, one "key value" per line
+ *
+ * All files are mode 0400.  If debugfs is unavailable the target still
+ * works; only the stream is missing.
+ */
+
+#include <linux/debugfs.h>
+#include <linux/fs.h>
+#include <linux/poll.h>
+#include <linux/seq_file.h>
+
+#include "imgrement.h"
+#include "compat.h"
+
+static struct dentry *imgrement_root;
+
+static int records_open(struct inode *inode, struct file *file)
+{
+	file->private_data = inode->i_private;
+	return nonseekable_open(inode, file);
+}
+
+static ssize_t records_read(struct file *file, char __user *buf, size_t count,
+			    loff_t *ppos)
+{
+	struct imgrement_dev *dev = file->private_data;
+
+	return imgrement_ring_read(&dev->ring, buf, count,
+				   file->f_flags & O_NONBLOCK);
+}
+
+static __poll_t records_poll(struct file *file, poll_table *wait)
+{
+	struct imgrement_dev *dev = file->private_data;
+
+	poll_wait(file, &dev->ring.wait, wait);
+	if (imgrement_ring_readable(&dev->ring))
+		return EPOLLIN | EPOLLRDNORM;
+	if (READ_ONCE(dev->ring.closing))
+		return EPOLLHUP;
+	return 0;
+}
+
+static const struct file_operations records_fops = {
+	.owner = THIS_MODULE,
+	.open = records_open,
+	.read = records_read,
+	.poll = records_poll,
+};
+
+static int dropped_show(struct seq_file *m, void *v)
+{
+	struct imgrement_dev *dev = m->private;
+
+	seq_printf(m, "%lld\n", (long long)atomic64_read(&dev->ring.dropped));
+	return 0;
+}
+DEFINE_SHOW_ATTRIBUTE(dropped);
+
+static int stats_show(struct seq_file *m, void *v)
+{
+	struct imgrement_dev *dev = m->private;
+	struct imgrement_ring *ring = &dev->ring;
+
+	seq_printf(m, "bios %lld\n", (long long)atomic64_read(&dev->bios));
+	seq_printf(m, "bytes %lld\n", (long long)atomic64_read(&dev->bytes));
+	seq_printf(m, "records %lld\n", (long long)atomic64_read(&dev->records));
+	seq_printf(m, "dropped %lld\n", (long long)atomic64_read(&dev->dropped));
+	seq_printf(m, "dropped_total %lld\n", (long long)atomic64_read(&ring->dropped));
+	seq_printf(m, "committed_total %lld\n", (long long)atomic64_read(&ring->committed));
+	seq_printf(m, "buffer_size %u\n", ring->size);
+	seq_printf(m, "buffer_used %llu\n", imgrement_ring_used(ring));
+	return 0;
+}
+DEFINE_SHOW_ATTRIBUTE(stats);
+
+int imgrement_debugfs_init(void)
+{
+	imgrement_root = debugfs_create_dir("imgrement", NULL);
+	if (IS_ERR_OR_NULL(imgrement_root)) {
+		pr_warn("imgrement: debugfs unavailable; record streams disabled\n");
+		imgrement_root = NULL;
+	}
+	return 0;
+}
+
+void imgrement_debugfs_exit(void)
+{
+	debugfs_remove_recursive(imgrement_root);
+	imgrement_root = NULL;
+}
+
+void imgrement_debugfs_add(struct imgrement_dev *dev)
+{
+	struct dentry *dir;
+
+	if (!imgrement_root)
+		return;
+	dir = debugfs_create_dir(dev->name, imgrement_root);
+	if (IS_ERR_OR_NULL(dir)) {
+		/* The name is taken (a rename we have not seen yet): use dm-N. */
+		strscpy(dev->name, dm_disk(dev->md)->disk_name, sizeof(dev->name));
+		dir = debugfs_create_dir(dev->name, imgrement_root);
+	}
+	if (IS_ERR_OR_NULL(dir)) {
+		pr_warn("imgrement: no debugfs directory for %s\n", dev->name);
+		dev->dir = NULL;
+		return;
+	}
+	dev->dir = dir;
+	debugfs_create_file("records", 0400, dir, dev, &records_fops);
+	debugfs_create_file("dropped", 0400, dir, dev, &dropped_fops);
+	debugfs_create_file("stats", 0400, dir, dev, &stats_fops);
+}
+
+void imgrement_debugfs_remove(struct imgrement_dev *dev)
+{
+	/*
+	 * Readers blocked in read() hold the file active; debugfs_remove waits
+	 * for them, so they must be woken (ring closing) before this.
+	 */
+	debugfs_remove_recursive(dev->dir);
+	dev->dir = NULL;
+}
+
+void imgrement_debugfs_rename(struct imgrement_dev *dev, const char *name)
+{
+	if (!dev->dir || !strcmp(dev->name, name))
+		return;
+	if (imgrement_debugfs_change_name(imgrement_root, dev->dir, name) == 0)
+		strscpy(dev->name, name, sizeof(dev->name));
+}

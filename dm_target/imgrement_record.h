@@ -1,0 +1,113 @@
+/* SPDX-License-Identifier: (GPL-2.0 WITH Linux-syscall-note) OR MIT */
+/*
+ * The imgrement record stream: the one definition of its layout.
+ *
+ * The kernel target writes these records; the Python package compiles this
+ * same header with cffi to read them.  Everything is little-endian and every
+ * record starts on an 8-byte boundary.  docs/record-format.md explains the
+ * semantics; this file only fixes the layout.
+ *
+ * A stream is a sequence of records.  Each starts with struct
+ * imgrement_record_header; `size` covers the whole record (header, body,
+ * segments, payload and padding), so a reader can skip record types it does
+ * not know.  `seq` counts records per device, from 0, without gaps except
+ * where records were dropped because the buffer was full: each missing
+ * number is exactly one dropped record.
+ */
+#ifndef IMGREMENT_RECORD_H
+#define IMGREMENT_RECORD_H
+
+#include <linux/types.h>
+
+#define IMGREMENT_RECORD_VERSION	1
+
+/* Record types (header.type).  0 is never seen by readers. */
+enum imgrement_record_type {
+	IMGREMENT_REC_NONE = 0,		/* reserved, not yet committed */
+	IMGREMENT_REC_BIO = 1,		/* one bio: struct imgrement_bio_record */
+	IMGREMENT_REC_MARK = 2,		/* a user mark: struct imgrement_mark_record */
+	IMGREMENT_REC_PAD = 3,		/* buffer-internal filler, never delivered */
+};
+
+/* Operations (bio_record.op); the kernel's own op is kept in raw_op. */
+enum imgrement_op {
+	IMGREMENT_OP_READ = 0,
+	IMGREMENT_OP_WRITE = 1,
+	IMGREMENT_OP_FLUSH = 2,		/* an empty write with PREFLUSH */
+	IMGREMENT_OP_DISCARD = 3,
+	IMGREMENT_OP_SECURE_ERASE = 4,
+	IMGREMENT_OP_WRITE_ZEROES = 5,
+	IMGREMENT_OP_ZONE_APPEND = 6,
+	IMGREMENT_OP_ZONE_MGMT = 7,	/* zone open/close/finish/reset */
+	IMGREMENT_OP_OTHER = 15,	/* anything else: see raw_op */
+};
+
+/* Bio flags (bio_record.flags): the REQ_* bits that matter to a trace. */
+#define IMGREMENT_F_FUA		(1U << 0)
+#define IMGREMENT_F_PREFLUSH	(1U << 1)
+#define IMGREMENT_F_SYNC	(1U << 2)
+#define IMGREMENT_F_META	(1U << 3)
+#define IMGREMENT_F_PRIO	(1U << 4)
+#define IMGREMENT_F_RAHEAD	(1U << 5)
+#define IMGREMENT_F_BACKGROUND	(1U << 6)
+#define IMGREMENT_F_NOWAIT	(1U << 7)
+#define IMGREMENT_F_NOUNMAP	(1U << 8)
+#define IMGREMENT_F_IDLE	(1U << 9)
+#define IMGREMENT_F_NOMERGE	(1U << 10)
+
+/* Record-level flags (bio_record.rflags). */
+#define IMGREMENT_R_PAYLOAD	(1U << 0)	/* payload holds the bio's data */
+
+#define IMGREMENT_COMM_LEN	16
+#define IMGREMENT_MARK_MAX	255		/* bytes of a mark label */
+
+struct imgrement_record_header {
+	__le32 size;		/* bytes in this record, a multiple of 8 */
+	__le16 type;		/* enum imgrement_record_type */
+	__u8 version;		/* IMGREMENT_RECORD_VERSION */
+	__u8 reserved;
+	__le64 seq;		/* per-device sequence number */
+};
+
+/* One segment of a bio: a piece of one page. */
+struct imgrement_segment {
+	__le32 len;		/* bytes */
+	__le32 offset;		/* offset within its page */
+	__le64 sector;		/* first sector it covers */
+};
+
+/*
+ * One bio.  Followed by nr_segments struct imgrement_segment, then
+ * payload_len bytes of data, then zero padding up to header.size.
+ * Sectors are 512-byte units on the traced (device-mapper) device.
+ */
+struct imgrement_bio_record {
+	struct imgrement_record_header hdr;
+	__le64 sector;		/* start sector */
+	__le32 bytes;		/* size of the bio in bytes (bi_size) */
+	__u8 op;		/* enum imgrement_op */
+	__u8 raw_op;		/* the kernel's REQ_OP_* value */
+	__le16 nr_segments;
+	__le32 flags;		/* IMGREMENT_F_* */
+	__le32 rflags;		/* IMGREMENT_R_* */
+	__le64 submit_ns;	/* CLOCK_MONOTONIC when the target mapped it */
+	__le64 complete_ns;	/* CLOCK_MONOTONIC when it completed */
+	__le32 status;		/* 0, or a negative errno (two's complement) */
+	__le32 pid;		/* thread group id of the submitter */
+	__le32 tid;		/* thread id of the submitter */
+	__le32 payload_len;	/* bytes of data after the segments */
+	char comm[IMGREMENT_COMM_LEN];	/* submitter's command, NUL-padded */
+};
+
+/*
+ * A mark set by the "mark <label>" message, in stream order with the bios.
+ * Followed by label_len bytes of label (no NUL), then zero padding.
+ */
+struct imgrement_mark_record {
+	struct imgrement_record_header hdr;
+	__le64 time_ns;		/* CLOCK_MONOTONIC when it was set */
+	__le32 label_len;
+	__le32 reserved;
+};
+
+#endif /* IMGREMENT_RECORD_H */

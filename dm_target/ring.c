@@ -1,0 +1,245 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * The bounded record buffer; see ring.h for the contract.
+ *
+ * Positions (head, tail) count bytes since creation and never wrap; the
+ * offset in the buffer is the position modulo the size.  head and tail are
+ * changed only under ring->lock.  A record's type is written last, with
+ * release semantics, and read first, with acquire semantics: a reader never
+ * looks at a record body before its type says it is complete.
+ */
+
+#include <linux/vmalloc.h>
+#include <linux/uaccess.h>
+#include <linux/math64.h>
+#include <linux/sched/signal.h>
+
+#include "ring.h"
+
+static inline u32 ring_off(const struct imgrement_ring *ring, u64 pos)
+{
+	u32 rem;
+
+	div_u64_rem(pos, ring->size, &rem);
+	return rem;
+}
+
+static inline struct imgrement_record_header *ring_at(const struct imgrement_ring *ring,
+						       u64 pos)
+{
+	return ring->buf + ring_off(ring, pos);
+}
+
+int imgrement_ring_init(struct imgrement_ring *ring, u32 size)
+{
+	if (!size || size % 8)
+		return -EINVAL;
+	/* Zeroed: record padding never exposes old kernel memory. */
+	ring->buf = vzalloc(size);
+	if (!ring->buf)
+		return -ENOMEM;
+	ring->size = size;
+	spin_lock_init(&ring->lock);
+	ring->head = 0;
+	ring->tail = 0;
+	ring->next_seq = 0;
+	atomic64_set(&ring->dropped, 0);
+	atomic64_set(&ring->committed, 0);
+	init_waitqueue_head(&ring->wait);
+	mutex_init(&ring->read_lock);
+	ring->closing = false;
+	return 0;
+}
+
+void imgrement_ring_exit(struct imgrement_ring *ring)
+{
+	mutex_destroy(&ring->read_lock);
+	vfree(ring->buf);
+	ring->buf = NULL;
+}
+
+struct imgrement_record_header *imgrement_ring_reserve(struct imgrement_ring *ring,
+						       u32 bytes)
+{
+	struct imgrement_record_header *hdr = NULL;
+	unsigned long flags;
+	u32 off, to_end;
+	u64 need, seq;
+
+	bytes = ALIGN(bytes, 8);
+	spin_lock_irqsave(&ring->lock, flags);
+	seq = ring->next_seq++;
+	off = ring_off(ring, ring->head);
+	to_end = ring->size - off;
+	need = bytes;
+	if (bytes > to_end)
+		need += to_end;	/* the record starts again at offset 0 */
+	if (bytes > ring->size || need > ring->size - (ring->head - ring->tail)) {
+		atomic64_inc(&ring->dropped);
+		goto out;
+	}
+	if (bytes > to_end) {
+		struct imgrement_record_header *pad = ring->buf + off;
+
+		/* to_end >= 8: size and type fit, and nothing else is read. */
+		pad->size = cpu_to_le32(to_end);
+		smp_store_release(&pad->type, cpu_to_le16(IMGREMENT_REC_PAD));
+		ring->head += to_end;
+		off = 0;
+	}
+	hdr = ring->buf + off;
+	hdr->size = cpu_to_le32(bytes);
+	hdr->type = cpu_to_le16(IMGREMENT_REC_NONE);
+	hdr->version = IMGREMENT_RECORD_VERSION;
+	hdr->reserved = 0;
+	hdr->seq = cpu_to_le64(seq);
+	ring->head += bytes;
+out:
+	spin_unlock_irqrestore(&ring->lock, flags);
+	return hdr;
+}
+
+void imgrement_ring_commit(struct imgrement_ring *ring,
+			   struct imgrement_record_header *hdr, u16 type)
+{
+	smp_store_release(&hdr->type, cpu_to_le16(type));
+	atomic64_inc(&ring->committed);
+	/* wq_has_sleeper() carries the barrier that pairs with the waiter. */
+	if (wq_has_sleeper(&ring->wait))
+		wake_up_interruptible(&ring->wait);
+}
+
+static void ring_bounds(struct imgrement_ring *ring, u64 *tail, u64 *head)
+{
+	unsigned long flags;
+
+	spin_lock_irqsave(&ring->lock, flags);
+	*tail = ring->tail;
+	*head = ring->head;
+	spin_unlock_irqrestore(&ring->lock, flags);
+}
+
+u64 imgrement_ring_used(struct imgrement_ring *ring)
+{
+	u64 tail, head;
+
+	ring_bounds(ring, &tail, &head);
+	return head - tail;
+}
+
+bool imgrement_ring_readable(struct imgrement_ring *ring)
+{
+	u64 pos, head;
+
+	ring_bounds(ring, &pos, &head);
+	while (pos < head) {
+		struct imgrement_record_header *hdr = ring_at(ring, pos);
+		u16 type = le16_to_cpu(smp_load_acquire(&hdr->type));
+
+		if (type == IMGREMENT_REC_NONE)
+			return false;
+		if (type != IMGREMENT_REC_PAD)
+			return true;
+		pos += le32_to_cpu(hdr->size);
+	}
+	return false;
+}
+
+/* Copy [from, to), which never crosses the end of the buffer. */
+static int ring_copy_out(struct imgrement_ring *ring, char __user *ubuf, size_t *done,
+			 u64 from, u64 to)
+{
+	if (to == from)
+		return 0;
+	if (copy_to_user(ubuf + *done, ring_at(ring, from), to - from))
+		return -EFAULT;
+	*done += to - from;
+	return 0;
+}
+
+/* Take what is committed at the tail; the caller holds read_lock. */
+static ssize_t ring_take(struct imgrement_ring *ring, char __user *ubuf, size_t count)
+{
+	u64 pos, head, chunk, consumed;
+	unsigned long flags;
+	size_t done = 0;
+	int err = 0;
+
+	ring_bounds(ring, &pos, &head);
+	chunk = pos;
+	consumed = pos;
+	while (pos < head) {
+		struct imgrement_record_header *hdr = ring_at(ring, pos);
+		u16 type = le16_to_cpu(smp_load_acquire(&hdr->type));
+		u32 size = le32_to_cpu(hdr->size);
+
+		if (type == IMGREMENT_REC_NONE)
+			break;
+		if (type == IMGREMENT_REC_PAD) {
+			err = ring_copy_out(ring, ubuf, &done, chunk, pos);
+			if (err)
+				break;
+			pos += size;
+			chunk = pos;
+			consumed = pos;
+			continue;
+		}
+		if (done + (pos - chunk) + size > count) {
+			if (!done && pos == chunk)
+				err = -EINVAL;	/* records are never split */
+			break;
+		}
+		pos += size;
+		if (ring_off(ring, pos) == 0) {
+			/* Reached the end of the buffer: the next record is at 0. */
+			err = ring_copy_out(ring, ubuf, &done, chunk, pos);
+			if (err)
+				break;
+			chunk = pos;
+			consumed = pos;
+		}
+	}
+	if (!err) {
+		err = ring_copy_out(ring, ubuf, &done, chunk, pos);
+		if (!err)
+			consumed = pos;
+	}
+
+	spin_lock_irqsave(&ring->lock, flags);
+	ring->tail = consumed;
+	spin_unlock_irqrestore(&ring->lock, flags);
+
+	return done ? (ssize_t)done : err;
+}
+
+ssize_t imgrement_ring_read(struct imgrement_ring *ring, char __user *ubuf,
+			    size_t count, bool nonblock)
+{
+	ssize_t ret;
+
+	for (;;) {
+		if (nonblock) {
+			if (!mutex_trylock(&ring->read_lock))
+				return -EAGAIN;
+		} else if (mutex_lock_interruptible(&ring->read_lock)) {
+			return -ERESTARTSYS;
+		}
+		ret = ring_take(ring, ubuf, count);
+		mutex_unlock(&ring->read_lock);
+		if (ret)
+			return ret;
+		if (READ_ONCE(ring->closing))
+			return 0;
+		if (nonblock)
+			return -EAGAIN;
+		if (wait_event_interruptible(ring->wait, imgrement_ring_readable(ring) ||
+					     READ_ONCE(ring->closing)))
+			return -ERESTARTSYS;
+	}
+}
+
+void imgrement_ring_close(struct imgrement_ring *ring)
+{
+	WRITE_ONCE(ring->closing, true);
+	wake_up_interruptible_all(&ring->wait);
+}

@@ -1,0 +1,74 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * A bounded buffer of variable-sized records with out-of-order commit.
+ *
+ * Producers reserve space in submission order (under a short spinlock that
+ * also assigns the sequence number), fill it at leisure and commit it, in
+ * any order; the reader sees records in reservation order, each only once it
+ * is committed.  Records never wrap around the end of the buffer: the space
+ * left at the end is filled with a PAD record that readers never see.  When
+ * a record does not fit, it is dropped: its sequence number is consumed and
+ * the drop is counted, so readers see exactly one gap per dropped record.
+ *
+ * Reserving never sleeps and never allocates; the buffer is allocated once,
+ * when the table is loaded.
+ */
+#ifndef IMGREMENT_RING_H
+#define IMGREMENT_RING_H
+
+#include <linux/types.h>
+#include <linux/spinlock.h>
+#include <linux/wait.h>
+#include <linux/mutex.h>
+#include <linux/atomic.h>
+
+#include "imgrement_record.h"
+
+struct imgrement_ring {
+	spinlock_t lock;	/* head, tail, next_seq */
+	void *buf;
+	u32 size;		/* bytes, a multiple of 8 */
+	u64 head;		/* bytes ever reserved (monotonic) */
+	u64 tail;		/* bytes ever consumed (monotonic) */
+	u64 next_seq;
+	atomic64_t dropped;	/* records dropped since creation */
+	atomic64_t committed;	/* records committed since creation */
+	wait_queue_head_t wait;	/* readers waiting for a committed record */
+	struct mutex read_lock;	/* one reader at a time consumes */
+	bool closing;		/* set once: readers get EOF when drained */
+};
+
+int imgrement_ring_init(struct imgrement_ring *ring, u32 size);
+void imgrement_ring_exit(struct imgrement_ring *ring);
+
+/*
+ * Reserve a record of @bytes (rounded up to 8) of @type; returns a pointer
+ * to its header with size, type NONE, version and seq filled in, or NULL
+ * when it was dropped.  Safe from any context.
+ */
+struct imgrement_record_header *imgrement_ring_reserve(struct imgrement_ring *ring,
+						       u32 bytes);
+
+/* Publish a reserved record as @type. Safe from any context. */
+void imgrement_ring_commit(struct imgrement_ring *ring,
+			   struct imgrement_record_header *hdr, u16 type);
+
+/* Bytes reserved and not yet consumed. */
+u64 imgrement_ring_used(struct imgrement_ring *ring);
+
+/* Is there a committed record for the reader? */
+bool imgrement_ring_readable(struct imgrement_ring *ring);
+
+/*
+ * Copy whole committed records to @ubuf (at most @count bytes). Blocks
+ * unless @nonblock. Returns bytes copied, 0 at end of stream (closing and
+ * drained), or -EAGAIN, -EINTR, -EFAULT, -EINVAL (@count smaller than the
+ * next record).
+ */
+ssize_t imgrement_ring_read(struct imgrement_ring *ring, char __user *ubuf,
+			    size_t count, bool nonblock);
+
+/* Wake readers for good: they drain what is left, then see EOF. */
+void imgrement_ring_close(struct imgrement_ring *ring);
+
+#endif /* IMGREMENT_RING_H */

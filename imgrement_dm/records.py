@@ -1,0 +1,364 @@
+"""The record stream: decode it, read it live or from a file, save it.
+
+A live stream comes from /sys/kernel/debug/imgrement/<name>/records, where
+every read() returns whole records.  A saved stream is the same bytes behind
+a 16-byte file header.  Either way the reader yields :class:`BioRecord`,
+:class:`MarkRecord` and, where sequence numbers jump, :class:`Drop`: a drop
+is never silent.  Payloads are memoryviews into the bytes that were read,
+not copies.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Union
+
+from imgrement_dm import layout
+from imgrement_dm.errors import ImgrementError
+
+DEBUGFS = Path("/sys/kernel/debug")
+STREAM_DIR = DEBUGFS / "imgrement"
+#: A saved stream starts with these 16 bytes; the last is the record version.
+STREAM_MAGIC = b"IMGREMENT-STREAM"[:15] + bytes([layout.RECORD_VERSION])
+READ_SIZE = 4 << 20
+
+_HDR = layout.HEADER
+_BIO = layout.BIO
+_SEG = layout.SEGMENT
+_MARK = layout.MARK
+
+
+class StreamError(ImgrementError):
+    """The record stream cannot be opened or is not a valid stream."""
+
+    exit_code = 9
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One piece of one page of a bio."""
+
+    len: int
+    offset: int
+    sector: int
+
+
+class BioRecord:
+    """One bio, as the target saw it."""
+
+    __slots__ = (
+        "_buf",
+        "_seg_at",
+        "comm_raw",
+        "complete_ns",
+        "flags",
+        "nr_segments",
+        "op",
+        "payload_len",
+        "pid",
+        "raw_op",
+        "rflags",
+        "sector",
+        "seq",
+        "size",
+        "status",
+        "submit_ns",
+        "tid",
+    )
+
+    _buf: bytes
+    _seg_at: int
+    seq: int
+    sector: int
+    size: int  # bytes
+    op: int
+    raw_op: int
+    nr_segments: int
+    flags: int
+    rflags: int
+    submit_ns: int
+    complete_ns: int
+    status: int
+    pid: int
+    tid: int
+    payload_len: int
+    comm_raw: bytes
+
+    @property
+    def op_name(self) -> str:
+        return layout.OPS.get(self.op, f"op{self.op}")
+
+    @property
+    def flag_names(self) -> list[str]:
+        return layout.flag_names(self.flags)
+
+    @property
+    def comm(self) -> str:
+        return self.comm_raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+    @property
+    def latency_ns(self) -> int:
+        return self.complete_ns - self.submit_ns
+
+    @property
+    def sectors(self) -> int:
+        return self.size >> 9
+
+    @property
+    def has_payload(self) -> bool:
+        return bool(self.rflags & layout.PAYLOAD_FLAG)
+
+    @property
+    def segments(self) -> list[Segment]:
+        at = self._seg_at
+        return [
+            Segment(*_SEG.unpack_from(self._buf, at + i * _SEG.size))
+            for i in range(self.nr_segments)
+        ]
+
+    @property
+    def payload(self) -> memoryview:
+        """The data (empty unless :attr:`has_payload`); a view, not a copy."""
+        start = self._seg_at + self.nr_segments * _SEG.size
+        return memoryview(self._buf)[start : start + self.payload_len]
+
+    def __repr__(self) -> str:
+        return (
+            f"BioRecord(seq={self.seq}, {self.op_name}, sector={self.sector}, "
+            f"size={self.size}, flags={self.flag_names}, status={self.status})"
+        )
+
+
+@dataclass(frozen=True)
+class MarkRecord:
+    """A mark set with ``mark <label>``."""
+
+    seq: int
+    time_ns: int
+    label: str
+
+
+@dataclass(frozen=True)
+class Drop:
+    """``count`` records from ``first_seq`` on were dropped (buffer full)."""
+
+    first_seq: int
+    count: int
+
+
+Record = Union[BioRecord, MarkRecord]
+Item = Union[BioRecord, MarkRecord, Drop]
+
+
+def _bio(buf: bytes, at: int) -> BioRecord:
+    (_size, _type, _ver, _res, seq, sector, nbytes, op, raw_op, nsegs, flags, rflags,
+     submit, complete, status, pid, tid, plen, comm) = _BIO.unpack_from(buf, at)
+    r = BioRecord.__new__(BioRecord)
+    r._buf = buf
+    r._seg_at = at + _BIO.size
+    r.seq = seq
+    r.sector = sector
+    r.size = nbytes
+    r.op = op
+    r.raw_op = raw_op
+    r.nr_segments = nsegs
+    r.flags = flags
+    r.rflags = rflags
+    r.submit_ns = submit
+    r.complete_ns = complete
+    r.status = status - (1 << 32) if status & 0x80000000 else status
+    r.pid = pid
+    r.tid = tid
+    r.payload_len = plen
+    r.comm_raw = comm
+    return r
+
+
+def _mark(buf: bytes, at: int) -> MarkRecord:
+    _size, _type, _ver, _res, seq, time_ns, label_len, _r = _MARK.unpack_from(buf, at)
+    start = at + _MARK.size
+    return MarkRecord(seq, time_ns, buf[start : start + label_len].decode("utf-8", "replace"))
+
+
+def decode(buf: bytes, start: int = 0) -> tuple[list[Record], int]:
+    """Decode whole records from ``buf``; return them and the offset after the last.
+
+    Raises :class:`StreamError` for anything that is not a valid record.
+    """
+    out: list[Record] = []
+    at = start
+    end = len(buf)
+    hsize = _HDR.size
+    while at + hsize <= end:
+        size, rtype, version, _res, _seq = _HDR.unpack_from(buf, at)
+        if size < hsize or size % 8:
+            raise StreamError(f"corrupt record stream: record size {size} at byte {at}")
+        if at + size > end:
+            break
+        if version != layout.RECORD_VERSION:
+            raise StreamError(
+                f"record version {version} at byte {at}; this tool reads version "
+                f"{layout.RECORD_VERSION}: use the imgrement-dm that matches the module"
+            )
+        if rtype == layout.REC_BIO:
+            out.append(_bio(buf, at))
+        elif rtype == layout.REC_MARK:
+            out.append(_mark(buf, at))
+        elif rtype != layout.REC_PAD:
+            raise StreamError(f"unknown record type {rtype} at byte {at}")
+        at += size
+    return out, at
+
+
+class _Gaps:
+    """Turns jumps in sequence numbers into explicit :class:`Drop` items."""
+
+    def __init__(self, next_seq: int | None) -> None:
+        self.next_seq = next_seq
+
+    def feed(self, records: list[Record]) -> list[Item]:
+        out: list[Item] = []
+        for r in records:
+            if self.next_seq is not None and r.seq != self.next_seq:
+                if r.seq < self.next_seq:
+                    raise StreamError(
+                        f"sequence went back from {self.next_seq} to {r.seq}: "
+                        "two streams mixed?"
+                    )
+                out.append(Drop(self.next_seq, r.seq - self.next_seq))
+            out.append(r)
+            self.next_seq = r.seq + 1
+        return out
+
+
+def stream_path(name: str) -> Path:
+    return STREAM_DIR / name / "records"
+
+
+class RecordReader:
+    """Reads records from a live device stream or a saved file.
+
+    ``first_seq``: the sequence number the reader expects first (0 for a
+    stream read from its start); ``None`` learns it from the first record.
+    """
+
+    def __init__(self, fd: int, *, live: bool, first_seq: int | None = None,
+                 save: BinaryIO | None = None) -> None:
+        self._fd = fd
+        self._live = live
+        self._gaps = _Gaps(first_seq)
+        self._save = save
+        self._rest = b""
+        self._eof = False
+        self._read_size = READ_SIZE
+        if save is not None:
+            save.write(STREAM_MAGIC)
+
+    @classmethod
+    def live(cls, name: str, *, first_seq: int | None = None,
+             save: BinaryIO | None = None) -> RecordReader:
+        """The stream of traced device ``name``."""
+        path = stream_path(name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if not STREAM_DIR.exists():
+                raise StreamError(
+                    f"{STREAM_DIR} does not exist: mount debugfs ('mount -t debugfs none "
+                    f"{DEBUGFS}') and load the imgrement module"
+                ) from None
+            raise StreamError(
+                f"no record stream for {name!r} ({path}): is it an imgrement device? "
+                "'imgrement-dm list' shows them"
+            ) from None
+        except PermissionError:
+            raise StreamError(f"cannot open {path}: record streams are root-only") from None
+        return cls(fd, live=True, first_seq=first_seq, save=save)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> RecordReader:
+        """A stream saved with ``save=`` (or ``imgrement-dm trace -o``)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise StreamError(f"cannot open {path}: {e.strerror}") from None
+        magic = os.read(fd, len(STREAM_MAGIC))
+        if magic[:15] != STREAM_MAGIC[:15]:
+            os.close(fd)
+            raise StreamError(f"{path} is not a saved imgrement record stream")
+        if magic[15:] != STREAM_MAGIC[15:]:
+            os.close(fd)
+            raise StreamError(
+                f"{path} holds record version {magic[15]}; this tool reads "
+                f"{layout.RECORD_VERSION}"
+            )
+        return cls(fd, live=False)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> RecordReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def eof(self) -> bool:
+        return self._eof
+
+    def _read_raw(self, timeout: float | None) -> bytes | None:
+        """One read(); None on timeout, b"" at end of stream."""
+        while True:
+            try:
+                return os.read(self._fd, self._read_size)
+            except BlockingIOError:
+                if timeout == 0:
+                    return None
+                poller = select.poll()
+                poller.register(self._fd, select.POLLIN)
+                ms = -1 if timeout is None else max(1, int(timeout * 1000))
+                if not poller.poll(ms):
+                    return None
+            except OSError as e:
+                if e.errno == errno.EINVAL and self._live and self._read_size < (1 << 30):
+                    self._read_size *= 2  # the next record is larger than our buffer
+                    continue
+                raise StreamError(f"reading the record stream failed: {e.strerror}") from None
+
+    def read(self, timeout: float | None = None) -> list[Item]:
+        """What one read() brings: records, with drops made explicit.
+
+        ``timeout`` None waits for records, 0 does not wait; returns [] when
+        nothing came in time, and [] with :attr:`eof` set at the end.
+        """
+        if self._eof:
+            return []
+        raw = self._read_raw(timeout)
+        if raw is None:
+            return []
+        if not raw:
+            self._eof = True
+            if self._rest:
+                raise StreamError(f"stream ends inside a record ({len(self._rest)} bytes)")
+            return []
+        if self._save is not None:
+            self._save.write(raw)
+        buf = self._rest + raw if self._rest else raw
+        records, used = decode(buf)
+        if self._live and used != len(buf):
+            raise StreamError("the kernel returned a partial record")
+        self._rest = buf[used:]
+        return self._gaps.feed(records)
+
+    def __iter__(self) -> Iterator[Item]:
+        """Everything until the end of the stream (a live one ends when unwrapped)."""
+        while not self._eof:
+            yield from self.read()
