@@ -7,7 +7,8 @@
  *            -EAGAIN with O_NONBLOCK), and poll() reports when one is.
  *            Several readers share one stream: each record goes to exactly
  *            one of them, like bytes from a pipe.  After the device is
- *            removed, readers drain what is left and then see end of file.
+ *            removed, readers that had the file open drain what is left and
+ *            then see end of file: an open file holds the stream's memory.
  *   dropped  records dropped because the buffer was full, since creation
  *   stats    counters and buffer use, one "key value" per line
  *
@@ -25,10 +26,26 @@
 
 static struct dentry *imgrement_root;
 
+/*
+ * The records file is made with debugfs_create_file_unsafe(): debugfs guards
+ * only open() against removal, and from then on the file's reference keeps
+ * the stream alive, so a reader can drain it after the device is gone.
+ */
 static int records_open(struct inode *inode, struct file *file)
 {
-	file->private_data = inode->i_private;
+	struct imgrement_dev *dev = inode->i_private;
+
+	kref_get(&dev->kref);
+	file->private_data = dev;
 	return nonseekable_open(inode, file);
+}
+
+static int records_release(struct inode *inode, struct file *file)
+{
+	struct imgrement_dev *dev = file->private_data;
+
+	kref_put(&dev->kref, imgrement_dev_release);
+	return 0;
 }
 
 static ssize_t records_read(struct file *file, char __user *buf, size_t count,
@@ -55,6 +72,7 @@ static __poll_t records_poll(struct file *file, poll_table *wait)
 static const struct file_operations records_fops = {
 	.owner = THIS_MODULE,
 	.open = records_open,
+	.release = records_release,
 	.read = records_read,
 	.poll = records_poll,
 };
@@ -119,17 +137,14 @@ void imgrement_debugfs_add(struct imgrement_dev *dev)
 		return;
 	}
 	dev->dir = dir;
-	debugfs_create_file("records", 0400, dir, dev, &records_fops);
+	debugfs_create_file_unsafe("records", 0400, dir, dev, &records_fops);
 	debugfs_create_file("dropped", 0400, dir, dev, &dropped_fops);
 	debugfs_create_file("stats", 0400, dir, dev, &stats_fops);
 }
 
 void imgrement_debugfs_remove(struct imgrement_dev *dev)
 {
-	/*
-	 * Readers blocked in read() hold the file active; debugfs_remove waits
-	 * for them, so they must be woken (ring closing) before this.
-	 */
+	/* Waits for opens and for stats/dropped reads in progress. */
 	debugfs_remove_recursive(dev->dir);
 	dev->dir = NULL;
 }

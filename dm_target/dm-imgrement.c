@@ -129,7 +129,7 @@ static struct imgrement_dev *imgrement_dev_get(struct dm_target *ti, u32 buffer_
 			ti->error = "The buffer size of an existing device cannot change";
 			dev = ERR_PTR(-EINVAL);
 		} else {
-			refcount_inc(&dev->ref);
+			refcount_inc(&dev->users);
 		}
 		goto out;
 	}
@@ -147,7 +147,8 @@ static struct imgrement_dev *imgrement_dev_get(struct dm_target *ti, u32 buffer_
 		dev = ERR_PTR(ret);
 		goto out;
 	}
-	refcount_set(&dev->ref, 1);
+	refcount_set(&dev->users, 1);
+	kref_init(&dev->kref);
 	dev->md = md;
 	if (dm_copy_name_and_uuid(md, dev->name, NULL))
 		strscpy(dev->name, dm_disk(md)->disk_name, sizeof(dev->name));
@@ -158,20 +159,28 @@ out:
 	return dev;
 }
 
+void imgrement_dev_release(struct kref *kref)
+{
+	struct imgrement_dev *dev = container_of(kref, struct imgrement_dev, kref);
+
+	imgrement_ring_exit(&dev->ring);
+	kfree(dev);
+}
+
 static void imgrement_dev_put(struct imgrement_dev *dev)
 {
 	mutex_lock(&imgrement_devs_lock);
-	if (!refcount_dec_and_test(&dev->ref)) {
+	if (!refcount_dec_and_test(&dev->users)) {
 		mutex_unlock(&imgrement_devs_lock);
 		return;
 	}
 	list_del(&dev->list);
 	mutex_unlock(&imgrement_devs_lock);
 
+	/* Readers drain what is left, then see end of file. */
 	imgrement_ring_close(&dev->ring);
 	imgrement_debugfs_remove(dev);
-	imgrement_ring_exit(&dev->ring);
-	kfree(dev);
+	kref_put(&dev->kref, imgrement_dev_release);
 }
 
 /* Keep the debugfs directory named after the device across renames. */

@@ -14,6 +14,7 @@
 #include <linux/types.h>
 #include <linux/list.h>
 #include <linux/refcount.h>
+#include <linux/kref.h>
 #include <linux/dcache.h>
 #include <linux/device-mapper.h>
 
@@ -28,7 +29,8 @@ enum imgrement_capture {
 
 struct imgrement_dev {
 	struct list_head list;		/* on the module's device list */
-	refcount_t ref;			/* targets using it */
+	refcount_t users;		/* targets using it */
+	struct kref kref;		/* memory: the targets (one), open readers */
 	struct mapped_device *md;	/* identity; never dereferenced */
 	char name[DM_NAME_LEN];		/* the dm name its directory carries */
 	struct dentry *dir;		/* /sys/kernel/debug/imgrement/<name> */
@@ -38,6 +40,13 @@ struct imgrement_dev {
 	atomic64_t records;
 	atomic64_t dropped;
 };
+
+/*
+ * Lifetime: when the last target goes, the stream is closed and its
+ * directory removed, but readers that still have the records file open keep
+ * the memory (kref) until they close it, so they can drain what is left.
+ */
+void imgrement_dev_release(struct kref *kref);
 
 int imgrement_debugfs_init(void);
 void imgrement_debugfs_exit(void);

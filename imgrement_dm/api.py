@@ -7,6 +7,7 @@ everything it did if any step fails, so a refused wrap leaves nothing behind.
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import time
@@ -21,6 +22,7 @@ from imgrement_dm.dm import Control, DeviceInfo, Target, check_name
 from imgrement_dm.errors import (
     DeviceBusyError,
     DeviceError,
+    DeviceMapperError,
     ImgrementError,
     NameTakenError,
     NoSuchMappingError,
@@ -242,10 +244,28 @@ def unwrap(name: str, *, deferred: bool = False) -> None:
                 "it first, or pass --deferred to remove it when the last user closes it"
             )
         with NodeSync() as sync:
-            ctl.remove(name, deferred=deferred, event_nr=sync.cookie)
+            _remove_retrying(ctl, name, deferred=deferred, event_nr=sync.cookie)
             if deferred and info.open_count:
                 return
             sync.node_removed(name, info.major, info.minor)
+
+
+def _remove_retrying(ctl: Control, name: str, *, deferred: bool, event_nr: int) -> None:
+    """DM_DEV_REMOVE, retried while a short-lived opener (udev) holds the device."""
+    deadline = time.monotonic() + TRANSIENT_OPEN_WAIT
+    while True:
+        try:
+            ctl.remove(name, deferred=deferred, event_nr=event_nr)
+            return
+        except DeviceMapperError as e:
+            if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                if e.errno == errno.EBUSY:
+                    raise DeviceBusyError(
+                        f"/dev/mapper/{name} stayed busy; close whatever holds it "
+                        "(lsof, fuser -vm), or use --deferred"
+                    ) from None
+                raise
+            time.sleep(0.1)
 
 
 def _ours(ctl: Control, name: str) -> DeviceInfo:
