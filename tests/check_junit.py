@@ -26,23 +26,28 @@ def counts(path: Path) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("results", type=Path)
-    parser.add_argument("--expect-guest", action="store_true",
-                        help="fail unless at least one guest-*.xml is present")
+    parser.add_argument("--expect-guest", type=int, default=0, metavar="N",
+                        help="fail unless N guest-*.xml files (one per kernel) are present")
     args = parser.parse_args(argv)
     files = sorted(args.results.glob("guest-*.xml"))
-    if args.expect_guest and not files:
-        print(f"check_junit: no guest-*.xml in {args.results}: the guest suite did not run",
-              file=sys.stderr)
+    if len(files) < args.expect_guest:
+        print(f"check_junit: {len(files)} guest-*.xml in {args.results}, expected "
+              f"{args.expect_guest}: a guest suite did not run", file=sys.stderr)
         return 1
     bad = False
+    total = {"passed": 0, "failed": 0, "skipped": 0}
     for f in files:
         c = counts(f)
         passed = c["tests"] - c["failures"] - c["errors"] - c["skipped"]
-        print(f"{f.name}:")
-        print(f"guest: {passed} passed, {c['failures'] + c['errors']} failed, "
-              f"{c['skipped']} skipped")
-        if c["tests"] == 0 or c["failures"] or c["errors"] or c["skipped"]:
+        failed = c["failures"] + c["errors"]
+        print(f"{f.name}: {c['tests']} tests, {failed} failing, {c['skipped']} skipped")
+        total["passed"] += passed
+        total["failed"] += failed
+        total["skipped"] += c["skipped"]
+        if c["tests"] == 0 or failed or c["skipped"]:
             bad = True
+    print(f"guest: {total['passed']} passed, {total['failed']} failed, "
+          f"{total['skipped']} skipped")
     return 1 if bad else 0
 
 

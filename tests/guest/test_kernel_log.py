@@ -16,6 +16,7 @@ BAD = re.compile(
 )
 
 
+@pytest.mark.smoke
 @pytest.mark.last
 def test_kernel_log_is_clean() -> None:
     log = sh("dmesg", "--notime")

@@ -141,6 +141,7 @@ SCRIPT = [
 ]
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("name,offset,specs", SCRIPT, ids=[s[0] for s in SCRIPT])
 def test_direct_writes_and_reads_recorded_exactly(
     make_traced: Callable[..., Traced], name: str, offset: int, specs: list[tuple[int, int]]
@@ -188,6 +189,7 @@ def test_direct_writes_and_reads_recorded_exactly(
     rbufs.close()
 
 
+@pytest.mark.smoke
 def test_fua_flush_discard_and_write_zeroes(make_traced: Callable[..., Traced]) -> None:
     t = make_traced()
     node = str(t.dev.node)
@@ -233,6 +235,7 @@ def test_fua_flush_discard_and_write_zeroes(make_traced: Callable[..., Traced]) 
     assert direct_read(t.dev.source, 4 << 20, 64 << 10) == bytes(64 << 10)
 
 
+@pytest.mark.smoke
 def test_capture_modes_switch_at_once(make_traced: Callable[..., Traced]) -> None:
     t = make_traced(capture="meta")
     node = t.dev.node
@@ -272,6 +275,7 @@ def test_write_payload_is_what_was_submitted(make_traced: Callable[..., Traced])
     assert bytes(w.payload) == pattern(7, 65536)
 
 
+@pytest.mark.smoke
 def test_marks_land_between_the_right_records(make_traced: Callable[..., Traced]) -> None:
     t = make_traced()
     direct_write(t.dev.node, 0, pattern(1, 4096))
@@ -479,6 +483,7 @@ def test_reload_suspend_and_rename_lose_nothing(make_traced: Callable[..., Trace
     assert [r.sector for r in mine(t.until_mark("renamed"))] == [16]
 
 
+@pytest.mark.smoke
 def test_stream_ends_when_the_device_goes(disk: str) -> None:
     dev = imgrement_dm.wrap(disk)
     sh("udevadm", "settle")

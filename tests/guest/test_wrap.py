@@ -41,6 +41,7 @@ def _node_is(name: str, device: str) -> bool:
     return stat.S_ISBLK(st.st_mode) and f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}" == device
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("kind", ["virtio", "loop"])
 def test_wrap_passes_data_through(kind: str, request: pytest.FixtureRequest) -> None:
     dev = request.getfixturevalue("disk" if kind == "virtio" else "loopdev")
@@ -69,6 +70,7 @@ def test_wrap_passes_data_through(kind: str, request: pytest.FixtureRequest) -> 
     assert not Path("/dev/mapper/traced").exists()
 
 
+@pytest.mark.smoke
 def test_dmsetup_sees_our_table_and_removes_it(disk: str) -> None:
     traced = imgrement_dm.wrap(disk)
     assert traced.name == "traced"

@@ -57,9 +57,10 @@ def _junit(tmp_path: Path, name: str, tests: int, failures: int, skipped: int) -
 
 
 def test_check_junit_requires_a_guest_run(tmp_path: Path) -> None:
-    assert check_junit.main([str(tmp_path), "--expect-guest"]) == 1
+    assert check_junit.main([str(tmp_path), "--expect-guest", "1"]) == 1
     _junit(tmp_path, "guest-6.1.0-1-amd64.xml", 5, 0, 0)
-    assert check_junit.main([str(tmp_path), "--expect-guest"]) == 0
+    assert check_junit.main([str(tmp_path), "--expect-guest", "1"]) == 0
+    assert check_junit.main([str(tmp_path), "--expect-guest", "2"]) == 1
 
 
 @pytest.mark.parametrize("tests,failures,skipped", [(0, 0, 0), (5, 1, 0), (5, 0, 1)])
@@ -67,4 +68,4 @@ def test_check_junit_fails_on_empty_failed_or_skipped(
     tmp_path: Path, tests: int, failures: int, skipped: int
 ) -> None:
     _junit(tmp_path, "guest-x.xml", tests, failures, skipped)
-    assert check_junit.main([str(tmp_path), "--expect-guest"]) == 1
+    assert check_junit.main([str(tmp_path), "--expect-guest", "1"]) == 1
