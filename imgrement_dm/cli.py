@@ -7,16 +7,19 @@ and turned into the error's exit code (tracebacks only with ``--debug``).
 from __future__ import annotations
 
 import json
+import signal
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
-from imgrement_dm import api
+from imgrement_dm import api, format
 from imgrement_dm.errors import ImgrementError
-from imgrement_dm.format import device_rows
+from imgrement_dm.layout import OPS
+from imgrement_dm.records import BioRecord, Drop, Item, RecordReader
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -48,9 +51,19 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.argument("device")
 @click.option("--name", "-n", default=api.DEFAULT_NAME, show_default=True,
               help="Name of the traced device under /dev/mapper.")
-def wrap(device: str, name: str) -> None:
-    """Stack the imgrement target on DEVICE as /dev/mapper/NAME."""
-    traced = api.wrap(device, name=name)
+@click.option("--capture", type=click.Choice(["meta", "writes", "all"]), default=None,
+              help="What to copy besides metadata [target default: writes].")
+@click.option("--buffer-kb", type=click.IntRange(64, 1024 * 1024), default=None,
+              help="Record buffer size in KiB [target default: 16384].")
+@click.option("--log/--no-log", default=None,
+              help="Also print each bio to the kernel log (rate-limited).")
+def wrap(device: str, name: str, capture: str | None, buffer_kb: int | None,
+         log: bool | None) -> None:
+    """Stack the imgrement target on DEVICE as /dev/mapper/NAME.
+
+    Returns once /dev/mapper/NAME exists and udev is done with it.
+    """
+    traced = api.wrap(device, name=name, capture=capture, buffer_kb=buffer_kb, log=log)
     click.echo(str(traced.node))
 
 
@@ -82,7 +95,163 @@ def list_cmd(all_devices: bool, as_json: bool) -> None:
                 "status": [t.line() for t in d.status],
             }))
         return
-    for line in device_rows(found):
+    for line in format.device_rows(found):
+        click.echo(line)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="As one JSON object.")
+def status(name: str, as_json: bool) -> None:
+    """Counters and settings of the traced device NAME."""
+    st = api.status(name)
+    if as_json:
+        click.echo(format.dumps({"name": name, **st.__dict__}))
+        return
+    for line in format.status_lines(name, st):
+        click.echo(line)
+
+
+@main.command()
+@click.argument("name")
+@click.argument("label")
+@click.option("--json", "as_json", is_flag=True, help="As one JSON object.")
+def mark(name: str, label: str, as_json: bool) -> None:
+    """Put a mark LABEL into the record stream of NAME; prints its sequence number."""
+    seq = api.mark(name, label)
+    click.echo(format.dumps({"name": name, "label": label, "seq": seq}) if as_json else seq)
+
+
+@main.command()
+@click.argument("name")
+@click.argument("mode", type=click.Choice(["meta", "writes", "all"]))
+def capture(name: str, mode: str) -> None:
+    """Switch what NAME copies (meta, writes or all); takes effect at once."""
+    api.set_capture(name, mode)
+
+
+def _reader(name: str | None, from_file: Path | None,
+            save: Any = None) -> RecordReader:
+    if (name is None) == (from_file is None):
+        raise click.UsageError("give a device NAME or --file FILE, not both")
+    if from_file is not None:
+        return RecordReader.from_file(from_file)
+    assert name is not None
+    api.status(name)  # refuses a device that is not ours, with a clear message
+    return RecordReader.live(name, save=save)
+
+
+def _items(reader: RecordReader, *, duration: float | None) -> Iterator[Item]:
+    """Items until the stream ends, ``duration`` passes, or Ctrl-C/SIGTERM."""
+    deadline = None if duration is None else time.monotonic() + duration
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        while not reader.eof:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return
+            yield from reader.read(timeout=1.0 if left is None else min(left, 1.0))
+    except KeyboardInterrupt:
+        return
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _sector_range(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    lo, sep, hi = text.partition("-")
+    if not sep or not lo.isdigit() or not hi.isdigit() or int(lo) > int(hi):
+        raise click.BadParameter(f"{text!r} is not a range START-END of sectors, e.g. 0-2047")
+    return int(lo), int(hi)
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.option("--file", "-f", "from_file", type=click.Path(path_type=Path, dir_okay=False),
+              help="Read a saved stream (from -o) instead of a live device.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per record.")
+@click.option("-x", "--hex", "hexdump", is_flag=True,
+              help="Show the first bytes of each payload (with --json: all of it, in hex).")
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False),
+              help="Also save the raw stream to this file.")
+@click.option("--op", "ops", multiple=True, type=click.Choice(sorted(OPS.values())),
+              help="Show only these operations (repeatable).")
+@click.option("--sector", "sectors", metavar="START-END",
+              help="Show only bios that touch sectors START..END.")
+@click.option("--count", "-c", type=click.IntRange(min=1), help="Stop after COUNT records.")
+@click.option("--duration", "-d", type=click.FloatRange(min=0, min_open=True),
+              help="Stop after this many seconds.")
+@click.option("--quiet", "-q", is_flag=True, help="Print nothing (use with -o).")
+def trace(name: str | None, from_file: Path | None, as_json: bool, hexdump: bool,
+          output: Path | None, ops: tuple[str, ...], sectors: str | None,
+          count: int | None, duration: float | None, quiet: bool) -> None:
+    """Show the records of NAME live, one line each (or JSON lines).
+
+    Runs until the device is unwrapped, --count or --duration is reached, or
+    Ctrl-C. Drops are always shown. Columns: sequence number, time since the
+    start, submitter, operation (R W F D E Z), flags (F fua, P preflush,
+    S sync, M meta, A readahead, I idle, ...), sector + sectors, segments,
+    latency, status.
+    """
+    rng = _sector_range(sectors)
+    part = output.with_name(output.name + ".part") if output else None
+    save = part.open("wb") if part else None
+    shown = 0
+    try:
+        with _reader(name, from_file, save) as reader:
+            t0 = time.clock_gettime_ns(time.CLOCK_MONOTONIC) if from_file is None else None
+            if not as_json and not quiet:
+                click.echo(format.TRACE_HEADER)
+            for item in _items(reader, duration=duration):
+                if isinstance(item, BioRecord):
+                    if ops and item.op_name not in ops:
+                        continue
+                    if rng and not (item.sector <= rng[1]
+                                    and item.sector + max(item.sectors, 1) > rng[0]):
+                        continue
+                    if t0 is None:
+                        t0 = item.submit_ns
+                if not isinstance(item, Drop):
+                    shown += 1
+                if not quiet:
+                    if as_json:
+                        click.echo(format.dumps(format.item_json(item, with_payload=hexdump)))
+                    else:
+                        click.echo(format.trace_line(item, t0 or 0, hexdump=hexdump))
+                if count is not None and shown >= count:
+                    break
+    finally:
+        if save is not None and part is not None and output is not None:
+            save.close()
+            part.rename(output)
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.option("--file", "-f", "from_file", type=click.Path(path_type=Path, dir_okay=False),
+              help="Summarise a saved stream instead of a live device.")
+@click.option("--duration", "-d", type=click.FloatRange(min=0, min_open=True),
+              help="Stop reading a live device after this many seconds.")
+@click.option("--json", "as_json", is_flag=True, help="As one JSON object.")
+def stats(name: str | None, from_file: Path | None, duration: float | None,
+          as_json: bool) -> None:
+    """Per-operation counts and bytes, with log2 latency and size histograms.
+
+    From a saved stream, or live until the device goes, --duration, or Ctrl-C.
+    """
+    st = format.Stats()
+    with _reader(name, from_file) as reader:
+        for item in _items(reader, duration=duration):
+            st.add(item)
+    if as_json:
+        click.echo(format.dumps(st.as_json()))
+        return
+    for line in format.stats_lines(st):
         click.echo(line)
 
 

@@ -24,7 +24,7 @@ from imgrement_dm.errors import ImgrementError
 DEBUGFS = Path("/sys/kernel/debug")
 STREAM_DIR = DEBUGFS / "imgrement"
 #: A saved stream starts with these 16 bytes; the last is the record version.
-STREAM_MAGIC = b"IMGREMENT-STREAM"[:15] + bytes([layout.RECORD_VERSION])
+STREAM_MAGIC = b"IMGREMENT-RECS\0" + bytes([layout.RECORD_VERSION])
 READ_SIZE = 4 << 20
 
 _HDR = layout.HEADER

@@ -220,8 +220,12 @@ def _fetch_image(root: Path, release: str, log: Path) -> None:
         deb.unlink()
 
 
-def build_module(kernel: Kernel, source: Path, *, sparse: bool = False) -> Path:
-    """Build dm_target/ against ``kernel`` inside its root; return the .ko path."""
+def build_module(kernel: Kernel, source: Path, *, sparse: bool = True) -> Path:
+    """Build dm_target/ against ``kernel`` inside its root; return the .ko path.
+
+    The build runs with W=1 and, by default, sparse (C=1); any warning fails
+    it, so every module a guest loads has passed both.
+    """
     build = kernel.root / "build" / "imgrement"
     shutil.rmtree(build, ignore_errors=True)
     build.mkdir(parents=True)
