@@ -16,7 +16,7 @@ import select
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import Any, BinaryIO, Union
 
 from imgrement_dm import layout
 from imgrement_dm.errors import ImgrementError
@@ -48,46 +48,47 @@ class Segment:
     sector: int
 
 
-class BioRecord:
-    """One bio, as the target saw it."""
+def _field(name: str, doc: str) -> property:
+    index = layout.BIO_FIELDS.index(name)
+    return property(lambda self: self._f[index], doc=doc)
 
-    __slots__ = (
-        "_buf",
-        "_seg_at",
-        "comm_raw",
-        "complete_ns",
-        "flags",
-        "nr_segments",
-        "op",
-        "payload_len",
-        "pid",
-        "raw_op",
-        "rflags",
-        "sector",
-        "seq",
-        "size",
-        "status",
-        "submit_ns",
-        "tid",
-    )
+
+_STATUS = layout.BIO_FIELDS.index("status")
+
+
+class BioRecord:
+    """One bio, as the target saw it.
+
+    The fixed part is unpacked in one call when the record is decoded;
+    segments and payload are read from the stream's bytes only when asked.
+    """
+
+    __slots__ = ("_at", "_buf", "_f")
 
     _buf: bytes
-    _seg_at: int
-    seq: int
-    sector: int
-    size: int  # bytes
-    op: int
-    raw_op: int
-    nr_segments: int
-    flags: int
-    rflags: int
-    submit_ns: int
-    complete_ns: int
-    status: int
-    pid: int
-    tid: int
-    payload_len: int
-    comm_raw: bytes
+    _at: int
+    _f: tuple[Any, ...]
+
+    seq = _field("hdr.seq", "per-device sequence number")
+    sector = _field("sector", "start sector (512 bytes) on the traced device")
+    size = _field("bytes", "bytes in the bio")
+    op = _field("op", "operation (layout.OPS)")
+    raw_op = _field("raw_op", "the kernel's REQ_OP_* value")
+    nr_segments = _field("nr_segments", "number of segments")
+    flags = _field("flags", "IMGREMENT_F_* bits")
+    rflags = _field("rflags", "IMGREMENT_R_* bits")
+    submit_ns = _field("submit_ns", "CLOCK_MONOTONIC at map")
+    complete_ns = _field("complete_ns", "CLOCK_MONOTONIC at completion")
+    pid = _field("pid", "submitter's thread group id")
+    tid = _field("tid", "submitter's thread id")
+    payload_len = _field("payload_len", "bytes of payload")
+    comm_raw = _field("comm", "submitter's command, NUL-padded")
+
+    @property
+    def status(self) -> int:
+        """0 or a negative errno."""
+        v: int = self._f[_STATUS]
+        return v - (1 << 32) if v & 0x80000000 else v
 
     @property
     def op_name(self) -> str:
@@ -99,15 +100,16 @@ class BioRecord:
 
     @property
     def comm(self) -> str:
-        return self.comm_raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+        raw: bytes = self.comm_raw
+        return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
     @property
     def latency_ns(self) -> int:
-        return self.complete_ns - self.submit_ns
+        return int(self.complete_ns - self.submit_ns)
 
     @property
     def sectors(self) -> int:
-        return self.size >> 9
+        return int(self.size) >> 9
 
     @property
     def has_payload(self) -> bool:
@@ -115,7 +117,7 @@ class BioRecord:
 
     @property
     def segments(self) -> list[Segment]:
-        at = self._seg_at
+        at = self._at + _BIO.size
         return [
             Segment(*_SEG.unpack_from(self._buf, at + i * _SEG.size))
             for i in range(self.nr_segments)
@@ -124,7 +126,7 @@ class BioRecord:
     @property
     def payload(self) -> memoryview:
         """The data (empty unless :attr:`has_payload`); a view, not a copy."""
-        start = self._seg_at + self.nr_segments * _SEG.size
+        start = self._at + _BIO.size + self.nr_segments * _SEG.size
         return memoryview(self._buf)[start : start + self.payload_len]
 
     def __repr__(self) -> str:
@@ -155,28 +157,7 @@ Record = Union[BioRecord, MarkRecord]
 Item = Union[BioRecord, MarkRecord, Drop]
 
 
-def _bio(buf: bytes, at: int) -> BioRecord:
-    (_size, _type, _ver, _res, seq, sector, nbytes, op, raw_op, nsegs, flags, rflags,
-     submit, complete, status, pid, tid, plen, comm) = _BIO.unpack_from(buf, at)
-    r = BioRecord.__new__(BioRecord)
-    r._buf = buf
-    r._seg_at = at + _BIO.size
-    r.seq = seq
-    r.sector = sector
-    r.size = nbytes
-    r.op = op
-    r.raw_op = raw_op
-    r.nr_segments = nsegs
-    r.flags = flags
-    r.rflags = rflags
-    r.submit_ns = submit
-    r.complete_ns = complete
-    r.status = status - (1 << 32) if status & 0x80000000 else status
-    r.pid = pid
-    r.tid = tid
-    r.payload_len = plen
-    r.comm_raw = comm
-    return r
+_new_bio = object.__new__
 
 
 def _mark(buf: bytes, at: int) -> MarkRecord:
@@ -189,30 +170,56 @@ def decode(buf: bytes, start: int = 0) -> tuple[list[Record], int]:
     """Decode whole records from ``buf``; return them and the offset after the last.
 
     Raises :class:`StreamError` for anything that is not a valid record.
+    The common case (a well-formed bio record) takes the short path; every
+    other case goes through :func:`_decode_other`, which does the checks.
     """
     out: list[Record] = []
+    append = out.append
     at = start
     end = len(buf)
-    hsize = _HDR.size
-    while at + hsize <= end:
-        size, rtype, version, _res, _seq = _HDR.unpack_from(buf, at)
-        if size < hsize or size % 8:
-            raise StreamError(f"corrupt record stream: record size {size} at byte {at}")
-        if at + size > end:
-            break
-        if version != layout.RECORD_VERSION:
-            raise StreamError(
-                f"record version {version} at byte {at}; this tool reads version "
-                f"{layout.RECORD_VERSION}: use the imgrement-dm that matches the module"
-            )
-        if rtype == layout.REC_BIO:
-            out.append(_bio(buf, at))
-        elif rtype == layout.REC_MARK:
-            out.append(_mark(buf, at))
-        elif rtype != layout.REC_PAD:
-            raise StreamError(f"unknown record type {rtype} at byte {at}")
+    hdr = _HDR.unpack_from
+    bio = _BIO.unpack_from
+    new = _new_bio
+    bio_type, version_ok, bio_min = layout.REC_BIO, layout.RECORD_VERSION, _BIO.size
+    while at + 16 <= end:
+        # Fast path: peek at type (u16 at 4) and version (u8 at 6) directly.
+        if (buf[at + 4] == bio_type and buf[at + 5] == 0 and buf[at + 6] == version_ok
+                and at + bio_min <= end):
+            f = bio(buf, at)
+            size = f[0]
+            if size >= bio_min and not size & 7 and at + size <= end:
+                r = new(BioRecord)
+                r._buf = buf
+                r._at = at
+                r._f = f
+                append(r)
+                at += size
+                continue
+        size, rtype, version, _res, _seq = hdr(buf, at)
+        if at + size > end and size >= 16 and not size & 7:
+            break  # the rest of this record has not arrived yet
+        other = _decode_other(buf, at, size, rtype, version)
+        if other is not None:
+            append(other)
         at += size
     return out, at
+
+
+def _decode_other(buf: bytes, at: int, size: int, rtype: int, version: int) -> Record | None:
+    if size < _HDR.size or size % 8:
+        raise StreamError(f"corrupt record stream: record size {size} at byte {at}")
+    if rtype == layout.REC_PAD:
+        return None  # only size and type of a pad are meaningful
+    if version != layout.RECORD_VERSION:
+        raise StreamError(
+            f"record version {version} at byte {at}; this tool reads version "
+            f"{layout.RECORD_VERSION}: use the imgrement-dm that matches the module"
+        )
+    if rtype == layout.REC_MARK:
+        return _mark(buf, at)
+    if rtype == layout.REC_BIO:
+        raise StreamError(f"corrupt record stream: bio record of {size} bytes at byte {at}")
+    raise StreamError(f"unknown record type {rtype} at byte {at}")
 
 
 class _Gaps:

@@ -12,6 +12,7 @@ does.
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import time
 from pathlib import Path
@@ -31,9 +32,24 @@ MAPPER_DIR = Path("/dev/mapper")
 DEFAULT_TIMEOUT = 60.0
 
 
+UDEV_CONTROL = "/run/udev/control"
+
+
 def udev_running() -> bool:
-    """systemd-udevd listens on this socket while it runs."""
-    return os.path.exists("/run/udev/control")
+    """Is systemd-udevd listening on its control socket?
+
+    The socket file outlives a udevd that exited, so we connect rather than
+    look for the file.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        sock.settimeout(2)
+        sock.connect(UDEV_CONTROL)
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.close()
 
 
 class NodeSync:
