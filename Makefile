@@ -3,6 +3,7 @@
 #   make           create .venv with the package and the imgrement-dm CLI
 #   make test      host tests, then the guest suite in one sandbox boot
 #   make demo      wrap a scratch disk in the sandbox and show what the target saw
+#   make bench     fio through raw, dm-linear and imgrement; docs/benchmarks.md
 #   make lint      ruff and mypy (the target is built with W=1 and sparse,
 #                  warnings failing the build, on every guest boot)
 #
@@ -19,7 +20,8 @@ RESULTS := build/test-results
 
 all: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py imgrement_dm/_ffi_build.py scripts/install-host-deps
+$(VENV)/.installed: pyproject.toml setup.py imgrement_dm/_ffi_build.py dm_target/imgrement_record.h \
+		scripts/install-host-deps
 	scripts/install-host-deps
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
@@ -55,6 +57,16 @@ test-guest: all
 
 test: lint test-host test-guest
 
+# fio in one guest boot: raw, dm-linear and imgrement in each capture mode on a
+# virtio disk and a RAM disk; ratios to dm-linear in build/bench/results.json
+# and docs/benchmarks.md. About 10 minutes under software emulation.
+bench: all
+	mkdir -p build/bench
+	rm -f build/bench/bench-raw.json build/bench/stream-*.rec
+	$(BIN)/imgrement-dm sandbox --kernel $(KERNEL) --disk 1G --memory 3G \
+		--results build/bench -- python tests/bench/guest_bench.py
+	$(BIN)/python tests/bench/report.py build/bench docs/benchmarks.md
+
 demo: all
 	$(BIN)/imgrement-dm sandbox --kernel $(KERNEL) --disk 256M --results build/demo \
 		-- scripts/demo-guest
@@ -66,4 +78,4 @@ clean:
 distclean: clean
 	rm -rf $(VENV)
 
-.PHONY: all lint test test-host test-guest demo clean distclean
+.PHONY: all lint test test-host test-guest bench demo clean distclean

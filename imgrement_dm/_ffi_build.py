@@ -104,6 +104,30 @@ struct dm_target_msg {
     ...;
 };
 
+/* --- <linux/blktrace_api.h>, for exporting to blkparse --- */
+#define BLK_IO_TRACE_MAGIC ...
+#define BLK_IO_TRACE_VERSION ...
+#define BLK_TC_SHIFT ...
+#define BLK_TA_QUEUE ...
+#define BLK_TA_COMPLETE ...
+#define BLK_TN_PROCESS ...
+enum blktrace_cat { BLK_TC_READ, BLK_TC_WRITE, BLK_TC_FLUSH, BLK_TC_SYNC, BLK_TC_AHEAD,
+                    BLK_TC_META, BLK_TC_DISCARD, BLK_TC_FUA, ... };
+struct blk_io_trace {
+    uint32_t magic;
+    uint32_t sequence;
+    uint64_t time;
+    uint64_t sector;
+    uint32_t bytes;
+    uint32_t action;
+    uint32_t pid;
+    uint32_t device;
+    uint32_t cpu;
+    uint16_t error;
+    uint16_t pdu_len;
+    ...;
+};
+
 /* --- dm_target/imgrement_record.h --- */
 typedef uint16_t __le16;
 typedef uint32_t __le32;
@@ -190,6 +214,7 @@ ffibuilder.set_source(
     #include <stdint.h>
     #include <sys/ioctl.h>
     #include <linux/dm-ioctl.h>
+    #include <linux/blktrace_api.h>
     #include "imgrement_record.h"
     """,
     include_dirs=[str(TARGET_DIR)],

@@ -133,6 +133,16 @@ class TracedDevice:
     def node(self) -> Path:
         return Path("/dev/mapper") / self.name
 
+    @classmethod
+    def find(cls, name: str) -> TracedDevice:
+        """The existing traced device ``name`` (refusing one we did not make)."""
+        _require_root()
+        check_name(name)
+        with Control() as ctl:
+            info = _ours(ctl, name)
+            table = ImgrementTable.parse(ctl.table_status(name, table=True)[0])
+        return cls(name, info.uuid, info.major, info.minor, table.device)
+
     def status(self) -> Status:
         """The target's counters and settings."""
         return status(self.name)

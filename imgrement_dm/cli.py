@@ -16,8 +16,10 @@ from typing import Any, TypeVar
 
 import click
 
-from imgrement_dm import api, format
+from imgrement_dm import api, format, increment
 from imgrement_dm.errors import ImgrementError
+from imgrement_dm.formats import export as export_fmt
+from imgrement_dm.formats.capture import CaptureReader, CaptureWriter
 from imgrement_dm.layout import OPS
 from imgrement_dm.records import BioRecord, Drop, Item, RecordReader
 
@@ -283,6 +285,175 @@ def sandbox(kernel: str | None, disks: tuple[str, ...], memory: str, results: Pa
         kvm=kvm,
     )
     sys.exit(rc)
+
+
+def _progress(label: str) -> Callable[[int, int], None]:
+    def show(done: int, total: int) -> None:
+        if sys.stderr.isatty() or done == total:
+            click.echo(f"\r{label}: {done}/{total} changes", err=True,
+                       nl=done == total)
+    return show
+
+
+def _stop_at(until_mark: str | None, until_flush: int | None = None,
+             until_fua: int | None = None) -> increment.StopAt:
+    if sum(x is not None for x in (until_mark, until_flush, until_fua)) > 1:
+        raise click.UsageError("give at most one of --until-mark, --until-flush, --until-fua")
+    return increment.StopAt(until_mark, until_flush, until_fua)
+
+
+@main.command()
+@click.argument("name")
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False),
+              required=True, help="The capture file to write.")
+@click.option("--duration", "-d", type=click.FloatRange(min=0, min_open=True),
+              help="Stop after this many seconds.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress line.")
+def record(name: str, output: Path, duration: float | None, quiet: bool) -> None:
+    """Record the stream of NAME into a durable capture file.
+
+    Runs until the device is unwrapped, --duration passes, or Ctrl-C, then
+    writes the trailer and renames FILE.part to FILE. A progress line on
+    stderr shows records, bytes, drops and the rate.
+    """
+    dev = api.TracedDevice.find(name)
+    writer = CaptureWriter(output, name, dev.table().length)
+    try:
+        reader = RecordReader.live(name)
+    except BaseException:
+        writer.abandon()
+        raise
+    began = last = time.monotonic()
+    deadline = None if duration is None else began + duration
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        with reader:
+            while not reader.eof:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    break
+                wait = 1.0 if deadline is None else min(1.0, deadline - now)
+                writer.add(reader.read_raw(timeout=wait))
+                if not quiet and time.monotonic() - last >= 1:
+                    last = time.monotonic()
+                    rate = writer.records / max(last - began, 1e-9)
+                    click.echo(f"\rrecords {writer.records}, bytes {writer.bytes}, "
+                               f"drops {writer.drops}, {rate:.0f} records/s   ",
+                               err=True, nl=False)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    path = writer.finish()
+    if not quiet:
+        click.echo(f"\rrecords {writer.records}, bytes {writer.bytes}, drops {writer.drops}: "
+                   f"{path}", err=True)
+    if writer.drops:
+        click.echo(f"imgrement-dm: warning: {writer.drops} record(s) were dropped; apply and "
+                   "replay will refuse this capture (use a larger --buffer-kb)", err=True)
+
+
+@main.command("apply")
+@click.argument("base", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.argument("capture_file", metavar="FILE", type=click.Path(path_type=Path))
+@click.option("--until-mark", help="Stop at the mark with this label.")
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False),
+              help="The image to write [default: BASE.applied].")
+@click.option("--force", is_flag=True, help="Apply even if records were dropped.")
+def apply_cmd(base: Path, capture_file: Path, until_mark: str | None, output: Path | None,
+              force: bool) -> None:
+    """Apply the captured writes in FILE onto a copy of BASE.
+
+    BASE is an image of the disk as it was when recording began. Writes,
+    discards and write-zeroes are applied in completion order, up to the
+    mark if given; the result equals the disk at that point.
+    """
+    out = output or base.with_name(base.name + ".applied")
+    sel = increment.apply(base, capture_file, out, _stop_at(until_mark), force=force,
+                          progress=_progress("apply"))
+    click.echo(f"{out}: {len(sel.changes)} changes applied"
+               + (f", {sel.failed} failed writes skipped" if sel.failed else ""))
+
+
+@main.command()
+@click.argument("capture_file", metavar="FILE", type=click.Path(path_type=Path))
+@click.argument("target", type=click.Path(path_type=Path, exists=True))
+@click.option("--until-mark", help="Stop at the mark with this label.")
+@click.option("--until-flush", type=click.IntRange(min=1), help="Stop after the Nth flush.")
+@click.option("--until-fua", type=click.IntRange(min=1), help="Stop after the Nth FUA write.")
+@click.option("--force", is_flag=True, help="Replay even if records were dropped.")
+def replay(capture_file: Path, target: Path, until_mark: str | None,
+           until_flush: int | None, until_fua: int | None, force: bool) -> None:
+    """Write the capture onto TARGET (a device or image) up to a durability point.
+
+    As dm-log-writes' replay-log is used for crash-consistency tests: replay
+    to a mark, flush or FUA write, then check the filesystem on TARGET.
+    """
+    sel = increment.replay(capture_file, target, _stop_at(until_mark, until_flush, until_fua),
+                           force=force, progress=_progress("replay"))
+    click.echo(f"{target}: {len(sel.changes)} changes replayed")
+
+
+@main.command()
+@click.argument("capture_file", metavar="FILE", type=click.Path(path_type=Path))
+@click.option("--until-mark", help="Only changes before the mark with this label.")
+@click.option("--json", "as_json", is_flag=True, help="As a JSON list of [start, sectors].")
+def diff(capture_file: Path, until_mark: str | None, as_json: bool) -> None:
+    """The changed extents in FILE (what an incremental backup copies).
+
+    One line per extent, START+SECTORS in 512-byte sectors, merged and sorted.
+    """
+    spans = increment.extents(capture_file, _stop_at(until_mark))
+    if as_json:
+        click.echo(format.dumps([[a, n] for a, n in spans]))
+        return
+    for a, n in spans:
+        click.echo(f"{a}+{n}")
+
+
+@main.command()
+@click.argument("capture_file", metavar="FILE", type=click.Path(path_type=Path))
+@click.option("--format", "fmt_name", type=click.Choice(["blktrace", "jsonl", "log-writes"]),
+              required=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="PREFIX for blktrace (writes PREFIX.blktrace.0), else the file.")
+@click.option("--device", default="253:0", show_default=True,
+              help="major:minor to put in blktrace events.")
+@click.option("-x", "--payload", is_flag=True, help="jsonl: include payloads as hex.")
+def export(capture_file: Path, fmt_name: str, output: Path, device: str, payload: bool) -> None:
+    """Write FILE in a format other tools read: blktrace, jsonl or log-writes."""
+    with CaptureReader(capture_file) as check:
+        info = check.validate()
+    with CaptureReader(capture_file) as reader:
+        items = list(reader.items())
+    if fmt_name == "blktrace":
+        major, _, minor = device.partition(":")
+        if not (major.isdigit() and minor.isdigit()):
+            raise click.BadParameter(f"{device!r} is not major:minor", param_hint="--device")
+        counts = export_fmt.blktrace(items, output, (int(major), int(minor)))
+        click.echo(f"{output}.blktrace.0: {counts['queue']} bios; read it with "
+                   f"'blkparse -i {output}'")
+        return
+    part = output.with_name(output.name + ".part")
+    with part.open("wb") as f:
+        if fmt_name == "jsonl":
+            n = export_fmt.jsonl(items, f, with_payload=payload)
+        else:
+            missing = sum(isinstance(i, BioRecord) and i.op_name == "write"
+                          and not i.has_payload for i in items)
+            if missing or info.drops:
+                part.unlink()
+                raise increment.IncrementError(
+                    f"{capture_file} lacks data ({missing} writes without payload, "
+                    f"{info.drops} drops): a log-writes log must hold every write"
+                )
+            n = export_fmt.log_writes(items, f)
+    part.rename(output)
+    click.echo(f"{output}: {n} entries")
 
 
 if __name__ == "__main__":

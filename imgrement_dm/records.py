@@ -340,6 +340,18 @@ class RecordReader:
                     continue
                 raise StreamError(f"reading the record stream failed: {e.strerror}") from None
 
+    def read_raw(self, timeout: float | None = None) -> bytes:
+        """One read() of a live stream as bytes: whole records, b"" on timeout or end.
+
+        Sequence tracking is left to the caller (a capture file writer).
+        """
+        if not self._live:
+            raise StreamError("read_raw is for live streams")
+        raw = self._read_raw(timeout)
+        if raw == b"":
+            self._eof = True
+        return raw or b""
+
     def read(self, timeout: float | None = None) -> list[Item]:
         """What one read() brings: records, with drops made explicit.
 

@@ -127,5 +127,18 @@ def _boot(spec: GuestRun, drives: list[str], marker: Path) -> int:
         cmd.append("--qemu-opts=" + " ".join(shlex.quote(d) for d in drives))
     cmd += ["--exec", shlex.join(guest)]
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    proc = subprocess.run(cmd, env={**os.environ, "PATH": path}, check=False)
+    env = {**os.environ, "PATH": path}
+    if not spec.command:
+        # An interactive shell needs the terminal itself.
+        return subprocess.run(cmd, env=env, check=False).returncode
+    # Relay the console through a pipe: QEMU would otherwise reopen (and
+    # truncate) a redirected stdout, and terminal resets reach our caller's log.
+    with subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT) as proc:
+        console = proc.stdout
+        assert console is not None
+        out = sys.stdout.buffer
+        while chunk := os.read(console.fileno(), 65536):
+            out.write(chunk.replace(b"\x1bc", b""))
+            out.flush()
     return proc.returncode

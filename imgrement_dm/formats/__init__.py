@@ -1,0 +1,1 @@
+"""Files and formats for captured streams: capture files, and the peers' formats."""

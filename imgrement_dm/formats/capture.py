@@ -1,0 +1,203 @@
+"""Capture files: a durable, checksummed record of one device's stream.
+
+Layout (all little-endian; docs/capture-format.md):
+
+    file header   96 bytes: magic "IMGRCAP1", format version, record version,
+                  device sectors, start time, device name, header crc32
+    chunks        "CHNK", payload length, record count, crc32 of the payload,
+                  then the payload: records exactly as the kernel gave them
+    trailer       "DONE", records, drops, last sequence number, crc32
+
+A reader checks every crc and the trailer, so a truncated or corrupted file
+is reported (with how much of it is intact), never silently used. A writer
+writes FILE.part and renames it only when the trailer is down.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from imgrement_dm import layout
+from imgrement_dm.errors import ImgrementError
+from imgrement_dm.records import Drop, Item, Record, _Gaps, decode
+
+MAGIC = b"IMGRCAP1"
+FORMAT_VERSION = 1
+_HEADER = struct.Struct("<8sIIQQ32sI")  # magic, version, record version, sectors, ns, name, crc
+_HEADER_SIZE = 96  # the struct, then zeros (room to grow)
+_CHUNK = struct.Struct("<4sIII")  # tag, payload bytes, records, crc32(payload)
+_TRAILER = struct.Struct("<4sQQqI")  # tag, records, drops, last seq (-1: none), crc32
+
+
+class CaptureError(ImgrementError):
+    """A capture file is missing, truncated, corrupted or not a capture."""
+
+    exit_code = 9
+
+
+@dataclass(frozen=True)
+class CaptureInfo:
+    device: str
+    sectors: int
+    started_ns: int  # CLOCK_REALTIME
+    records: int
+    drops: int
+    last_seq: int
+
+
+class CaptureWriter:
+    """Writes FILE.part; :meth:`finish` adds the trailer and renames it to FILE."""
+
+    def __init__(self, path: Path, device: str, sectors: int) -> None:
+        self.path = path
+        self.part = path.with_name(path.name + ".part")
+        self.records = 0
+        self.drops = 0
+        self.bytes = 0
+        self.last_seq = -1
+        self._gaps = _Gaps(None)
+        self._f: BinaryIO = self.part.open("wb")
+        name = device.encode()[:32]
+        head = _HEADER.pack(MAGIC, FORMAT_VERSION, layout.RECORD_VERSION, sectors,
+                            time.time_ns(), name, 0)
+        crc = zlib.crc32(head[: _HEADER.size - 4])
+        head = head[: _HEADER.size - 4] + struct.pack("<I", crc)
+        self._f.write(head + bytes(_HEADER_SIZE - len(head)))
+
+    def add(self, raw: bytes) -> list[Item]:
+        """Append whole records as read from the stream; returns them decoded."""
+        records, used = decode(raw)
+        if used != len(raw):
+            raise CaptureError("a chunk must hold whole records")
+        items = self._gaps.feed(records)
+        if records:
+            self._f.write(_CHUNK.pack(b"CHNK", len(raw), len(records), zlib.crc32(raw)))
+            self._f.write(raw)
+            self.records += len(records)
+            self.bytes += len(raw)
+            self.last_seq = records[-1].seq
+        self.drops += sum(i.count for i in items if isinstance(i, Drop))
+        return items
+
+    def finish(self) -> Path:
+        body = struct.pack("<4sQQq", b"DONE", self.records, self.drops, self.last_seq)
+        self._f.write(body + struct.pack("<I", zlib.crc32(body)))
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        self.part.rename(self.path)
+        return self.path
+
+    def abandon(self) -> None:
+        """Leave nothing under either name (a failed start)."""
+        self._f.close()
+        self.part.unlink(missing_ok=True)
+
+
+class CaptureReader:
+    """Validates a capture file while iterating its records."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._f: BinaryIO = path.open("rb")
+        except OSError as e:
+            raise CaptureError(f"cannot open {path}: {e.strerror}") from None
+        head = self._f.read(_HEADER_SIZE)
+        if len(head) < _HEADER.size or head[:8] != MAGIC:
+            self._f.close()
+            raise CaptureError(f"{path} is not an imgrement capture file")
+        _, version, rec_version, sectors, started, name, crc = _HEADER.unpack_from(head)
+        if zlib.crc32(head[: _HEADER.size - 4]) != crc:
+            self._f.close()
+            raise CaptureError(f"{path}: the file header is corrupted (checksum mismatch)")
+        if version != FORMAT_VERSION or rec_version != layout.RECORD_VERSION:
+            self._f.close()
+            raise CaptureError(
+                f"{path} is capture format {version} with record version {rec_version}; "
+                f"this tool reads {FORMAT_VERSION} / {layout.RECORD_VERSION}"
+            )
+        self.device = name.rstrip(b"\0").decode("utf-8", "replace")
+        self.sectors = sectors
+        self.started_ns = started
+        self.info: CaptureInfo | None = None
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> CaptureReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _fail(self, what: str, chunks: int, records: int) -> CaptureError:
+        return CaptureError(
+            f"{self.path} is {what} after {chunks} intact chunk(s) ({records} records); "
+            "it was not applied. Record again, or use the intact part with --force "
+            "where the command offers it"
+        )
+
+    def items(self) -> Iterator[Item]:
+        """Records and drops, in stream order; raises CaptureError on any damage."""
+        gaps = _Gaps(None)
+        chunks = records = drops = 0
+        while True:
+            tag = self._f.read(4)
+            if tag == b"CHNK":
+                rest = self._f.read(_CHUNK.size - 4)
+                if len(rest) < _CHUNK.size - 4:
+                    raise self._fail("truncated", chunks, records)
+                _, length, count, crc = _CHUNK.unpack(tag + rest)
+                raw = self._f.read(length)
+                if len(raw) < length:
+                    raise self._fail("truncated", chunks, records)
+                if zlib.crc32(raw) != crc:
+                    raise self._fail("corrupted (chunk checksum mismatch)", chunks, records)
+                recs, used = decode(raw)
+                if used != length or len(recs) != count:
+                    raise self._fail("corrupted (chunk does not hold its records)",
+                                     chunks, records)
+                chunks += 1
+                records += count
+                for item in gaps.feed(recs):
+                    if isinstance(item, Drop):
+                        drops += item.count
+                    yield item
+            elif tag == b"DONE":
+                rest = self._f.read(_TRAILER.size - 4)
+                if len(rest) < _TRAILER.size - 4:
+                    raise self._fail("truncated", chunks, records)
+                _, n, d, last, crc = _TRAILER.unpack(tag + rest)
+                if zlib.crc32(tag + rest[:-4]) != crc:
+                    raise self._fail("corrupted (trailer checksum mismatch)", chunks, records)
+                if (n, d) != (records, drops):
+                    raise self._fail("inconsistent (trailer counts differ)", chunks, records)
+                if self._f.read(1):
+                    raise self._fail("corrupted (data after the trailer)", chunks, records)
+                self.info = CaptureInfo(self.device, self.sectors, self.started_ns,
+                                        n, d, last)
+                return
+            elif not tag:
+                raise self._fail("truncated (no trailer: the recording did not finish)",
+                                 chunks, records)
+            else:
+                raise self._fail("corrupted (unknown chunk tag)", chunks, records)
+
+    def validate(self) -> CaptureInfo:
+        """Read the whole file, checking every checksum and the trailer."""
+        for _ in self.items():
+            pass
+        assert self.info is not None
+        return self.info
+
+    def records(self) -> list[Record]:
+        """All records, after validating the whole file; drops counted in :attr:`info`."""
+        return [i for i in self.items() if not isinstance(i, Drop)]

@@ -1,0 +1,144 @@
+"""Writing a capture in the peers' formats: blktrace, dm-log-writes, JSON lines.
+
+blktrace: ``PREFIX.blktrace.0`` holds ``struct blk_io_trace`` events (the
+layout and constants come from <linux/blktrace_api.h> through cffi), a Q
+(queue) event when the target mapped each bio and a C (complete) event when
+it completed, with process-name notes, so ``blkparse -i PREFIX`` and ``btt``
+read it as they read a trace of a bio-based device.
+
+log-writes: the on-disk log of dm-log-writes (a super block in sector 0,
+then one entry sector per write, flush, discard or mark, followed by the
+write's data), in completion order, for tools that replay such logs.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+from typing import BinaryIO
+
+from imgrement_dm import format as fmt
+from imgrement_dm import layout
+from imgrement_dm._kernel_ffi import lib
+from imgrement_dm.records import BioRecord, Drop, Item, MarkRecord
+
+_TRACE, _ = layout.struct_for("struct blk_io_trace")
+_MAGIC = lib.BLK_IO_TRACE_MAGIC | lib.BLK_IO_TRACE_VERSION
+
+
+def _act(cat: int) -> int:
+    return int(cat) << int(lib.BLK_TC_SHIFT)
+
+
+def _categories(r: BioRecord) -> int:
+    names = set(r.flag_names)
+    what = _act(lib.BLK_TC_WRITE) if r.op_name != "read" else _act(lib.BLK_TC_READ)
+    if r.op_name in ("discard", "secure-erase"):
+        what |= _act(lib.BLK_TC_DISCARD)
+    if r.op_name == "flush" or "preflush" in names:
+        what |= _act(lib.BLK_TC_FLUSH)
+    for flag, cat in (("sync", lib.BLK_TC_SYNC), ("rahead", lib.BLK_TC_AHEAD),
+                      ("meta", lib.BLK_TC_META), ("fua", lib.BLK_TC_FUA)):
+        if flag in names:
+            what |= _act(cat)
+    return what
+
+
+def blktrace(items: Iterable[Item], prefix: Path, device: tuple[int, int]) -> dict[str, int]:
+    """Write PREFIX.blktrace.0; returns counts of what was written."""
+    dev = (device[0] << 20) | device[1]
+    events: list[tuple[int, int, bytes]] = []  # (time, order, packed event)
+    named: set[int] = set()
+    counts = {"queue": 0, "complete": 0, "bytes": 0}
+    order = 0
+    for item in items:
+        if not isinstance(item, BioRecord):
+            continue
+        r = item
+        if r.pid not in named:
+            named.add(r.pid)
+            note = r.comm_raw
+            events.append((r.submit_ns, order, _TRACE.pack(
+                _MAGIC, 0, r.submit_ns, 0, 0, lib.BLK_TN_PROCESS, r.pid, dev, 0, 0, len(note)
+            ) + note))
+            order += 1
+        cats = _categories(r)
+        for kind, when, action, error in (
+            ("queue", r.submit_ns, lib.BLK_TA_QUEUE, 0),
+            ("complete", r.complete_ns, lib.BLK_TA_COMPLETE, r.status & 0xFFFF),
+        ):
+            events.append((when, order, _TRACE.pack(
+                _MAGIC, 0, when, r.sector, r.size, action | cats, r.pid, dev, 0, error, 0)))
+            order += 1
+            counts[kind] += 1
+        counts["bytes"] += r.size
+    events.sort(key=lambda e: (e[0], e[1]))
+    out = Path(f"{prefix}.blktrace.0")
+    with out.open("wb") as f:
+        for seq, (_, _, ev) in enumerate(events, start=1):
+            f.write(ev[:4] + struct.pack("<I", seq) + ev[8:])
+    return counts
+
+
+LOG_WRITES_MAGIC = 0x6A736677736872
+LOG_WRITES_VERSION = 1
+LW_FLUSH, LW_FUA, LW_DISCARD, LW_MARK = 1, 2, 4, 8
+_LW_SUPER = struct.Struct("<QQQI")
+_LW_ENTRY = struct.Struct("<QQQQ")
+SECTOR = 512
+
+
+def _sector(data: bytes) -> bytes:
+    return data + bytes(-len(data) % SECTOR)
+
+
+def log_writes(items: Iterable[Item], out: BinaryIO) -> int:
+    """Write a dm-log-writes log of the changes and marks; returns its entries."""
+    events: list[tuple[int, int, Item]] = []
+    for item in items:
+        if isinstance(item, Drop):
+            continue
+        when = item.time_ns if isinstance(item, MarkRecord) else item.complete_ns
+        events.append((when, item.seq, item))
+    events.sort(key=lambda e: (e[0], e[1]))
+    out.write(bytes(SECTOR))  # the super block, written last
+    n = 0
+    for _, _, item in events:
+        if isinstance(item, MarkRecord):
+            label = item.label.encode()
+            out.write(_sector(_LW_ENTRY.pack(0, 0, LW_MARK, len(label))))
+            out.write(_sector(label))
+            n += 1
+            continue
+        if isinstance(item, Drop) or item.status != 0:
+            continue
+        names = set(item.flag_names)
+        flags = (LW_FLUSH if item.op_name == "flush" or "preflush" in names else 0) | (
+            LW_FUA if "fua" in names else 0)
+        if item.op_name == "write":
+            data = bytes(item.payload)
+            out.write(_sector(_LW_ENTRY.pack(item.sector, item.sectors, flags, len(data))))
+            out.write(_sector(data))
+        elif item.op_name == "write-zeroes":
+            # logged as a write of zeros, so replaying it needs no special case
+            out.write(_sector(_LW_ENTRY.pack(item.sector, item.sectors, flags, item.size)))
+            out.write(bytes(item.size))
+        elif item.op_name in ("discard", "secure-erase"):
+            out.write(_sector(_LW_ENTRY.pack(item.sector, item.sectors, flags | LW_DISCARD, 0)))
+        elif item.op_name == "flush":
+            out.write(_sector(_LW_ENTRY.pack(0, 0, flags, 0)))
+        else:
+            continue
+        n += 1
+    out.seek(0)
+    out.write(_sector(_LW_SUPER.pack(LOG_WRITES_MAGIC, LOG_WRITES_VERSION, n, SECTOR)))
+    return n
+
+
+def jsonl(items: Iterable[Item], out: BinaryIO, *, with_payload: bool = False) -> int:
+    n = 0
+    for item in items:
+        out.write(fmt.dumps(fmt.item_json(item, with_payload=with_payload)).encode() + b"\n")
+        n += 1
+    return n

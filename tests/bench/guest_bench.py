@@ -1,0 +1,158 @@
+"""The I/O benchmark, run inside one sandbox guest by ``make bench``.
+
+For each disk (the virtio scratch disk and a brd RAM disk) and each
+repetition, every configuration (raw device, dm-linear, imgrement in each
+capture mode) runs every workload for a fixed time with fio, O_DIRECT.  The
+order of configurations rotates between repetitions, and ratios are taken
+within a repetition, so slow drift of this noisy machine cancels out.  For
+imgrement, ``imgrement-dm trace -o`` drains the records into a file, as a
+user would, and its CPU time is measured.
+
+Writes raw results to $IMGREMENT_RESULTS/bench-raw.json; the host turns
+them into results.json and docs/benchmarks.md (tests/bench/report.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import imgrement_dm
+
+WORKLOADS: dict[str, list[str]] = {
+    "randread-4k-qd1": ["--rw=randread", "--bs=4k", "--iodepth=1"],
+    "randread-4k-qd32": ["--rw=randread", "--bs=4k", "--iodepth=32"],
+    "randwrite-4k-qd1": ["--rw=randwrite", "--bs=4k", "--iodepth=1"],
+    "randwrite-4k-qd32": ["--rw=randwrite", "--bs=4k", "--iodepth=32"],
+    "seqwrite-1m": ["--rw=write", "--bs=1m", "--iodepth=4"],
+}
+CONFIGS = ["raw", "linear", "meta", "writes", "all"]
+RUNTIME = int(os.environ.get("BENCH_RUNTIME", "4"))
+REPS = int(os.environ.get("BENCH_REPS", "2"))
+SIZE = 200 << 20  # bytes of each disk the workloads use
+OUT = Path(os.environ["IMGREMENT_RESULTS"])
+
+
+def sh(*args: str) -> str:
+    return subprocess.run(list(args), capture_output=True, text=True, check=True).stdout
+
+
+def fio(path: str, workload: str) -> dict[str, Any]:
+    out = sh("fio", "--name=bench", f"--filename={path}", "--direct=1",
+             "--ioengine=libaio", "--time_based", f"--runtime={RUNTIME}",
+             f"--size={SIZE}", "--randrepeat=0", "--norandommap", "--group_reporting",
+             "--output-format=json", *WORKLOADS[workload])
+    job = json.loads(out)["jobs"][0]
+    side = job["write"] if "write" in workload else job["read"]
+    pct = side["clat_ns"].get("percentile", {})
+    return {
+        "iops": side["iops"],
+        "bw_bytes": side["bw_bytes"],
+        "lat_mean_us": side["lat_ns"]["mean"] / 1000,
+        "lat_p99_us": pct.get("99.000000", 0) / 1000,
+    }
+
+
+class Setup:
+    """A configuration over one disk: the path fio uses, and its consumer."""
+
+    def __init__(self, config: str, disk: str, tag: str) -> None:
+        self.config = config
+        self.disk = disk
+        self.path = disk
+        self.traced: imgrement_dm.TracedDevice | None = None
+        self.consumer: subprocess.Popen[bytes] | None = None
+        self.stream = OUT / f"stream-{tag}.rec"
+        if config == "linear":
+            n = sh("blockdev", "--getsz", disk).strip()
+            subprocess.run(["dmsetup", "create", "benchlin", "--table",
+                            f"0 {n} linear {disk} 0"], check=True)
+            self.path = "/dev/mapper/benchlin"
+        elif config != "raw":
+            self.traced = imgrement_dm.wrap(disk, name="bench", capture=config,
+                                            buffer_kb=64 * 1024)
+            self.path = str(self.traced.node)
+        sh("udevadm", "settle")
+
+    def start(self) -> None:
+        if self.traced is not None:
+            self.traced.reset_stats()
+            self.consumer = subprocess.Popen(
+                ["imgrement-dm", "trace", "bench", "-q", "-o", str(self.stream)])
+            time.sleep(1.5)  # let it open the stream
+
+    def stop(self) -> dict[str, Any]:
+        if self.traced is None or self.consumer is None:
+            return {}
+        st = self.traced.status()
+        time.sleep(0.5)  # the consumer catches up
+        self.consumer.send_signal(signal.SIGINT)
+        _, _, usage = os.wait4(self.consumer.pid, 0)
+        self.consumer.returncode = 0
+        self.consumer = None
+        size = self.stream.stat().st_size if self.stream.exists() else 0
+        keep = OUT / "stream-meta.rec"
+        if self.config == "meta" and size > (keep.stat().st_size if keep.exists() else 0):
+            self.stream.rename(keep)  # the largest real stream, for the decoder benchmark
+        else:
+            self.stream.unlink(missing_ok=True)
+        return {
+            "records": st.records,
+            "captured_bytes": st.bytes,
+            "stream_file_bytes": size,
+            "dropped": st.dropped,
+            "consumer_cpu_s": usage.ru_utime + usage.ru_stime,
+        }
+
+    def close(self) -> None:
+        if self.traced is not None:
+            self.traced.unwrap()
+        elif self.config == "linear":
+            subprocess.run(["dmsetup", "remove", "benchlin"], check=True)
+
+
+def main() -> int:
+    subprocess.run(["modprobe", "brd", "rd_nr=1", f"rd_size={(SIZE >> 10) + 4096}"],
+                   check=True)
+    disks = {"virtio": os.environ["IMGREMENT_SCRATCH_DISKS"].split()[0], "brd": "/dev/ram0"}
+    runs = []
+    for disk_name, disk in disks.items():
+        # precondition: every block the reads touch has been written
+        sh("fio", "--name=fill", f"--filename={disk}", "--rw=write", "--bs=1m",
+           f"--size={SIZE}", "--direct=1", "--ioengine=libaio", "--iodepth=4")
+        for rep in range(REPS):
+            order = CONFIGS[rep % len(CONFIGS):] + CONFIGS[:rep % len(CONFIGS)]
+            for config in order:
+                setup = Setup(config, disk, f"{disk_name}-{config}-{rep}")
+                try:
+                    for workload in WORKLOADS:
+                        setup.start()
+                        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+                        result = fio(setup.path, workload)
+                        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                        result.update(setup.stop())
+                        result.update(disk=disk_name, workload=workload, config=config, rep=rep,
+                                      fio_cpu_s=(after.ru_utime + after.ru_stime
+                                                 - before.ru_utime - before.ru_stime))
+                        runs.append(result)
+                        print(f"{disk_name:6} rep{rep} {config:6} {workload:18} "
+                              f"{result['iops']:10.0f} IOPS  dropped "
+                              f"{result.get('dropped', 0)}", flush=True)
+                finally:
+                    setup.close()
+    meta = {"kernel": os.uname().release, "runtime_s": RUNTIME, "reps": REPS,
+            "size_bytes": SIZE, "cpus": os.cpu_count()}
+    (OUT / "bench-raw.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
+    subprocess.run(["rmmod", "brd"], check=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
