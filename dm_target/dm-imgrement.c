@@ -36,6 +36,7 @@
 
 #include <linux/module.h>
 #include <linux/init.h>
+#include <linux/kstrtox.h>
 #include <linux/bio.h>
 #include <linux/slab.h>
 #include <linux/sched.h>
@@ -214,14 +215,14 @@ static int imgrement_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 	unsigned long long start = 0;
 	unsigned int nr_opts = 0, i;
 	u32 buffer_kb = IMGREMENT_DEFAULT_BUFFER_KB;
-	char dummy;
 	int ret;
 
 	if (argc < 1) {
 		ti->error = "Invalid argument count: expected <device> [<offset> [<#opts> <opts>...]]";
 		return -EINVAL;
 	}
-	if (argc >= 2 && sscanf(argv[1], "%llu%c", &start, &dummy) != 1) {
+	/* kstrto*() refuse overflow, which sscanf() would silently wrap. */
+	if (argc >= 2 && kstrtoull(argv[1], 10, &start)) {
 		ti->error = "Invalid offset: expected a sector number";
 		return -EINVAL;
 	}
@@ -229,8 +230,7 @@ static int imgrement_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 		ti->error = "Offset too large";
 		return -EINVAL;
 	}
-	if (argc >= 3 && (sscanf(argv[2], "%u%c", &nr_opts, &dummy) != 1 ||
-			  nr_opts != argc - 3)) {
+	if (argc >= 3 && (kstrtouint(argv[2], 10, &nr_opts) || nr_opts != argc - 3)) {
 		ti->error = "Invalid optional argument count: it must equal the arguments that follow";
 		return -EINVAL;
 	}
@@ -260,7 +260,7 @@ static int imgrement_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 			ic->capture = v;
 			ic->opts |= OPT_CAPTURE;
 		} else if (!strncmp(arg, "buffer_kb:", 10) && !(ic->opts & OPT_BUFFER)) {
-			if (sscanf(arg + 10, "%u%c", &buffer_kb, &dummy) != 1 ||
+			if (kstrtou32(arg + 10, 10, &buffer_kb) ||
 			    buffer_kb < IMGREMENT_MIN_BUFFER_KB ||
 			    buffer_kb > IMGREMENT_MAX_BUFFER_KB) {
 				ti->error = "Invalid buffer_kb: expected 64 to 1048576";

@@ -246,7 +246,8 @@ class Control:
     def _error(command: str, name: str, err: int) -> ImgrementError:
         if err in (errno.EPERM, errno.EACCES):
             return NotRootError(f"device-mapper {command} needs root (CAP_SYS_ADMIN)")
-        if err == errno.ENXIO and name:
+        if err == errno.ENXIO and name and command != "DM_TABLE_LOAD":
+            # (a table load also says ENXIO when a device in the table is missing)
             return NoSuchMappingError(f"no device-mapper device named {name!r}")
         if err == errno.EBUSY and command == "DM_DEV_CREATE":
             return NameTakenError(

@@ -100,8 +100,9 @@ def test_fio_verify_under_suspend_reload_and_capture_switches(disk: str, mode: s
     assert seqs == sorted(seqs) and len(seqs) == len(set(seqs))
     dropped = sum(i.count for i in got if isinstance(i, Drop))
     assert len(seqs) + dropped == seqs[-1] - seqs[0] + 1
-    fio_writes = [i for i in got if isinstance(i, BioRecord) and i.comm == "fio"
-                  and i.op_name == "write"]
+    # (bios that waited out a suspend reach the target from dm's worker, so
+    # count writes by op, not by submitter: nothing else writes this disk)
+    fio_writes = [i for i in got if isinstance(i, BioRecord) and i.op_name == "write"]
     assert len(fio_writes) + dropped >= (48 << 20) // 4096
     assert all(r.status == 0 for r in fio_writes)
 
@@ -329,19 +330,21 @@ def test_several_hundred_bad_tables_are_refused_cleanly(disk: str) -> None:
     devno = sh("lsblk", "-dno", "MAJ:MIN", disk).strip()
     tables = _bad_tables(devno, length)
     assert len(tables) >= 300
-    refused_ioctl = 0
+    accepted: list[str] = []
+    odd_errno: list[tuple[str, int]] = []
     with Control() as ctl:
         for params in tables:
             ctl.create("bad")
             try:
-                with pytest.raises(DeviceMapperError) as e:
-                    ctl.load_table("bad", [Target(0, length, "imgrement", params)])
-                assert e.value.errno in (errno.EINVAL, errno.ENXIO, errno.ENOTBLK,
-                                         errno.ENODEV, errno.ENOENT), params
-                refused_ioctl += 1
+                ctl.load_table("bad", [Target(0, length, "imgrement", params)])
+                accepted.append(params)
+            except DeviceMapperError as e:
+                if e.errno not in (errno.EINVAL, errno.ENXIO, errno.ENOTBLK, errno.ENODEV,
+                                   errno.ENOENT):
+                    odd_errno.append((params, e.errno))
             finally:
                 ctl.remove("bad")
-    assert refused_ioctl == len(tables)
+    assert accepted == [] and odd_errno == []
     # the kernel's own reason reaches our error message
     with Control() as ctl:
         ctl.create("bad")

@@ -8,11 +8,11 @@ import pytest
 
 from tests.guest.helpers import sh
 
+# Case matters: "scsi_debug:" must not read as "BUG:".
 BAD = re.compile(
-    r"WARNING:|BUG:|Oops|general protection fault|Call Trace:|"
+    r"WARNING:|\bBUG:|Oops|general protection fault|Call Trace:|"
     r"possible (recursive|circular) locking|lockdep|INFO: task .* blocked for more than|"
-    r"hung_task|KASAN|UBSAN|kernel BUG|slab.*corrupt|refcount_t:",
-    re.IGNORECASE,
+    r"hung_task|KASAN|UBSAN|kernel BUG|[Ss]lab.*corrupt|refcount_t:"
 )
 
 
