@@ -6,7 +6,9 @@ and turned into the error's exit code (tracebacks only with ``--debug``).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import sys
 import time
@@ -17,6 +19,8 @@ from typing import Any, TypeVar
 import click
 
 from imgrement_dm import api, format, increment
+from imgrement_dm import autowrap as aw
+from imgrement_dm import autowrap_install as aw_install
 from imgrement_dm.errors import ImgrementError
 from imgrement_dm.formats import export as export_fmt
 from imgrement_dm.formats.capture import CaptureReader, CaptureWriter
@@ -454,6 +458,64 @@ def export(capture_file: Path, fmt_name: str, output: Path, device: str, payload
             n = export_fmt.log_writes(items, f)
     part.rename(output)
     click.echo(f"{output}: {n} entries")
+
+
+@main.group()
+def autowrap() -> None:
+    """Wrap hotplugged disks by policy (opt-in; see docs/autowrap.md).
+
+    The policy file (default /etc/imgrement-dm/autowrap.conf, or
+    $IMGREMENT_AUTOWRAP_CONF) has a [match] section of udev properties and
+    patterns, e.g. "ID_BUS = usb"; an [options] section may set capture and
+    buffer_kb.
+    """
+
+
+def _policy() -> aw.Policy:
+    return aw.Policy.load(Path(os.environ.get("IMGREMENT_AUTOWRAP_CONF", aw.DEFAULT_CONF)))
+
+
+@autowrap.command("handle")
+@click.argument("devnode")
+def autowrap_handle(devnode: str) -> None:
+    """Apply the policy to one disk (run by the systemd service)."""
+    aw.handle(devnode, _policy())
+
+
+@autowrap.command("release")
+@click.argument("devnode")
+def autowrap_release(devnode: str) -> None:
+    """Tear down the mapping of a disk that went away (run by the service)."""
+    aw.release(devnode)
+
+
+@autowrap.command("watch")
+def autowrap_watch() -> None:
+    """Apply the policy to disks as they come and go (for machines without systemd)."""
+    policy = _policy()
+    with contextlib.suppress(KeyboardInterrupt):
+        aw.watch(policy)
+
+
+@autowrap.command("enable")
+def autowrap_enable() -> None:
+    """Install the udev rule and the systemd unit, and reload udev."""
+    for line in aw_install.enable():
+        click.echo(line)
+
+
+@autowrap.command("disable")
+def autowrap_disable() -> None:
+    """Remove the udev rule and the systemd unit, and reload udev."""
+    for line in aw_install.disable():
+        click.echo(line)
+
+
+@autowrap.command("status")
+def autowrap_status() -> None:
+    """Whether autowrap is enabled, the policy, and the wrapped disks."""
+    for line in aw_install.status():
+        click.echo(line)
 
 
 if __name__ == "__main__":

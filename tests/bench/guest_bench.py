@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,13 +32,15 @@ WORKLOADS: dict[str, list[str]] = {
     "randread-4k-qd32": ["--rw=randread", "--bs=4k", "--iodepth=32"],
     "randwrite-4k-qd1": ["--rw=randwrite", "--bs=4k", "--iodepth=1"],
     "randwrite-4k-qd32": ["--rw=randwrite", "--bs=4k", "--iodepth=32"],
-    "seqwrite-1m": ["--rw=write", "--bs=1m", "--iodepth=4"],
+    # (at most 1 GiB, so the consumer's stream file fits the guest's tmpfs)
+    "seqwrite-1m": ["--rw=write", "--bs=1m", "--iodepth=4", "--io_size=1g"],
 }
 CONFIGS = ["raw", "linear", "meta", "writes", "all"]
 RUNTIME = int(os.environ.get("BENCH_RUNTIME", "4"))
 REPS = int(os.environ.get("BENCH_REPS", "2"))
 SIZE = 200 << 20  # bytes of each disk the workloads use
 OUT = Path(os.environ["IMGREMENT_RESULTS"])
+STREAMS = Path("/tmp/imgrement-bench")
 
 
 def sh(*args: str) -> str:
@@ -69,7 +72,8 @@ class Setup:
         self.path = disk
         self.traced: imgrement_dm.TracedDevice | None = None
         self.consumer: subprocess.Popen[bytes] | None = None
-        self.stream = OUT / f"stream-{tag}.rec"
+        # a local file (tmpfs), as a user's disk would be; not the 9p share
+        self.stream = STREAMS / f"stream-{tag}.rec"
         if config == "linear":
             n = sh("blockdev", "--getsz", disk).strip()
             subprocess.run(["dmsetup", "create", "benchlin", "--table",
@@ -100,9 +104,8 @@ class Setup:
         size = self.stream.stat().st_size if self.stream.exists() else 0
         keep = OUT / "stream-meta.rec"
         if self.config == "meta" and size > (keep.stat().st_size if keep.exists() else 0):
-            self.stream.rename(keep)  # the largest real stream, for the decoder benchmark
-        else:
-            self.stream.unlink(missing_ok=True)
+            shutil.copyfile(self.stream, keep)  # the largest real stream, for the decoder
+        self.stream.unlink(missing_ok=True)
         return {
             "records": st.records,
             "captured_bytes": st.bytes,
@@ -119,6 +122,7 @@ class Setup:
 
 
 def main() -> int:
+    STREAMS.mkdir(parents=True, exist_ok=True)
     subprocess.run(["modprobe", "brd", "rd_nr=1", f"rd_size={(SIZE >> 10) + 4096}"],
                    check=True)
     disks = {"virtio": os.environ["IMGREMENT_SCRATCH_DISKS"].split()[0], "brd": "/dev/ram0"}

@@ -1,0 +1,80 @@
+"""Installing and removing the autowrap udev rule and systemd unit."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from imgrement_dm import api
+from imgrement_dm import autowrap as aw
+
+RULES = Path(os.environ.get("IMGREMENT_UDEV_RULES_DIR", "/etc/udev/rules.d"))
+UNITS = Path(os.environ.get("IMGREMENT_SYSTEMD_DIR", "/etc/systemd/system"))
+RULE_NAME = "60-imgrement-autowrap.rules"
+UNIT_NAME = "imgrement-autowrap@.service"
+
+
+def _source(name: str) -> Path:
+    """udev/ in the checkout, or the copy shipped with the package."""
+    for base in (Path(__file__).resolve().parents[1] / "udev",
+                 Path(__file__).resolve().parent / "data" / "udev"):
+        if (base / name).exists():
+            return base / name
+    raise aw.PolicyError(f"{name} is not installed with this package")
+
+
+def _bindir() -> str:
+    exe = shutil.which("imgrement-dm") or str(Path(sys.executable).parent / "imgrement-dm")
+    return str(Path(exe).parent)
+
+
+def unit_text() -> str:
+    return _source(UNIT_NAME).read_text().replace("@BINDIR@", _bindir())
+
+
+def _reload() -> Iterator[str]:
+    if shutil.which("udevadm"):
+        subprocess.run(["udevadm", "control", "--reload"], check=False)
+        yield "udev rules reloaded"
+    if Path("/run/systemd/system").exists() and shutil.which("systemctl"):
+        subprocess.run(["systemctl", "daemon-reload"], check=False)
+        yield "systemd reloaded"
+
+
+def enable() -> Iterator[str]:
+    RULES.mkdir(parents=True, exist_ok=True)
+    UNITS.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_source(RULE_NAME), RULES / RULE_NAME)
+    (UNITS / UNIT_NAME).write_text(unit_text())
+    yield f"installed {RULES / RULE_NAME} and {UNITS / UNIT_NAME}"
+    yield from _reload()
+    conf = Path(os.environ.get("IMGREMENT_AUTOWRAP_CONF", aw.DEFAULT_CONF))
+    if not conf.exists():
+        yield f"note: no policy at {conf} yet, so nothing will be wrapped until you write one"
+
+
+def disable() -> Iterator[str]:
+    for path in (RULES / RULE_NAME, UNITS / UNIT_NAME):
+        if path.exists():
+            path.unlink()
+            yield f"removed {path}"
+    yield from _reload()
+
+
+def status() -> Iterator[str]:
+    enabled = (RULES / RULE_NAME).exists()
+    yield f"autowrap: {'enabled' if enabled else 'disabled'} ({RULES / RULE_NAME})"
+    conf = Path(os.environ.get("IMGREMENT_AUTOWRAP_CONF", aw.DEFAULT_CONF))
+    try:
+        policy = aw.Policy.load(conf)
+        rules = ", ".join(f"{k} = {v}" for k, v in policy.match.items())
+        yield f"policy: {conf}: {rules}"
+    except aw.PolicyError as e:
+        yield f"policy: {e}"
+    for d in api.list_devices():
+        if d.name.startswith("traced-"):
+            yield f"wrapped: /dev/mapper/{d.name}"
