@@ -55,7 +55,13 @@ test-guest: all
 	$(BIN)/python tests/check_junit.py --expect-guest $$n $(RESULTS) || rc=1; \
 	exit $$rc
 
-test: lint test-host test-guest
+# System integration on the host side: the DKMS package builds for the default
+# kernel (in that kernel's Debian root; needs root, like the sandbox).
+test-system: all
+	mkdir -p $(RESULTS)
+	$(BIN)/pytest tests/system -p no:cacheprovider --junitxml=$(RESULTS)/system.xml
+
+test: lint test-host test-system test-guest
 
 # fio in one guest boot: raw, dm-linear and imgrement in each capture mode on a
 # virtio disk and a RAM disk; ratios to dm-linear in build/bench/results.json
@@ -71,6 +77,39 @@ demo: all
 	$(BIN)/imgrement-dm sandbox --kernel $(KERNEL) --disk 256M --results build/demo \
 		-- scripts/demo-guest
 
+# Install on a real machine (root): the module through DKMS (rebuilt on kernel
+# upgrades), the CLI in its own venv, the udev rule and systemd unit (inert
+# until a policy exists: see udev/autowrap.conf.example).
+PREFIX ?= /usr/local
+TARGET_VERSION := $(shell sed -n 's/^PACKAGE_VERSION="\(.*\)"/\1/p' dm_target/dkms.conf)
+SRCDIR := /usr/src/imgrement-$(TARGET_VERSION)
+APPDIR := /opt/imgrement-dm
+
+install:
+	scripts/install-host-deps --install
+	install -d $(SRCDIR)
+	install -m 644 dm_target/*.c dm_target/*.h dm_target/Kbuild dm_target/Makefile \
+		dm_target/dkms.conf $(SRCDIR)/
+	dkms add -m imgrement -v $(TARGET_VERSION) 2>/dev/null || true
+	dkms install -m imgrement -v $(TARGET_VERSION)
+	$(PYTHON) -m venv $(APPDIR)
+	$(APPDIR)/bin/pip install --quiet .
+	ln -sf $(APPDIR)/bin/imgrement-dm $(PREFIX)/bin/imgrement-dm
+	install -d /etc/imgrement-dm /usr/share/imgrement-dm/udev
+	install -m 644 udev/autowrap.conf.example /etc/imgrement-dm/
+	install -m 644 udev/60-imgrement-autowrap.rules udev/imgrement-autowrap@.service \
+		/usr/share/imgrement-dm/udev/
+	$(PREFIX)/bin/imgrement-dm autowrap enable
+	@echo "installed: modprobe dm-imgrement, then imgrement-dm wrap DEVICE"
+
+uninstall:
+	-$(PREFIX)/bin/imgrement-dm autowrap disable
+	-modprobe -r imgrement
+	-dkms remove -m imgrement -v $(TARGET_VERSION) --all
+	rm -rf $(SRCDIR) $(APPDIR) $(PREFIX)/bin/imgrement-dm /etc/imgrement-dm/autowrap.conf.example \
+		/usr/share/imgrement-dm
+	-rmdir /etc/imgrement-dm
+
 clean:
 	rm -rf build dm_target/*.o dm_target/*.ko dm_target/*.mod* dm_target/.*.cmd \
 		dm_target/Module.symvers dm_target/modules.order imgrement_dm/_kernel_ffi*
@@ -78,4 +117,4 @@ clean:
 distclean: clean
 	rm -rf $(VENV)
 
-.PHONY: all lint test test-host test-guest bench demo clean distclean
+.PHONY: all lint test test-host test-system test-guest bench demo install uninstall clean distclean

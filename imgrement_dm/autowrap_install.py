@@ -19,9 +19,9 @@ UNIT_NAME = "imgrement-autowrap@.service"
 
 
 def _source(name: str) -> Path:
-    """udev/ in the checkout, or the copy shipped with the package."""
+    """udev/ in the checkout, or the copy 'make install' puts in /usr/share."""
     for base in (Path(__file__).resolve().parents[1] / "udev",
-                 Path(__file__).resolve().parent / "data" / "udev"):
+                 Path("/usr/share/imgrement-dm/udev")):
         if (base / name).exists():
             return base / name
     raise aw.PolicyError(f"{name} is not installed with this package")

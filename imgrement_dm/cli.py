@@ -25,7 +25,7 @@ from imgrement_dm.errors import ImgrementError
 from imgrement_dm.formats import export as export_fmt
 from imgrement_dm.formats.capture import CaptureReader, CaptureWriter
 from imgrement_dm.layout import OPS
-from imgrement_dm.records import BioRecord, Drop, Item, RecordReader
+from imgrement_dm.records import STREAM_MAGIC, BioRecord, Drop, Item, RecordReader, scan
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -63,13 +63,19 @@ def main(ctx: click.Context, debug: bool) -> None:
               help="Record buffer size in KiB [target default: 16384].")
 @click.option("--log/--no-log", default=None,
               help="Also print each bio to the kernel log (rate-limited).")
+@click.option("--json", "as_json", is_flag=True, help="As one JSON object.")
 def wrap(device: str, name: str, capture: str | None, buffer_kb: int | None,
-         log: bool | None) -> None:
+         log: bool | None, as_json: bool) -> None:
     """Stack the imgrement target on DEVICE as /dev/mapper/NAME.
 
     Returns once /dev/mapper/NAME exists and udev is done with it.
     """
     traced = api.wrap(device, name=name, capture=capture, buffer_kb=buffer_kb, log=log)
+    if as_json:
+        click.echo(format.dumps({"name": traced.name, "node": str(traced.node),
+                                 "uuid": traced.uuid, "dev": f"{traced.major}:{traced.minor}",
+                                 "device": device}))
+        return
     click.echo(str(traced.node))
 
 
@@ -176,6 +182,32 @@ def _sector_range(text: str | None) -> tuple[int, int] | None:
     return int(lo), int(hi)
 
 
+def _store_raw(name: str | None, save: Any, duration: float | None) -> None:
+    assert name is not None
+    api.status(name)
+    deadline = None if duration is None else time.monotonic() + duration
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        with RecordReader.live(name) as reader:
+            save.write(STREAM_MAGIC)
+            while not reader.eof:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return
+                raw = reader.read_raw(timeout=1.0 if left is None else min(left, 1.0))
+                if raw:
+                    scan(raw)  # whole, well-formed records, or an error
+                    save.write(raw)
+    except KeyboardInterrupt:
+        return
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 @main.command()
 @click.argument("name", required=False)
 @click.option("--file", "-f", "from_file", type=click.Path(path_type=Path, dir_okay=False),
@@ -208,6 +240,15 @@ def trace(name: str | None, from_file: Path | None, as_json: bool, hexdump: bool
     part = output.with_name(output.name + ".part") if output else None
     save = part.open("wb") if part else None
     shown = 0
+    if quiet and save is not None and from_file is None and not (ops or rng or count):
+        # Only storing: copy whole records through, checking headers only.
+        try:
+            _store_raw(name, save, duration)
+        finally:
+            save.close()
+            assert part is not None and output is not None
+            part.rename(output)
+        return
     try:
         with _reader(name, from_file, save) as reader:
             t0 = time.clock_gettime_ns(time.CLOCK_MONOTONIC) if from_file is None else None

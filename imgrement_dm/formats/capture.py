@@ -26,7 +26,7 @@ from typing import BinaryIO
 
 from imgrement_dm import layout
 from imgrement_dm.errors import ImgrementError
-from imgrement_dm.records import Drop, Item, Record, _Gaps, decode
+from imgrement_dm.records import Drop, Item, Record, StreamError, _Gaps, decode, scan
 
 MAGIC = b"IMGRCAP1"
 FORMAT_VERSION = 1
@@ -62,7 +62,6 @@ class CaptureWriter:
         self.drops = 0
         self.bytes = 0
         self.last_seq = -1
-        self._gaps = _Gaps(None)
         self._f: BinaryIO = self.part.open("wb")
         name = device.encode()[:32]
         head = _HEADER.pack(MAGIC, FORMAT_VERSION, layout.RECORD_VERSION, sectors,
@@ -71,20 +70,22 @@ class CaptureWriter:
         head = head[: _HEADER.size - 4] + struct.pack("<I", crc)
         self._f.write(head + bytes(_HEADER_SIZE - len(head)))
 
-    def add(self, raw: bytes) -> list[Item]:
-        """Append whole records as read from the stream; returns them decoded."""
-        records, used = decode(raw)
-        if used != len(raw):
-            raise CaptureError("a chunk must hold whole records")
-        items = self._gaps.feed(records)
-        if records:
-            self._f.write(_CHUNK.pack(b"CHNK", len(raw), len(records), zlib.crc32(raw)))
-            self._f.write(raw)
-            self.records += len(records)
-            self.bytes += len(raw)
-            self.last_seq = records[-1].seq
-        self.drops += sum(i.count for i in items if isinstance(i, Drop))
-        return items
+    def add(self, raw: bytes) -> None:
+        """Append whole records as read from the stream (headers checked, not decoded)."""
+        try:
+            count, first, last, gaps = scan(raw)
+        except StreamError as e:
+            raise CaptureError(f"a chunk must hold whole records: {e}") from None
+        if not count:
+            return
+        if self.last_seq >= 0 and first != self.last_seq + 1:
+            gaps += first - self.last_seq - 1
+        self._f.write(_CHUNK.pack(b"CHNK", len(raw), count, zlib.crc32(raw)))
+        self._f.write(raw)
+        self.records += count
+        self.bytes += len(raw)
+        self.last_seq = last
+        self.drops += gaps
 
     def finish(self) -> Path:
         body = struct.pack("<4sQQq", b"DONE", self.records, self.drops, self.last_seq)

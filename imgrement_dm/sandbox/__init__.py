@@ -17,9 +17,14 @@ __all__ = ["DEFAULT_KERNEL", "SUITES", "SandboxError", "parse_size", "run_comman
 
 
 def target_source() -> Path:
-    """The dm_target/ sources to build: the checkout's, or IMGREMENT_TARGET_SRC."""
+    """The dm_target/ sources to build: IMGREMENT_TARGET_SRC, the checkout's, or
+    the copy 'make install' put in /usr/src for DKMS."""
     env = os.environ.get("IMGREMENT_TARGET_SRC")
-    src = Path(env) if env else Path(__file__).resolve().parents[2] / "dm_target"
+    candidates = [Path(env)] if env else [
+        Path(__file__).resolve().parents[2] / "dm_target",
+        *sorted(Path("/usr/src").glob("imgrement-*"), reverse=True),
+    ]
+    src = next((c for c in candidates if (c / "Kbuild").exists()), candidates[0])
     if not (src / "Kbuild").exists():
         raise SandboxError(
             f"no target sources at {src}; set IMGREMENT_TARGET_SRC to the dm_target folder"

@@ -66,8 +66,10 @@ def fio(path: str, workload: str) -> dict[str, Any]:
 class Setup:
     """A configuration over one disk: the path fio uses, and its consumer."""
 
-    def __init__(self, config: str, disk: str, tag: str) -> None:
+    def __init__(self, config: str, disk: str, tag: str, disk_name: str) -> None:
         self.config = config
+        self.disk_name = disk_name
+        self.workload = ""
         self.disk = disk
         self.path = disk
         self.traced: imgrement_dm.TracedDevice | None = None
@@ -85,7 +87,8 @@ class Setup:
             self.path = str(self.traced.node)
         sh("udevadm", "settle")
 
-    def start(self) -> None:
+    def start(self, workload: str) -> None:
+        self.workload = workload
         if self.traced is not None:
             self.traced.reset_stats()
             self.consumer = subprocess.Popen(
@@ -102,9 +105,9 @@ class Setup:
         self.consumer.returncode = 0
         self.consumer = None
         size = self.stream.stat().st_size if self.stream.exists() else 0
-        keep = OUT / "stream-meta.rec"
-        if self.config == "meta" and size > (keep.stat().st_size if keep.exists() else 0):
-            shutil.copyfile(self.stream, keep)  # the largest real stream, for the decoder
+        if self.config == "meta" and self.workload == "randread-4k-qd32":
+            # a real metadata stream of small bios, for the host decoder benchmark
+            shutil.copyfile(self.stream, OUT / f"stream-meta-{self.disk_name}.rec")
         self.stream.unlink(missing_ok=True)
         return {
             "records": st.records,
@@ -134,10 +137,10 @@ def main() -> int:
         for rep in range(REPS):
             order = CONFIGS[rep % len(CONFIGS):] + CONFIGS[:rep % len(CONFIGS)]
             for config in order:
-                setup = Setup(config, disk, f"{disk_name}-{config}-{rep}")
+                setup = Setup(config, disk, f"{disk_name}-{config}-{rep}", disk_name)
                 try:
                     for workload in WORKLOADS:
-                        setup.start()
+                        setup.start(workload)
                         before = resource.getrusage(resource.RUSAGE_CHILDREN)
                         result = fio(setup.path, workload)
                         after = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -139,7 +139,8 @@ def markdown(res: dict[str, Any]) -> str:
     if "decoder" in res:
         dec = res["decoder"]
         lines += ["", "## Record decoder (host)", "",
-                  f"Decoding the metadata stream the guest recorded ({dec['records']} records, "
+                  "Decoding the metadata stream the guest recorded during the virtio "
+                  f"randread-4k-qd32 run in capture mode meta ({dec['records']} records, "
                   f"{dec['stream_bytes']} bytes), best of five: **{dec['records_per_s']:,} "
                   f"records/s**, {dec['mb_per_s']} MB/s."]
     return "\n".join(lines) + "\n"
@@ -150,7 +151,7 @@ def main(argv: list[str]) -> int:
     doc = Path(argv[1])
     raw = json.loads((out / "bench-raw.json").read_text())
     res = summarise(raw)
-    stream = out / "stream-meta.rec"
+    stream = out / "stream-meta-virtio.rec"
     if stream.exists():
         res["decoder"] = decoder_rate(stream)
     (out / "results.json").write_text(json.dumps(res, indent=1) + "\n")

@@ -62,6 +62,7 @@ def loopdev(tmp_path: Path) -> Iterator[str]:
 def nothing_left_behind() -> Iterator[None]:
     """Every test must leave no dm device, /dev/mapper node or loop device."""
     before_loops = loop_devices()
+    before_fds = sorted(os.listdir("/proc/self/fd"))
     assert dm_devices() == [], "a previous test left a device-mapper device"
     yield
     sh("udevadm", "settle")
@@ -73,3 +74,4 @@ def nothing_left_behind() -> Iterator[None]:
     # Autouse fixtures are set up first and torn down last: loopdev has
     # already detached its device by now.
     assert loop_devices() == before_loops, "test left loop devices attached"
+    assert sorted(os.listdir("/proc/self/fd")) == before_fds, "test left files open"

@@ -3,13 +3,14 @@ unload cycles give the kernel's memory back."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
 
 import imgrement_dm
 from imgrement_dm.records import BioRecord, Item, MarkRecord, RecordReader
-from tests.guest.helpers import direct_write, pattern, sh
+from tests.guest.helpers import cli, direct_write, dm_devices, pattern, sh
 
 KO = os.environ.get("IMGREMENT_KO", "")
 
@@ -57,6 +58,24 @@ def test_unload_refused_while_a_device_or_reader_exists(disk: str) -> None:
     assert not _loaded()
     subprocess.run(["insmod", KO], check=True)
     assert _loaded()
+
+
+def test_wrap_without_the_module_says_how_to_load_it(disk: str) -> None:
+    assert _rmmod().returncode == 0
+    try:
+        r = cli("wrap", disk, "--json")
+        assert r.returncode == 7, r.stderr
+        assert "the kernel has no 'imgrement' target" in r.stderr
+        assert "modprobe dm-imgrement" in r.stderr and "Traceback" not in r.stderr
+        assert dm_devices() == []
+    finally:
+        subprocess.run(["insmod", KO], check=True)
+    r = cli("wrap", disk, "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["name"] == "traced" and info["node"] == "/dev/mapper/traced"
+    assert info["uuid"].startswith("IMGREMENT-") and info["device"] == disk
+    assert cli("unwrap", "traced").returncode == 0
 
 
 def _cycle(disk: str, i: int) -> None:

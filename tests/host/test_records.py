@@ -154,3 +154,12 @@ def test_stats_histograms() -> None:
     assert j["ops"]["write"]["size_bytes_log2"] == {"4096": 1, "8192": 1, "16384": 1}
     text = "\n".join(fmt.stats_lines(st))
     assert "usecs" in text and "|****" in text
+
+
+def test_scan_counts_records_and_gaps_from_headers() -> None:
+    from imgrement_dm.records import scan
+
+    raw = streams.bio(4) + streams.pad(24) + streams.mark(5, "m") + streams.bio(9)
+    assert scan(raw) == (3, 4, 9, 3)
+    with pytest.raises(StreamError, match="ends inside a record"):
+        scan(raw[:-8])

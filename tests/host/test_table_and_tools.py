@@ -69,3 +69,16 @@ def test_check_junit_fails_on_empty_failed_or_skipped(
 ) -> None:
     _junit(tmp_path, "guest-x.xml", tests, failures, skipped)
     assert check_junit.main([str(tmp_path), "--expect-guest", "1"]) == 1
+
+
+def test_shell_completion_script() -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "imgrement-dm"
+    env = {**os.environ, "_IMGREMENT_DM_COMPLETE": "bash_source"}
+    r = subprocess.run([str(exe)], env=env, capture_output=True, text=True, check=False)
+    assert r.returncode == 0
+    assert "complete -o nosort -F _imgrement_dm_completion imgrement-dm" in r.stdout
