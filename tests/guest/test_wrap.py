@@ -105,6 +105,19 @@ def test_status_counts_each_bio(disk: str) -> None:
     assert dm_devices() == []
 
 
+def test_queue_limits_are_inherited_from_the_device(disk: str) -> None:
+    """dm stacks the device's limits through .iterate_devices; check they arrived."""
+    keys = ["logical_block_size", "physical_block_size", "max_sectors_kb",
+            "discard_max_bytes", "write_zeroes_max_bytes", "rotational"]
+    below = Path("/sys/class/block") / Path(disk).name / "queue"
+    with imgrement_dm.wrap(disk) as traced:
+        above = Path("/sys/class/block") / f"dm-{traced.minor}" / "queue"
+        got = {k: (above / k).read_text().strip() for k in keys}
+        want = {k: (below / k).read_text().strip() for k in keys}
+        assert got == want
+        assert int(got["discard_max_bytes"]) > 0  # so discards pass through
+
+
 def test_list_shows_only_ours_unless_all(disk: str, disk2: str) -> None:
     length = sectors(disk2)
     subprocess.run(
