@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml setup.py imgrement_dm/_ffi_build.py dm_target
 	scripts/install-host-deps
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[sandbox,dev]'
+	$(BIN)/pip install --quiet -e '.[sandbox,dev,plot]'
 	touch $@
 
 lint: all

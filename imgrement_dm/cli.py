@@ -501,6 +501,22 @@ def export(capture_file: Path, fmt_name: str, output: Path, device: str, payload
     click.echo(f"{output}: {n} entries")
 
 
+@main.command("plot")
+@click.argument("capture_file", metavar="FILE", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False),
+              required=True, help="The PNG to write.")
+def plot_cmd(capture_file: Path, output: Path) -> None:
+    """Draw FILE as sector over time (reads blue, writes red, marks as lines)."""
+    from imgrement_dm.formats.plot import plot
+
+    with CaptureReader(capture_file) as check:
+        check.validate()
+    with CaptureReader(capture_file) as reader:
+        counts = plot(reader.items(), output, title=f"{reader.device}: sector over time")
+    click.echo(f"{output}: {counts['reads']} reads, {counts['writes']} writes, "
+               f"{counts['marks']} marks")
+
+
 @main.group()
 def autowrap() -> None:
     """Wrap hotplugged disks by policy (opt-in; see docs/autowrap.md).

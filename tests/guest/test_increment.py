@@ -208,3 +208,16 @@ def test_record_is_stopped_cleanly_by_ctrl_c(tmp_path: Path, disk: str) -> None:
             assert reader.validate().drops == 0
     finally:
         assert cli("unwrap", "traced").returncode == 0
+
+
+def test_plot_of_the_session(session: dict[str, object]) -> None:
+    d, cap = Path(str(session["dir"])), session["cap"]
+    out = d / "access.png"
+    r = cli("plot", str(cap), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    writes = int(r.stdout.split(" writes")[0].rsplit(" ", 1)[1])
+    with CaptureReader(Path(str(cap))) as reader:
+        expected = sum(isinstance(i, BioRecord) and i.op_name in
+                       ("write", "write-zeroes", "discard") for i in reader.items())
+    assert writes == expected > 0

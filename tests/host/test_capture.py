@@ -175,3 +175,17 @@ def test_log_writes_export_layout(tmp_path: Path) -> None:
     writes = [i for i in items if isinstance(i, BioRecord) and i.op_name == "write"
               and i.status == 0]
     assert n == len(marks) + len(writes) + 2  # + flush + write-zeroes
+
+
+def test_plot_draws_a_png(tmp_path: Path) -> None:
+    from imgrement_dm.formats.plot import plot
+
+    cap = _capture(tmp_path, _workload())
+    out = tmp_path / "access.png"
+    with CaptureReader(cap) as r:
+        counts = plot(r.items(), out)
+    assert counts == {"reads": 1, "writes": 5, "marks": 2}  # the failed write too
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    assert (width, height) == (1000, 500)
