@@ -120,6 +120,8 @@ def test_trace_to_file_then_read_back_and_stats(wrapped: str, tmp_path: Path) ->
 
 def test_trace_ends_when_the_device_is_unwrapped(wrapped: str) -> None:
     tracer = _start("trace", wrapped)
+    assert tracer.stdout is not None
+    assert tracer.stdout.readline().split()[:2] == ["SEQ", "TIME(s)"]  # it has the stream
     direct_write(f"/dev/mapper/{wrapped}", 0, pattern(1, 4096))
     time.sleep(1)
     assert cli("unwrap", wrapped).returncode == 0

@@ -198,8 +198,12 @@ def test_record_is_stopped_cleanly_by_ctrl_c(tmp_path: Path, disk: str) -> None:
         out = tmp_path / "stop.cap"
         rec = subprocess.Popen([*CLI, "record", "traced", "-o", str(out)],
                                stderr=subprocess.PIPE, text=True)
-        time.sleep(3)
-        assert Path(str(out) + ".part").exists() and not out.exists()
+        deadline = time.monotonic() + 60  # the CLI starts slowly under emulation
+        while not Path(str(out) + ".part").exists():
+            assert time.monotonic() < deadline and rec.poll() is None
+            time.sleep(0.2)
+        time.sleep(1)
+        assert not out.exists()
         rec.send_signal(signal.SIGINT)
         _, err = rec.communicate(timeout=60)
         assert rec.returncode == 0, err
