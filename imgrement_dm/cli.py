@@ -153,24 +153,38 @@ def _reader(name: str | None, from_file: Path | None,
     return RecordReader.live(name, save=save)
 
 
-def _items(reader: RecordReader, *, duration: float | None) -> Iterator[Item]:
-    """Items until the stream ends, ``duration`` passes, or Ctrl-C/SIGTERM."""
-    deadline = None if duration is None else time.monotonic() + duration
+@contextlib.contextmanager
+def _until_interrupted() -> Iterator[None]:
+    """Ctrl-C or SIGTERM ends the block quietly, so the command can finish its files."""
 
     def on_term(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
     old = signal.signal(signal.SIGTERM, on_term)
     try:
-        while not reader.eof:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return
-            yield from reader.read(timeout=1.0 if left is None else min(left, 1.0))
-    except KeyboardInterrupt:
-        return
+        with contextlib.suppress(KeyboardInterrupt):
+            yield
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def _waits(reader: RecordReader, duration: float | None) -> Iterator[float]:
+    """Read timeouts (1 s at most) until the stream ends or ``duration`` passes."""
+    deadline = None if duration is None else time.monotonic() + duration
+    while not reader.eof:
+        if deadline is None:
+            yield 1.0
+            continue
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        yield min(left, 1.0)
+
+
+def _items(reader: RecordReader, *, duration: float | None) -> Iterator[Item]:
+    """Items until the stream ends or ``duration`` passes."""
+    for wait in _waits(reader, duration):
+        yield from reader.read(timeout=wait)
 
 
 def _sector_range(text: str | None) -> tuple[int, int] | None:
@@ -185,27 +199,13 @@ def _sector_range(text: str | None) -> tuple[int, int] | None:
 def _store_raw(name: str | None, save: Any, duration: float | None) -> None:
     assert name is not None
     api.status(name)
-    deadline = None if duration is None else time.monotonic() + duration
-
-    def on_term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, on_term)
-    try:
-        with RecordReader.live(name) as reader:
-            save.write(STREAM_MAGIC)
-            while not reader.eof:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return
-                raw = reader.read_raw(timeout=1.0 if left is None else min(left, 1.0))
-                if raw:
-                    scan(raw)  # whole, well-formed records, or an error
-                    save.write(raw)
-    except KeyboardInterrupt:
-        return
-    finally:
-        signal.signal(signal.SIGTERM, old)
+    with RecordReader.live(name) as reader, _until_interrupted():
+        save.write(STREAM_MAGIC)
+        for wait in _waits(reader, duration):
+            raw = reader.read_raw(timeout=wait)
+            if raw:
+                scan(raw)  # whole, well-formed records, or an error
+                save.write(raw)
 
 
 @main.command()
@@ -250,7 +250,7 @@ def trace(name: str | None, from_file: Path | None, as_json: bool, hexdump: bool
             part.rename(output)
         return
     try:
-        with _reader(name, from_file, save) as reader:
+        with _reader(name, from_file, save) as reader, _until_interrupted():
             t0 = time.clock_gettime_ns(time.CLOCK_MONOTONIC) if from_file is None else None
             if not as_json and not quiet:
                 click.echo(format.TRACE_HEADER)
@@ -292,7 +292,7 @@ def stats(name: str | None, from_file: Path | None, duration: float | None,
     From a saved stream, or live until the device goes, --duration, or Ctrl-C.
     """
     st = format.Stats()
-    with _reader(name, from_file) as reader:
+    with _reader(name, from_file) as reader, _until_interrupted():
         for item in _items(reader, duration=duration):
             st.add(item)
     if as_json:
@@ -369,30 +369,15 @@ def record(name: str, output: Path, duration: float | None, quiet: bool) -> None
         writer.abandon()
         raise
     began = last = time.monotonic()
-    deadline = None if duration is None else began + duration
-
-    def on_term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, on_term)
-    try:
-        with reader:
-            while not reader.eof:
-                now = time.monotonic()
-                if deadline is not None and now >= deadline:
-                    break
-                wait = 1.0 if deadline is None else min(1.0, deadline - now)
-                writer.add(reader.read_raw(timeout=wait))
-                if not quiet and time.monotonic() - last >= 1:
-                    last = time.monotonic()
-                    rate = writer.records / max(last - began, 1e-9)
-                    click.echo(f"\rrecords {writer.records}, bytes {writer.bytes}, "
-                               f"drops {writer.drops}, {rate:.0f} records/s   ",
-                               err=True, nl=False)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        signal.signal(signal.SIGTERM, old)
+    with reader, _until_interrupted():
+        for wait in _waits(reader, duration):
+            writer.add(reader.read_raw(timeout=wait))
+            if not quiet and time.monotonic() - last >= 1:
+                last = time.monotonic()
+                rate = writer.records / max(last - began, 1e-9)
+                click.echo(f"\rrecords {writer.records}, bytes {writer.bytes}, "
+                           f"drops {writer.drops}, {rate:.0f} records/s   ",
+                           err=True, nl=False)
     path = writer.finish()
     if not quiet:
         click.echo(f"\rrecords {writer.records}, bytes {writer.bytes}, drops {writer.drops}: "
