@@ -456,10 +456,10 @@ def diff(capture_file: Path, until_mark: str | None, as_json: bool) -> None:
 @click.option("-x", "--payload", is_flag=True, help="jsonl: include payloads as hex.")
 def export(capture_file: Path, fmt_name: str, output: Path, device: str, payload: bool) -> None:
     """Write FILE in a format other tools read: blktrace, jsonl or log-writes."""
-    with CaptureReader(capture_file) as check:
-        info = check.validate()
     with CaptureReader(capture_file) as reader:
-        items = list(reader.items())
+        items = list(reader.items())  # checks every chunk and the trailer as it goes
+        info = reader.info
+    assert info is not None
     if fmt_name == "blktrace":
         major, _, minor = device.partition(":")
         if not (major.isdigit() and minor.isdigit()):
@@ -494,8 +494,7 @@ def plot_cmd(capture_file: Path, output: Path) -> None:
     """Draw FILE as sector over time (reads blue, writes red, marks as lines)."""
     from imgrement_dm.formats.plot import plot
 
-    with CaptureReader(capture_file) as check:
-        check.validate()
+    # items() raises on any damage before plot() writes anything
     with CaptureReader(capture_file) as reader:
         counts = plot(reader.items(), output, title=f"{reader.device}: sector over time")
     click.echo(f"{output}: {counts['reads']} reads, {counts['writes']} writes, "

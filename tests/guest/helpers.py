@@ -7,7 +7,10 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+from imgrement_dm.records import Item, MarkRecord, RecordReader
 
 CLI = [sys.executable, "-m", "imgrement_dm.cli"]
 
@@ -82,3 +85,15 @@ def sectors(dev: str) -> int:
 def devno(dev: str) -> str:
     st = os.stat(dev)
     return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+
+
+def read_until_mark(reader: RecordReader, seq: int, timeout: float = 60) -> list[Item]:
+    """Everything the reader brings up to and including the mark numbered ``seq``."""
+    items: list[Item] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        batch = reader.read(timeout=1)
+        items += batch
+        if any(isinstance(i, MarkRecord) and i.seq == seq for i in batch):
+            return items
+        assert time.monotonic() < deadline, f"mark {seq} never arrived"

@@ -16,8 +16,8 @@ import pytest
 
 import imgrement_dm
 from imgrement_dm.autowrap_install import RULE_NAME, _source
-from imgrement_dm.records import BioRecord, MarkRecord
-from tests.guest.helpers import CLI, direct_write, dm_devices, pattern, sh
+from imgrement_dm.records import BioRecord
+from tests.guest.helpers import CLI, direct_write, dm_devices, pattern, read_until_mark, sh
 
 SCSI_DEBUG = Path("/sys/bus/pseudo/drivers/scsi_debug")
 
@@ -77,10 +77,7 @@ def test_hotplugged_disks_are_wrapped_by_policy(
     with dev.records() as reader:
         reader.read(timeout=1)
         direct_write(dev.node, 0, pattern(1, 4096))
-        end = dev.mark("end")
-        items: list[object] = []
-        while not any(isinstance(i, MarkRecord) and i.seq == end for i in items):
-            items += reader.read(timeout=5)
+        items = read_until_mark(reader, dev.mark("end"))
     writes = [i for i in items if isinstance(i, BioRecord) and i.pid == os.getpid()]
     assert [bytes(w.payload) for w in writes] == [pattern(1, 4096)]
 

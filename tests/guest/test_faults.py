@@ -20,7 +20,15 @@ import imgrement_dm
 from imgrement_dm.dm import Control, Target
 from imgrement_dm.errors import DeviceMapperError
 from imgrement_dm.records import BioRecord, Drop, Item, MarkRecord, RecordReader
-from tests.guest.helpers import aligned, direct_read, direct_write, dm_devices, pattern, sh
+from tests.guest.helpers import (
+    aligned,
+    direct_read,
+    direct_write,
+    dm_devices,
+    pattern,
+    read_until_mark,
+    sh,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -139,9 +147,7 @@ def test_errors_below_reach_the_submitter_and_the_records(error_device: str) -> 
             assert _io_errno(dev.node, write=True) == errno.EIO
             assert _io_errno(dev.node, write=False) == errno.EIO
             end = dev.mark("end")
-            items: list[Item] = []
-            while not any(isinstance(i, MarkRecord) and i.seq == end for i in items):
-                items += reader.read(timeout=5)
+            items = read_until_mark(reader, end)
         mine = [i for i in items if isinstance(i, BioRecord) and i.pid == os.getpid()]
         assert [(r.op_name, r.status) for r in mine] == [("write", -5), ("read", -5)]
         assert mine[1].payload_len == 0  # a failed read filled nothing
@@ -165,9 +171,7 @@ def test_flakey_below(disk2: str, feature: str, write_errno: int, status: int) -
                 reader.read(timeout=1)
                 assert _io_errno(dev.node, write=True) == write_errno
                 end = dev.mark("end")
-                items: list[Item] = []
-                while not any(isinstance(i, MarkRecord) and i.seq == end for i in items):
-                    items += reader.read(timeout=5)
+                items = read_until_mark(reader, end)
             (w,) = [i for i in items if isinstance(i, BioRecord) and i.pid == os.getpid()]
             assert (w.op_name, w.status) == ("write", status)
             assert bytes(w.payload) == pattern(1, 4096)  # what was submitted
@@ -268,9 +272,7 @@ def test_four_devices_four_readers_never_mix(tmp_path: Path) -> None:
             w.join()
         for i, (d, r) in enumerate(zip(devs, readers)):
             end = d.mark(f"end{i}")
-            items: list[Item] = []
-            while not any(isinstance(x, MarkRecord) and x.seq == end for x in items):
-                items += r.read(timeout=5)
+            items = read_until_mark(r, end)
             writes = [x for x in items if isinstance(x, BioRecord) and x.pid == os.getpid()]
             assert [x.sector for x in writes] == [(i * 64 + k) * 8 for k in range(50)]
             assert all(bytes(x.payload) == pattern(1000 * i + (x.sector // 8 - i * 64), 4096)
