@@ -202,7 +202,7 @@ def _store_raw(name: str | None, save: Any, duration: float | None) -> None:
     with RecordReader.live(name) as reader, _until_interrupted():
         save.write(STREAM_MAGIC)
         for wait in _waits(reader, duration):
-            raw = reader.read_raw(timeout=wait)
+            raw = reader.read_view(timeout=wait)
             if raw:
                 scan(raw)  # whole, well-formed records, or an error
                 save.write(raw)
@@ -371,7 +371,7 @@ def record(name: str, output: Path, duration: float | None, quiet: bool) -> None
     began = last = time.monotonic()
     with reader, _until_interrupted():
         for wait in _waits(reader, duration):
-            writer.add(reader.read_raw(timeout=wait))
+            writer.add(reader.read_view(timeout=wait))
             if not quiet and time.monotonic() - last >= 1:
                 last = time.monotonic()
                 rate = writer.records / max(last - began, 1e-9)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import select
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,10 @@ STREAM_DIR = DEBUGFS / "imgrement"
 #: A saved stream starts with these 16 bytes; the last is the record version.
 STREAM_MAGIC = b"IMGREMENT-RECS\0" + bytes([layout.RECORD_VERSION])
 READ_SIZE = 4 << 20
+#: After a read that brought less than half a buffer, a live reader waits this
+#: long before reading again, so records arrive in batches instead of one
+#: wake-up per bio (see RecordReader).
+BATCH_S = 0.05
 
 _HDR = layout.HEADER
 _BIO = layout.BIO
@@ -222,7 +227,7 @@ def _decode_other(buf: bytes, at: int, size: int, rtype: int, version: int) -> R
     raise StreamError(f"unknown record type {rtype} at byte {at}")
 
 
-def scan(buf: bytes) -> tuple[int, int, int, int]:
+def scan(buf: bytes | memoryview) -> tuple[int, int, int, int]:
     """Walk only the headers of whole records: (records, first seq, last seq, gaps).
 
     ``gaps`` counts sequence numbers missing inside ``buf``. A consumer that
@@ -283,6 +288,14 @@ class RecordReader:
 
     ``first_seq``: the sequence number the reader expects first (0 for a
     stream read from its start); ``None`` learns it from the first record.
+
+    A live reader paces itself: after a read that brought less than half its
+    buffer it waits up to :data:`BATCH_S` (never past the caller's timeout)
+    before reading again.  poll() wakes on the first committed record, so
+    without this a consumer of a busy disk would make one wake-up, one read()
+    and one pass of Python per bio, and spend a CPU doing it; with it, a
+    reader that keeps up costs a few reads a second, and one that falls
+    behind reads back to back.
     """
 
     def __init__(self, fd: int, *, live: bool, first_seq: int | None = None,
@@ -294,6 +307,9 @@ class RecordReader:
         self._rest = b""
         self._eof = False
         self._read_size = READ_SIZE
+        self._buf = bytearray()
+        self._batch = BATCH_S if live else 0.0
+        self._short_at: float | None = None
         if save is not None:
             save.write(STREAM_MAGIC)
 
@@ -352,11 +368,24 @@ class RecordReader:
     def eof(self) -> bool:
         return self._eof
 
-    def _read_raw(self, timeout: float | None) -> bytes | None:
-        """One read(); None on timeout, b"" at end of stream."""
+    def _pace(self, timeout: float | None) -> None:
+        """Let records accumulate after a short read (see the class docstring)."""
+        if self._short_at is None or timeout == 0:
+            return
+        wait = self._short_at + self._batch - time.monotonic()
+        if timeout is not None:
+            wait = min(wait, timeout)
+        if wait > 0:
+            time.sleep(wait)
+
+    def _read_into(self, timeout: float | None) -> int | None:
+        """One read() into the reader's buffer: bytes read, None on timeout, 0 at the end."""
+        self._pace(timeout)
         while True:
+            if len(self._buf) != self._read_size:
+                self._buf = bytearray(self._read_size)
             try:
-                return os.read(self._fd, self._read_size)
+                n = os.readv(self._fd, [self._buf])
             except BlockingIOError:
                 if timeout == 0:
                     return None
@@ -365,11 +394,34 @@ class RecordReader:
                 ms = -1 if timeout is None else max(1, int(timeout * 1000))
                 if not poller.poll(ms):
                     return None
+                continue
             except OSError as e:
                 if e.errno == errno.EINVAL and self._live and self._read_size < (1 << 30):
                     self._read_size *= 2  # the next record is larger than our buffer
                     continue
                 raise StreamError(f"reading the record stream failed: {e.strerror}") from None
+            if self._batch:
+                short = n < self._read_size // 2
+                self._short_at = time.monotonic() if short else None
+            return n
+
+    def _read_raw(self, timeout: float | None) -> bytes | None:
+        """One read() as new bytes; None on timeout, b"" at end of stream."""
+        n = self._read_into(timeout)
+        return None if n is None else bytes(memoryview(self._buf)[:n])
+
+    def read_view(self, timeout: float | None = None) -> memoryview:
+        """Like :meth:`read_raw`, as a view of the reader's own buffer.
+
+        Valid until the next read; for consumers that store the stream, which
+        then neither allocate nor copy per read.
+        """
+        if not self._live:
+            raise StreamError("read_view is for live streams")
+        n = self._read_into(timeout)
+        if n == 0:
+            self._eof = True
+        return memoryview(self._buf)[: n or 0]
 
     def read_raw(self, timeout: float | None = None) -> bytes:
         """One read() of a live stream as bytes: whole records, b"" on timeout or end.

@@ -70,7 +70,7 @@ class CaptureWriter:
         head = head[: _HEADER.size - 4] + struct.pack("<I", crc)
         self._f.write(head + bytes(_HEADER_SIZE - len(head)))
 
-    def add(self, raw: bytes) -> None:
+    def add(self, raw: bytes | memoryview) -> None:
         """Append whole records as read from the stream (headers checked, not decoded)."""
         try:
             count, first, last, gaps = scan(raw)
