@@ -99,6 +99,7 @@ install:
 	install -m 644 udev/autowrap.conf.example /etc/imgrement-dm/
 	install -m 644 udev/60-imgrement-autowrap.rules udev/imgrement-autowrap@.service \
 		/usr/share/imgrement-dm/udev/
+	install -D -m 644 README.md /usr/share/doc/imgrement-dm/README.md
 	$(PREFIX)/bin/imgrement-dm autowrap enable
 	@echo "installed: modprobe dm-imgrement, then imgrement-dm wrap DEVICE"
 
@@ -107,8 +108,10 @@ uninstall:
 	-modprobe -r imgrement
 	-dkms remove -m imgrement -v $(TARGET_VERSION) --all
 	rm -rf $(SRCDIR) $(APPDIR) $(PREFIX)/bin/imgrement-dm /etc/imgrement-dm/autowrap.conf.example \
-		/usr/share/imgrement-dm
-	-rmdir /etc/imgrement-dm
+		/usr/share/imgrement-dm /usr/share/doc/imgrement-dm
+	@if [ -e /etc/imgrement-dm/autowrap.conf ]; then \
+		echo "kept your policy /etc/imgrement-dm/autowrap.conf (remove it by hand)"; \
+	else rmdir /etc/imgrement-dm 2>/dev/null || true; fi
 
 clean:
 	rm -rf build dm_target/*.o dm_target/*.ko dm_target/*.mod* dm_target/.*.cmd \

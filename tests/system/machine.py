@@ -1,0 +1,173 @@
+"""A whole Debian machine under QEMU, for the install test.
+
+The sandbox guests (imgrement_dm.sandbox) share the host's files and run
+our own init; they cannot show what 'sudo make install' does to a machine.
+This boots a plain Debian bookworm disk image instead: its own kernel and
+initramfs, systemd as PID 1, systemd-udevd, dkms, and the packages
+scripts/install-host-deps --install would fetch, preinstalled (the guest
+has no network).
+
+The base image is made once with mmdebstrap and cached; every boot writes
+to a throw-away qcow2 overlay, so each run starts from the same machine.
+A run is a *payload*: a tar written to a virtio disk with serial
+``payload``.  At boot, the unit ``payload-runner.service`` unpacks it,
+runs its ``run`` script as root, copies the output to the disk with serial
+``results`` and powers the machine off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import subprocess
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from imgrement_dm.sandbox import kernels
+
+SUITE = "bookworm"
+PACKAGES = [
+    "systemd-sysv", "udev", "linux-image-amd64", "linux-headers-amd64", "initramfs-tools",
+    "dkms", "python3", "python3-venv", "python3-dev", "gcc", "make", "libc6-dev",
+    "linux-libc-dev", "kmod", "dmsetup", "e2fsprogs", "util-linux", "procps",
+]
+
+RUNNER = """#!/bin/sh
+# Run the payload disk's 'run' once as root; keep its output on the results disk.
+P=/dev/disk/by-id/virtio-payload
+R=/dev/disk/by-id/virtio-results
+[ -b "$P" ] || exit 0
+mkdir -p /root/payload && tar -xf "$P" -C /root/payload
+cd /root/payload && sh ./run >/root/payload.log 2>&1
+echo "PAYLOAD-EXIT $?" >>/root/payload.log
+dd if=/root/payload.log of="$R" conv=fsync,notrunc status=none
+systemctl --no-block poweroff
+"""
+
+UNIT = """[Unit]
+Description=Run the test payload (tests/system/machine.py)
+After=basic.target systemd-udev-settle.service systemd-udevd.service
+
+[Service]
+# simple, not oneshot: boot completes while the payload runs, so it sees a
+# machine that is up ('systemctl is-system-running --wait' returns).
+Type=simple
+ExecStart=/usr/local/sbin/run-payload
+StandardOutput=journal+console
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+#: Everything that decides the image's contents; a change makes a new image.
+RECIPE = "\n".join([SUITE, *PACKAGES, RUNNER, UNIT])
+
+
+@dataclass(frozen=True)
+class Image:
+    disk: Path  # raw ext4 root
+    kernel: Path
+    initrd: Path
+
+
+def image() -> Image:
+    """The cached base machine, made on first use (root, mmdebstrap)."""
+    key = hashlib.sha256(RECIPE.encode()).hexdigest()[:12]
+    base = kernels.cache_dir() / "machine" / f"{SUITE}-{key}"
+    done = Image(base / "root.img", base / "vmlinuz", base / "initrd.img")
+    if done.disk.exists() and (base / "ready").exists():
+        return done
+    for old in base.parent.glob(f"{SUITE}-*"):  # earlier recipes, and a failed try
+        shutil.rmtree(old, ignore_errors=True)
+    base.mkdir(parents=True)
+    tree = base / "tree"
+    hook = (
+        'set -e; echo "LABEL=root / ext4 defaults 0 1" > "$1/etc/fstab"; '
+        'echo machine > "$1/etc/hostname"; '
+        f'printf %s {_q(RUNNER)} > "$1/usr/local/sbin/run-payload"; '
+        'chmod 755 "$1/usr/local/sbin/run-payload"; '
+        f'printf %s {_q(UNIT)} > "$1/etc/systemd/system/payload-runner.service"; '
+        'chroot "$1" systemctl enable payload-runner.service; '
+        'chroot "$1" passwd -d root'
+    )
+    cmd = ["mmdebstrap", "--variant=apt", "--include=" + ",".join(PACKAGES),
+           f"--customize-hook={hook}", SUITE, str(tree),
+           f"deb {kernels.debian_mirror()} {SUITE} main"]
+    _check(cmd, base / "mmdebstrap.log")
+    boot = tree / "boot"
+    vmlinuz = sorted(boot.glob("vmlinuz-*"))
+    initrd = sorted(boot.glob("initrd.img-*"))
+    assert len(vmlinuz) == 1 and len(initrd) == 1, (vmlinuz, initrd)
+    shutil.copyfile(vmlinuz[0], done.kernel)
+    shutil.copyfile(initrd[0], done.initrd)
+    _check(["mkfs.ext4", "-q", "-L", "root", "-d", str(tree), str(done.disk), "4G"],
+           base / "mkfs.log")
+    shutil.rmtree(tree)
+    (base / "ready").write_text(key + "\n")
+    return done
+
+
+def _q(text: str) -> str:
+    return "'" + text.replace("'", "'\\''") + "'"
+
+
+def _check(cmd: list[str], log: Path) -> None:
+    with log.open("w") as f:
+        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=False)
+    if r.returncode:
+        tail = log.read_text()[-3000:]
+        raise RuntimeError(f"{cmd[0]} failed (exit {r.returncode}):\n{tail}")
+
+
+@dataclass
+class Run:
+    output: str  # what the payload's run script printed
+    exit_code: int | None  # None: the machine never reported one
+    console: str
+
+
+def boot(img: Image, payload: Path, work: Path, *, timeout: float = 1800) -> Run:
+    """Boot the machine once with ``payload`` (a directory holding ``run``)."""
+    work.mkdir(parents=True, exist_ok=True)
+    overlay = work / "overlay.qcow2"
+    overlay.unlink(missing_ok=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw",
+                    "-b", str(img.disk), str(overlay)], check=True)
+    tar = work / "payload.tar"
+    with tarfile.open(tar, "w") as t:
+        t.add(payload, arcname=".")
+    results = work / "results.img"
+    with results.open("wb") as f:
+        f.truncate(16 << 20)
+    console = work / "console.log"
+    # KVM does not work on the machines this was written on; IMGREMENT_KVM=1 where it does
+    accel = "kvm" if os.environ.get("IMGREMENT_KVM") == "1" else "tcg"
+    cmd = [
+        "qemu-system-x86_64", "-machine", "q35", "-accel", accel, "-cpu", "max",
+        "-smp", "2", "-m", "2G", "-display", "none", "-no-reboot", "-nic", "none",
+        "-serial", f"file:{console}", "-monitor", "none",
+        "-kernel", str(img.kernel), "-initrd", str(img.initrd),
+        "-append", "root=LABEL=root rw console=ttyS0 panic=-1 systemd.show_status=1",
+        "-drive", f"file={overlay},if=virtio,format=qcow2",
+        "-drive", f"file={tar},if=none,id=payload,format=raw,readonly=on",
+        "-device", "virtio-blk-pci,drive=payload,serial=payload",
+        "-drive", f"file={results},if=none,id=results,format=raw",
+        "-device", "virtio-blk-pci,drive=results,serial=results",
+    ]
+    began = time.monotonic()
+    with contextlib.suppress(subprocess.TimeoutExpired):  # then no PAYLOAD-EXIT line
+        subprocess.run(cmd, check=False, timeout=timeout, stdin=subprocess.DEVNULL)
+    took = time.monotonic() - began
+    out = results.read_bytes().rstrip(b"\0").decode(errors="replace")
+    code = None
+    tail = out.rstrip().rsplit("\n", 1)[-1]
+    if tail.startswith("PAYLOAD-EXIT "):
+        code = int(tail.split()[1])
+    text = console.read_text(errors="replace") if console.exists() else ""
+    overlay.unlink(missing_ok=True)
+    return Run(out + f"\n(machine ran {took:.0f} s)\n", code, text)
+
