@@ -105,7 +105,9 @@ def markdown(res: dict[str, Any]) -> str:
         "configurations rotated. Each figure is the median over repetitions of the ratio "
         "to dm-linear in the same repetition (IOPS; throughput for seqwrite-1m). "
         "imgrement runs with `imgrement-dm trace -o FILE` draining the records, as a user "
-        "would, and a 64 MiB record buffer.",
+        "would, and a 64 MiB record buffer; fio starts once the consumer holds the stream "
+        "and is idle (starting Python takes seconds of CPU under emulation), and its CPU "
+        "time is counted from then to its exit.",
         "",
         "Under software emulation every instruction of the guest costs the same host time, "
         "so copying data in the target weighs far more than on real hardware; treat these "
