@@ -85,4 +85,21 @@ static inline int imgrement_debugfs_change_name(struct dentry *parent,
 }
 #endif
 
+/*
+ * Timers: from_timer() became timer_container_of() in 6.16 (both are
+ * macros, so test for the new one); timer_shutdown_sync(), which also keeps
+ * the timer from being armed again, arrived in 6.2.
+ */
+#include <linux/timer.h>
+#ifdef timer_container_of
+#define imgrement_timer_container_of(var, t, field) timer_container_of(var, t, field)
+#else
+#define imgrement_timer_container_of(var, t, field) from_timer(var, t, field)
+#endif
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 2, 0)
+#define imgrement_timer_shutdown_sync(t) timer_shutdown_sync(t)
+#else
+#define imgrement_timer_shutdown_sync(t) del_timer_sync(t)
+#endif
+
 #endif /* IMGREMENT_COMPAT_H */

@@ -4,7 +4,8 @@
  *
  *   records  the binary record stream (imgrement_record.h).  read() returns
  *            whole records only, blocks until one is there (or returns
- *            -EAGAIN with O_NONBLOCK), and poll() reports when one is.
+ *            -EAGAIN with O_NONBLOCK), and poll() reports when one is;
+ *            sleepers are woken in batches (ring.h).
  *            Several readers share one stream: each record goes to exactly
  *            one of them, like bytes from a pipe.  After the device is
  *            removed, readers that had the file open drain what is left and

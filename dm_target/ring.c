@@ -15,6 +15,7 @@
 #include <linux/sched/signal.h>
 
 #include "ring.h"
+#include "compat.h"
 
 static inline u32 ring_off(const struct imgrement_ring *ring, u64 pos)
 {
@@ -28,6 +29,13 @@ static inline struct imgrement_record_header *ring_at(const struct imgrement_rin
 						       u64 pos)
 {
 	return ring->buf + ring_off(ring, pos);
+}
+
+static void ring_wake_timer(struct timer_list *t)
+{
+	struct imgrement_ring *ring = imgrement_timer_container_of(ring, t, wake_timer);
+
+	wake_up_interruptible(&ring->wait);
 }
 
 int imgrement_ring_init(struct imgrement_ring *ring, u32 size)
@@ -46,6 +54,8 @@ int imgrement_ring_init(struct imgrement_ring *ring, u32 size)
 	atomic64_set(&ring->dropped, 0);
 	atomic64_set(&ring->committed, 0);
 	init_waitqueue_head(&ring->wait);
+	timer_setup(&ring->wake_timer, ring_wake_timer, 0);
+	ring->wake_bytes = max_t(u32, size / 16, 8);
 	mutex_init(&ring->read_lock);
 	ring->closing = false;
 	return 0;
@@ -53,6 +63,7 @@ int imgrement_ring_init(struct imgrement_ring *ring, u32 size)
 
 void imgrement_ring_exit(struct imgrement_ring *ring)
 {
+	imgrement_timer_shutdown_sync(&ring->wake_timer);
 	mutex_destroy(&ring->read_lock);
 	vfree(ring->buf);
 	ring->buf = NULL;
@@ -84,7 +95,7 @@ struct imgrement_record_header *imgrement_ring_reserve(struct imgrement_ring *ri
 		/* to_end >= 8: size and type fit, and nothing else is read. */
 		pad->size = cpu_to_le32(to_end);
 		smp_store_release(&pad->type, cpu_to_le16(IMGREMENT_REC_PAD));
-		ring->head += to_end;
+		WRITE_ONCE(ring->head, ring->head + to_end);
 		off = 0;
 	}
 	hdr = ring->buf + off;
@@ -93,7 +104,7 @@ struct imgrement_record_header *imgrement_ring_reserve(struct imgrement_ring *ri
 	hdr->version = IMGREMENT_RECORD_VERSION;
 	hdr->reserved = 0;
 	hdr->seq = cpu_to_le64(seq);
-	ring->head += bytes;
+	WRITE_ONCE(ring->head, ring->head + bytes);
 out:
 	spin_unlock_irqrestore(&ring->lock, flags);
 	return hdr;
@@ -105,8 +116,15 @@ void imgrement_ring_commit(struct imgrement_ring *ring,
 	smp_store_release(&hdr->type, cpu_to_le16(type));
 	atomic64_inc(&ring->committed);
 	/* wq_has_sleeper() carries the barrier that pairs with the waiter. */
-	if (wq_has_sleeper(&ring->wait))
+	if (!wq_has_sleeper(&ring->wait))
+		return;
+	/* Unlocked reads: a stale estimate only moves the wake-up to the timer. */
+	if (type == IMGREMENT_REC_MARK ||
+	    READ_ONCE(ring->head) - READ_ONCE(ring->tail) >= ring->wake_bytes)
 		wake_up_interruptible(&ring->wait);
+	else if (!timer_pending(&ring->wake_timer))
+		mod_timer(&ring->wake_timer,
+			  jiffies + msecs_to_jiffies(IMGREMENT_WAKE_DELAY_MS));
 }
 
 static void ring_bounds(struct imgrement_ring *ring, u64 *tail, u64 *head)
@@ -206,7 +224,7 @@ static ssize_t ring_take(struct imgrement_ring *ring, char __user *ubuf, size_t 
 	}
 
 	spin_lock_irqsave(&ring->lock, flags);
-	ring->tail = consumed;
+	WRITE_ONCE(ring->tail, consumed);
 	spin_unlock_irqrestore(&ring->lock, flags);
 
 	return done ? (ssize_t)done : err;

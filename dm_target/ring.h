@@ -12,6 +12,13 @@
  *
  * Reserving never sleeps and never allocates; the buffer is allocated once,
  * when the table is loaded.
+ *
+ * Sleeping readers are woken lazily, so that a busy disk costs its reader a
+ * few wake-ups a second rather than one per bio: at once when a mark is
+ * committed or when the unread bytes reach wake_bytes (1/16 of the buffer),
+ * otherwise by a timer IMGREMENT_WAKE_DELAY_MS after the first commit that
+ * found a sleeper.  Whether a record is readable (poll, O_NONBLOCK) is
+ * always answered truthfully; only the wake-up is deferred.
  */
 #ifndef IMGREMENT_RING_H
 #define IMGREMENT_RING_H
@@ -21,8 +28,11 @@
 #include <linux/wait.h>
 #include <linux/mutex.h>
 #include <linux/atomic.h>
+#include <linux/timer.h>
 
 #include "imgrement_record.h"
+
+#define IMGREMENT_WAKE_DELAY_MS 50
 
 struct imgrement_ring {
 	spinlock_t lock;	/* head, tail, next_seq */
@@ -34,6 +44,8 @@ struct imgrement_ring {
 	atomic64_t dropped;	/* records dropped since creation */
 	atomic64_t committed;	/* records committed since creation */
 	wait_queue_head_t wait;	/* readers waiting for a committed record */
+	struct timer_list wake_timer;	/* the deferred wake-up */
+	u32 wake_bytes;		/* unread bytes that wake readers at once */
 	struct mutex read_lock;	/* one reader at a time consumes */
 	bool closing;		/* set once: readers get EOF when drained */
 };
@@ -49,7 +61,10 @@ void imgrement_ring_exit(struct imgrement_ring *ring);
 struct imgrement_record_header *imgrement_ring_reserve(struct imgrement_ring *ring,
 						       u32 bytes);
 
-/* Publish a reserved record as @type. Safe from any context. */
+/*
+ * Publish a reserved record as @type and wake readers as described above.
+ * Safe from any context.
+ */
 void imgrement_ring_commit(struct imgrement_ring *ring,
 			   struct imgrement_record_header *hdr, u16 type);
 

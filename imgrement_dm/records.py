@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import os
 import select
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +26,6 @@ STREAM_DIR = DEBUGFS / "imgrement"
 #: A saved stream starts with these 16 bytes; the last is the record version.
 STREAM_MAGIC = b"IMGREMENT-RECS\0" + bytes([layout.RECORD_VERSION])
 READ_SIZE = 4 << 20
-#: After a read that brought less than half a buffer, a live reader waits this
-#: long before reading again, so records arrive in batches instead of one
-#: wake-up per bio (see RecordReader).
-BATCH_S = 0.05
 
 _HDR = layout.HEADER
 _BIO = layout.BIO
@@ -289,13 +284,9 @@ class RecordReader:
     ``first_seq``: the sequence number the reader expects first (0 for a
     stream read from its start); ``None`` learns it from the first record.
 
-    A live reader paces itself: after a read that brought less than half its
-    buffer it waits up to :data:`BATCH_S` (never past the caller's timeout)
-    before reading again.  poll() wakes on the first committed record, so
-    without this a consumer of a busy disk would make one wake-up, one read()
-    and one pass of Python per bio, and spend a CPU doing it; with it, a
-    reader that keeps up costs a few reads a second, and one that falls
-    behind reads back to back.
+    A reader that waits is woken in batches by the kernel (at most 50 ms
+    after a record, at once for a mark or a sixteenth of the buffer), so
+    keeping up with a busy disk costs a few reads a second, not one per bio.
     """
 
     def __init__(self, fd: int, *, live: bool, first_seq: int | None = None,
@@ -308,8 +299,6 @@ class RecordReader:
         self._eof = False
         self._read_size = READ_SIZE
         self._buf = bytearray()
-        self._batch = BATCH_S if live else 0.0
-        self._short_at: float | None = None
         if save is not None:
             save.write(STREAM_MAGIC)
 
@@ -368,19 +357,8 @@ class RecordReader:
     def eof(self) -> bool:
         return self._eof
 
-    def _pace(self, timeout: float | None) -> None:
-        """Let records accumulate after a short read (see the class docstring)."""
-        if self._short_at is None or timeout == 0:
-            return
-        wait = self._short_at + self._batch - time.monotonic()
-        if timeout is not None:
-            wait = min(wait, timeout)
-        if wait > 0:
-            time.sleep(wait)
-
     def _read_into(self, timeout: float | None) -> int | None:
         """One read() into the reader's buffer: bytes read, None on timeout, 0 at the end."""
-        self._pace(timeout)
         while True:
             if len(self._buf) != self._read_size:
                 self._buf = bytearray(self._read_size)
@@ -400,9 +378,6 @@ class RecordReader:
                     self._read_size *= 2  # the next record is larger than our buffer
                     continue
                 raise StreamError(f"reading the record stream failed: {e.strerror}") from None
-            if self._batch:
-                short = n < self._read_size // 2
-                self._short_at = time.monotonic() if short else None
             return n
 
     def _read_raw(self, timeout: float | None) -> bytes | None:

@@ -385,10 +385,28 @@ def test_nonblocking_poll_and_whole_records(make_traced: Callable[..., Traced]) 
     timer = threading.Timer(0.5, direct_write, (t.dev.node, 0, pattern(4, 4096)))
     timer.start()
     began = time.monotonic()
-    items = t.reader.read(timeout=30)  # poll() wakes when the record lands
+    # one record is far below the wake-up watermark: the deferred wake-up
+    # (the ring's timer) is what ends this poll()
+    items = t.reader.read(timeout=30)
     timer.join()
     assert [(r.op_name, r.sector) for r in mine(items)] == [("write", 0)]
     assert time.monotonic() - began < 30
+
+    # the same for a blocking read() (no O_NONBLOCK), which sleeps in the kernel
+    woke: list[bytes] = []
+    fd = os.open(STREAMS / "traced" / "records", os.O_RDONLY)
+    try:
+        reader = threading.Thread(target=lambda: woke.append(os.read(fd, 1 << 20)))
+        reader.start()
+        time.sleep(0.5)
+        direct_write(t.dev.node, 8192, pattern(6, 4096))
+        reader.join(30)
+        assert not reader.is_alive(), "a blocking read() was never woken"
+    finally:
+        os.close(fd)
+    records, used = decode(woke[0])
+    assert used == len(woke[0])
+    assert [(r.op_name, r.sector) for r in mine(records)] == [("write", 16)]
 
     # A read() never splits a record: too small a buffer is refused.
     direct_write(t.dev.node, 0, pattern(4, 4096))

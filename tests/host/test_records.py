@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
-import threading
 from pathlib import Path
 
 import pytest
@@ -166,30 +164,3 @@ def test_scan_counts_records_and_gaps_from_headers() -> None:
     with pytest.raises(StreamError, match="ends inside a record"):
         scan(raw[:-8])
 
-
-def test_live_reader_batches_after_a_short_read(monkeypatch: pytest.MonkeyPatch) -> None:
-    """After a read that brought little, the next read waits for more to gather.
-
-    A pipe stands in for the kernel's file only as a source of whole records
-    (the real stream is read in the guest suite); what is tested is the
-    reader's pacing: record 2 arrives 50 ms after record 1, well inside the
-    batch interval, so the second read returns both at once.
-    """
-    monkeypatch.setattr("imgrement_dm.records.BATCH_S", 0.4)
-    rfd, wfd = os.pipe2(os.O_NONBLOCK)
-    reader = RecordReader(rfd, live=True)
-    try:
-        os.write(wfd, streams.bio(0))
-        assert [i.seq for i in reader.read(timeout=5)] == [0]  # type: ignore[union-attr]
-        os.write(wfd, streams.bio(1))
-        later = threading.Timer(0.05, os.write, (wfd, streams.bio(2)))
-        later.start()
-        assert [i.seq for i in reader.read(timeout=5)] == [1, 2]  # type: ignore[union-attr]
-        later.join()
-        # never past the caller's timeout: nothing more is coming, so [] soon
-        assert reader.read(timeout=0.01) == []
-        view = reader.read_view(timeout=0)
-        assert len(view) == 0 and not reader.eof
-    finally:
-        reader.close()
-        os.close(wfd)
