@@ -311,9 +311,11 @@ def stats(name: str | None, from_file: Path | None, duration: float | None,
 @click.option("--results", type=click.Path(path_type=Path), default=Path("build/sandbox"),
               show_default=True, help="Folder shared read-write with the guest.")
 @click.option("--kvm", is_flag=True, help="Use KVM (only where the host's KVM works).")
+@click.option("--append", default="", metavar="ARGS",
+              help="More kernel command line, e.g. 'tsc=reliable'.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def sandbox(kernel: str | None, disks: tuple[str, ...], memory: str, results: Path,
-            kvm: bool, command: tuple[str, ...]) -> None:
+            kvm: bool, append: str, command: tuple[str, ...]) -> None:
     """Boot a Debian kernel in QEMU with the target loaded and run COMMAND as root.
 
     Write COMMAND after '--'. Without it, an interactive shell starts. The
@@ -328,6 +330,7 @@ def sandbox(kernel: str | None, disks: tuple[str, ...], memory: str, results: Pa
         results=results,
         memory=memory,
         kvm=kvm,
+        append=append,
     )
     sys.exit(rc)
 

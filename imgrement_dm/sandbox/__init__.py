@@ -40,6 +40,7 @@ def run_command(
     results: Path,
     memory: str = "2G",
     kvm: bool = False,
+    append: str = "",
 ) -> int:
     """Prepare ``kernel``, build the target for it, boot, run ``command``; its status."""
     k = prepare(kernel)
@@ -53,5 +54,6 @@ def run_command(
         disks=[parse_size(d) for d in (disks or [])],
         memory=memory,
         kvm=kvm,
+        append=append,
     )
     return run(spec)

@@ -50,6 +50,7 @@ class GuestRun:
     memory: str = "2G"
     cpus: int = 2
     kvm: bool = False
+    append: str = ""  # more kernel command line
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -123,6 +124,8 @@ def _boot(spec: GuestRun, drives: list[str], marker: Path) -> int:
     ]
     if not spec.kvm:
         cmd.append("--disable-kvm")
+    if spec.append:
+        cmd += ["--append", spec.append]
     if drives:
         cmd.append("--qemu-opts=" + " ".join(shlex.quote(d) for d in drives))
     cmd += ["--exec", shlex.join(guest)]

@@ -167,8 +167,13 @@ def main() -> int:
     subprocess.run(["modprobe", "brd", "rd_nr=1", f"rd_size={(SIZE >> 10) + 4096}"],
                    check=True)
     disks = {"virtio": os.environ["IMGREMENT_SCRATCH_DISKS"].split()[0], "brd": "/dev/ram0"}
+    # For a quick look at a part (the report needs the whole): BENCH_ONLY=brd-randread-4k-qd32,...
+    only = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))
     runs = []
     for disk_name, disk in disks.items():
+        workloads = [w for w in WORKLOADS if not only or f"{disk_name}-{w}" in only]
+        if not workloads:
+            continue
         # precondition: every block the reads touch has been written
         sh("fio", "--name=fill", f"--filename={disk}", "--rw=write", "--bs=1m",
            f"--size={SIZE}", "--direct=1", "--ioengine=libaio", "--iodepth=4")
@@ -177,7 +182,7 @@ def main() -> int:
             for config in order:
                 setup = Setup(config, disk, f"{disk_name}-{config}-{rep}", disk_name)
                 try:
-                    for workload in WORKLOADS:
+                    for workload in workloads:
                         setup.start(workload)
                         before = resource.getrusage(resource.RUSAGE_CHILDREN)
                         result = fio(setup.path, workload)
