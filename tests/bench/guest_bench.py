@@ -159,7 +159,8 @@ class Setup:
         if self.traced is not None:
             self.traced.unwrap()
         elif self.config == "linear":
-            subprocess.run(["dmsetup", "remove", "benchlin"], check=True)
+            # --retry: udev may still be probing the device fio just closed
+            subprocess.run(["dmsetup", "remove", "--retry", "benchlin"], check=True)
 
 
 def main() -> int:
@@ -198,7 +199,9 @@ def main() -> int:
                 finally:
                     setup.close()
     meta = {"kernel": os.uname().release, "runtime_s": RUNTIME, "reps": REPS,
-            "size_bytes": SIZE, "cpus": os.cpu_count()}
+            "size_bytes": SIZE, "cpus": os.cpu_count(),
+            "clocksource": Path("/sys/devices/system/clocksource/clocksource0/"
+                                "current_clocksource").read_text().strip()}
     (OUT / "bench-raw.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
     subprocess.run(["rmmod", "brd"], check=False)
     return 0
