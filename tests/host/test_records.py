@@ -163,4 +163,3 @@ def test_scan_counts_records_and_gaps_from_headers() -> None:
     assert scan(raw) == (3, 4, 9, 3)
     with pytest.raises(StreamError, match="ends inside a record"):
         scan(raw[:-8])
-
