@@ -13,10 +13,10 @@ from __future__ import annotations
 import errno
 import os
 import select
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Union
+from typing import Any, BinaryIO, TypeVar, Union
 
 from imgrement_dm import layout
 from imgrement_dm.errors import ImgrementError
@@ -26,6 +26,8 @@ STREAM_DIR = DEBUGFS / "imgrement"
 #: A saved stream starts with these 16 bytes; the last is the record version.
 STREAM_MAGIC = b"IMGREMENT-RECS\0" + bytes([layout.RECORD_VERSION])
 READ_SIZE = 4 << 20
+
+T = TypeVar("T")
 
 _HDR = layout.HEADER
 _BIO = layout.BIO
@@ -357,13 +359,14 @@ class RecordReader:
     def eof(self) -> bool:
         return self._eof
 
-    def _read_into(self, timeout: float | None) -> int | None:
-        """One read() into the reader's buffer: bytes read, None on timeout, 0 at the end."""
+    def _read_once(self, timeout: float | None, read: Callable[[], T]) -> T | None:
+        """One ``read()`` (the call given), waiting for records as ``timeout`` says.
+
+        None on timeout; whatever ``read`` returns otherwise (empty at the end).
+        """
         while True:
-            if len(self._buf) != self._read_size:
-                self._buf = bytearray(self._read_size)
             try:
-                n = os.readv(self._fd, [self._buf])
+                return read()
             except BlockingIOError:
                 if timeout == 0:
                     return None
@@ -372,18 +375,20 @@ class RecordReader:
                 ms = -1 if timeout is None else max(1, int(timeout * 1000))
                 if not poller.poll(ms):
                     return None
-                continue
             except OSError as e:
                 if e.errno == errno.EINVAL and self._live and self._read_size < (1 << 30):
                     self._read_size *= 2  # the next record is larger than our buffer
                     continue
                 raise StreamError(f"reading the record stream failed: {e.strerror}") from None
-            return n
 
     def _read_raw(self, timeout: float | None) -> bytes | None:
         """One read() as new bytes; None on timeout, b"" at end of stream."""
-        n = self._read_into(timeout)
-        return None if n is None else bytes(memoryview(self._buf)[:n])
+        return self._read_once(timeout, lambda: os.read(self._fd, self._read_size))
+
+    def _readv_buf(self) -> int:
+        if len(self._buf) != self._read_size:
+            self._buf = bytearray(self._read_size)
+        return os.readv(self._fd, [self._buf])
 
     def read_view(self, timeout: float | None = None) -> memoryview:
         """Like :meth:`read_raw`, as a view of the reader's own buffer.
@@ -393,7 +398,7 @@ class RecordReader:
         """
         if not self._live:
             raise StreamError("read_view is for live streams")
-        n = self._read_into(timeout)
+        n = self._read_once(timeout, self._readv_buf)
         if n == 0:
             self._eof = True
         return memoryview(self._buf)[: n or 0]

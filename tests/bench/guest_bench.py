@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import imgrement_dm
+from imgrement_dm.records import stream_path
 
 WORKLOADS: dict[str, list[str]] = {
     "randread-4k-qd1": ["--rw=randread", "--bs=4k", "--iodepth=1"],
@@ -82,7 +83,7 @@ def _ready(pid: int) -> int:
     software emulation; fio must not run while that happens, or the start-up
     would be billed to tracing.  Returns the CPU ticks spent so far.
     """
-    stream = "/sys/kernel/debug/imgrement/bench/records"
+    stream = str(stream_path("bench"))
     fds = Path(f"/proc/{pid}/fd")
     deadline = time.monotonic() + 120
     while not any(_points_to(fd, stream) for fd in fds.iterdir()):
