@@ -102,4 +102,16 @@ static inline int imgrement_debugfs_change_name(struct dentry *parent,
 #define imgrement_timer_shutdown_sync(t) del_timer_sync(t)
 #endif
 
+/* vma->vm_flags became read-only behind vm_flags_clear() and friends in 6.3. */
+#include <linux/mm.h>
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 3, 0)
+#define imgrement_vm_flags_clear(vma, flags) vm_flags_clear(vma, flags)
+#else
+static inline void imgrement_vm_flags_clear(struct vm_area_struct *vma,
+					    unsigned long flags)
+{
+	vma->vm_flags &= ~flags;
+}
+#endif
+
 #endif /* IMGREMENT_COMPAT_H */

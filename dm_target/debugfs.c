@@ -10,6 +10,10 @@
  *            one of them, like bytes from a pipe.  After the device is
  *            removed, readers that had the file open drain what is left and
  *            then see end of file: an open file holds the stream's memory.
+ *            A reader may instead map the buffer read-only and take
+ *            windows of records in place with IMGREMENT_IOC_NEXT
+ *            (imgrement_record.h), which saves copying every byte out.
+ *            The file's size is the buffer's, the length to map.
  *   dropped  records dropped because the buffer was full, since creation
  *   stats    counters and buffer use, one "key value" per line
  *
@@ -21,6 +25,9 @@
 #include <linux/fs.h>
 #include <linux/poll.h>
 #include <linux/seq_file.h>
+#include <linux/mm.h>
+#include <linux/vmalloc.h>
+#include <linux/uaccess.h>
 
 #include "imgrement.h"
 #include "compat.h"
@@ -45,6 +52,7 @@ static int records_release(struct inode *inode, struct file *file)
 {
 	struct imgrement_dev *dev = file->private_data;
 
+	imgrement_ring_forget(&dev->ring, file);
 	kref_put(&dev->kref, imgrement_dev_release);
 	return 0;
 }
@@ -54,8 +62,41 @@ static ssize_t records_read(struct file *file, char __user *buf, size_t count,
 {
 	struct imgrement_dev *dev = file->private_data;
 
-	return imgrement_ring_read(&dev->ring, buf, count,
+	return imgrement_ring_read(&dev->ring, file, buf, count,
 				   file->f_flags & O_NONBLOCK);
+}
+
+/*
+ * The whole buffer, read-only, from offset 0.  A mapping holds the file,
+ * and the file the buffer (kref), so the memory outlives every mapping.
+ */
+static int records_mmap(struct file *file, struct vm_area_struct *vma)
+{
+	struct imgrement_dev *dev = file->private_data;
+
+	if (vma->vm_flags & VM_WRITE)
+		return -EPERM;
+	if (vma->vm_pgoff)
+		return -EINVAL;
+	imgrement_vm_flags_clear(vma, VM_MAYWRITE);
+	/* Fails with -EINVAL when the mapping is larger than the buffer. */
+	return remap_vmalloc_range(vma, dev->ring.buf, 0);
+}
+
+static long records_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
+{
+	struct imgrement_dev *dev = file->private_data;
+	struct imgrement_window win = { .ring_size = dev->ring.size };
+	int err;
+
+	if (cmd != IMGREMENT_IOC_NEXT)
+		return -ENOTTY;
+	err = imgrement_ring_next(&dev->ring, file, &win.offset, &win.length);
+	if (err)
+		return err;
+	if (copy_to_user((void __user *)arg, &win, sizeof(win)))
+		return -EFAULT;
+	return 0;
 }
 
 static __poll_t records_poll(struct file *file, poll_table *wait)
@@ -76,6 +117,9 @@ static const struct file_operations records_fops = {
 	.release = records_release,
 	.read = records_read,
 	.poll = records_poll,
+	.mmap = records_mmap,
+	.unlocked_ioctl = records_ioctl,
+	.compat_ioctl = compat_ptr_ioctl,
 };
 
 static int dropped_show(struct seq_file *m, void *v)
@@ -122,7 +166,7 @@ void imgrement_debugfs_exit(void)
 
 void imgrement_debugfs_add(struct imgrement_dev *dev)
 {
-	struct dentry *dir;
+	struct dentry *dir, *records;
 
 	if (!imgrement_root)
 		return;
@@ -138,7 +182,10 @@ void imgrement_debugfs_add(struct imgrement_dev *dev)
 		return;
 	}
 	dev->dir = dir;
-	debugfs_create_file_unsafe("records", 0400, dir, dev, &records_fops);
+	records = debugfs_create_file_unsafe("records", 0400, dir, dev, &records_fops);
+	/* Its size is the buffer's: what a reader maps (and tools check). */
+	if (!IS_ERR_OR_NULL(records))
+		d_inode(records)->i_size = dev->ring.size;
 	debugfs_create_file("dropped", 0400, dir, dev, &dropped_fops);
 	debugfs_create_file("stats", 0400, dir, dev, &stats_fops);
 }

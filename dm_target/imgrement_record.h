@@ -18,6 +18,7 @@
 #define IMGREMENT_RECORD_H
 
 #include <linux/types.h>
+#include <linux/ioctl.h>
 
 #define IMGREMENT_RECORD_VERSION	1
 
@@ -109,5 +110,26 @@ struct imgrement_mark_record {
 	__le32 label_len;
 	__le32 reserved;
 };
+
+/*
+ * Reading without copying: mmap() the records file read-only (offset 0,
+ * ring_size bytes, MAP_SHARED), then call IMGREMENT_IOC_NEXT.  Each call
+ * gives back the window the caller had (it is consumed: the target may now
+ * reuse that space) and hands out the next one: whole committed records at
+ * [offset, offset + length) of the mapping, the same bytes read() would
+ * return, never crossing the end of the buffer.  It never waits: -EAGAIN
+ * when nothing is committed (poll() says when), length 0 at the end of the
+ * stream.  One reader holds the window; read() and IMGREMENT_IOC_NEXT from
+ * another open file fail with -EBUSY until it is given back (next call, a
+ * read() on the same file, or close).
+ */
+struct imgrement_window {
+	__u64 offset;		/* in the mapping */
+	__u64 length;		/* bytes of whole records; 0 at end of stream */
+	__u64 ring_size;	/* bytes of the buffer: the size to map */
+};
+
+#define IMGREMENT_IOC_MAGIC	0xE7
+#define IMGREMENT_IOC_NEXT	_IOR(IMGREMENT_IOC_MAGIC, 1, struct imgrement_window)
 
 #endif /* IMGREMENT_RECORD_H */

@@ -7,6 +7,10 @@
  * changed only under ring->lock.  A record's type is written last, with
  * release semantics, and read first, with acquire semantics: a reader never
  * looks at a record body before its type says it is complete.
+ *
+ * rpos is where the next delivery starts.  It equals tail except while a
+ * window is lent to a mapping reader: then [tail, rpos) is that window, its
+ * space still counted as used, and readiness (poll) looks past it.
  */
 
 #include <linux/vmalloc.h>
@@ -42,14 +46,19 @@ int imgrement_ring_init(struct imgrement_ring *ring, u32 size)
 {
 	if (!size || size % 8)
 		return -EINVAL;
-	/* Zeroed: record padding never exposes old kernel memory. */
-	ring->buf = vzalloc(size);
+	/*
+	 * Zeroed: record padding never exposes old kernel memory.  _user:
+	 * readers may map it (remap_vmalloc_range).
+	 */
+	ring->buf = vmalloc_user(size);
 	if (!ring->buf)
 		return -ENOMEM;
 	ring->size = size;
 	spin_lock_init(&ring->lock);
 	ring->head = 0;
 	ring->tail = 0;
+	ring->rpos = 0;
+	ring->win_owner = NULL;
 	ring->next_seq = 0;
 	atomic64_set(&ring->dropped, 0);
 	atomic64_set(&ring->committed, 0);
@@ -127,22 +136,52 @@ void imgrement_ring_commit(struct imgrement_ring *ring,
 			  jiffies + msecs_to_jiffies(IMGREMENT_WAKE_DELAY_MS));
 }
 
-static void ring_bounds(struct imgrement_ring *ring, u64 *tail, u64 *head)
+/* Where the next delivery starts, and the end of what is reserved. */
+static void ring_bounds(struct imgrement_ring *ring, u64 *rpos, u64 *head)
 {
 	unsigned long flags;
 
 	spin_lock_irqsave(&ring->lock, flags);
-	*tail = ring->tail;
+	*rpos = ring->rpos;
 	*head = ring->head;
 	spin_unlock_irqrestore(&ring->lock, flags);
 }
 
+/* Consume up to @tail and deliver from @rpos on; the caller holds read_lock. */
+static void ring_set_tail(struct imgrement_ring *ring, u64 tail, u64 rpos)
+{
+	unsigned long flags;
+
+	spin_lock_irqsave(&ring->lock, flags);
+	WRITE_ONCE(ring->tail, tail);
+	ring->rpos = rpos;
+	spin_unlock_irqrestore(&ring->lock, flags);
+}
+
+/*
+ * The caller holds read_lock: give back @owner's window (consumed), or
+ * -EBUSY if another reader holds one.
+ */
+static int ring_give_back(struct imgrement_ring *ring, const void *owner)
+{
+	if (!ring->win_owner)
+		return 0;
+	if (ring->win_owner != owner)
+		return -EBUSY;
+	ring_set_tail(ring, ring->rpos, ring->rpos);
+	ring->win_owner = NULL;
+	return 0;
+}
+
 u64 imgrement_ring_used(struct imgrement_ring *ring)
 {
-	u64 tail, head;
+	unsigned long flags;
+	u64 used;
 
-	ring_bounds(ring, &tail, &head);
-	return head - tail;
+	spin_lock_irqsave(&ring->lock, flags);
+	used = ring->head - ring->tail;
+	spin_unlock_irqrestore(&ring->lock, flags);
+	return used;
 }
 
 bool imgrement_ring_readable(struct imgrement_ring *ring)
@@ -176,13 +215,16 @@ static int ring_copy_out(struct imgrement_ring *ring, char __user *ubuf, size_t 
 }
 
 /* Take what is committed at the tail; the caller holds read_lock. */
-static ssize_t ring_take(struct imgrement_ring *ring, char __user *ubuf, size_t count)
+static ssize_t ring_take(struct imgrement_ring *ring, const void *owner,
+			 char __user *ubuf, size_t count)
 {
 	u64 pos, head, chunk, consumed;
-	unsigned long flags;
 	size_t done = 0;
-	int err = 0;
+	int err;
 
+	err = ring_give_back(ring, owner);
+	if (err)
+		return err;
 	ring_bounds(ring, &pos, &head);
 	chunk = pos;
 	consumed = pos;
@@ -223,17 +265,15 @@ static ssize_t ring_take(struct imgrement_ring *ring, char __user *ubuf, size_t 
 			consumed = pos;
 	}
 
-	spin_lock_irqsave(&ring->lock, flags);
-	WRITE_ONCE(ring->tail, consumed);
-	spin_unlock_irqrestore(&ring->lock, flags);
-
+	ring_set_tail(ring, consumed, consumed);
 	return done ? (ssize_t)done : err;
 }
 
-ssize_t imgrement_ring_read(struct imgrement_ring *ring, char __user *ubuf,
-			    size_t count, bool nonblock)
+ssize_t imgrement_ring_read(struct imgrement_ring *ring, const void *owner,
+			    char __user *ubuf, size_t count, bool nonblock)
 {
 	ssize_t ret;
+	bool closing;
 
 	for (;;) {
 		if (nonblock) {
@@ -242,11 +282,13 @@ ssize_t imgrement_ring_read(struct imgrement_ring *ring, char __user *ubuf,
 		} else if (mutex_lock_interruptible(&ring->read_lock)) {
 			return -ERESTARTSYS;
 		}
-		ret = ring_take(ring, ubuf, count);
+		/* Before looking: once closing, every record is committed. */
+		closing = smp_load_acquire(&ring->closing);
+		ret = ring_take(ring, owner, ubuf, count);
 		mutex_unlock(&ring->read_lock);
 		if (ret)
 			return ret;
-		if (READ_ONCE(ring->closing))
+		if (closing)
 			return 0;
 		if (nonblock)
 			return -EAGAIN;
@@ -256,8 +298,62 @@ ssize_t imgrement_ring_read(struct imgrement_ring *ring, char __user *ubuf,
 	}
 }
 
+int imgrement_ring_next(struct imgrement_ring *ring, const void *owner,
+			u64 *off, u64 *len)
+{
+	u64 start, pos, head;
+	bool closing;
+	int err;
+
+	if (mutex_lock_interruptible(&ring->read_lock))
+		return -ERESTARTSYS;
+	closing = smp_load_acquire(&ring->closing);
+	err = ring_give_back(ring, owner);
+	if (err)
+		goto out;
+	ring_bounds(ring, &pos, &head);
+	start = pos;
+	while (pos < head) {
+		struct imgrement_record_header *hdr = ring_at(ring, pos);
+		u16 type = le16_to_cpu(smp_load_acquire(&hdr->type));
+		u32 size = le32_to_cpu(hdr->size);
+
+		if (type == IMGREMENT_REC_NONE)
+			break;
+		if (type == IMGREMENT_REC_PAD) {
+			if (pos != start)
+				break;	/* the window ends here; the next is at 0 */
+			pos += size;
+			start = pos;
+			continue;
+		}
+		pos += size;
+		if (ring_off(ring, pos) == 0)
+			break;		/* windows never cross the end */
+	}
+	/* Skipped padding is consumed; the window stays lent until next time. */
+	ring_set_tail(ring, start, pos);
+	*off = ring_off(ring, start);
+	*len = pos - start;
+	if (pos > start)
+		ring->win_owner = owner;
+	else if (!closing)
+		err = -EAGAIN;
+out:
+	mutex_unlock(&ring->read_lock);
+	return err;
+}
+
+void imgrement_ring_forget(struct imgrement_ring *ring, const void *owner)
+{
+	mutex_lock(&ring->read_lock);
+	if (ring->win_owner == owner)
+		ring_give_back(ring, owner);
+	mutex_unlock(&ring->read_lock);
+}
+
 void imgrement_ring_close(struct imgrement_ring *ring)
 {
-	WRITE_ONCE(ring->closing, true);
+	smp_store_release(&ring->closing, true);
 	wake_up_interruptible_all(&ring->wait);
 }

@@ -19,6 +19,11 @@
  * otherwise by a timer IMGREMENT_WAKE_DELAY_MS after the first commit that
  * found a sleeper.  Whether a record is readable (poll, O_NONBLOCK) is
  * always answered truthfully; only the wake-up is deferred.
+ *
+ * Records leave either by copy (imgrement_ring_read) or in place: the buffer
+ * is vmalloc_user() memory that a reader maps, and imgrement_ring_next()
+ * lends it a window of whole records at the tail, which stays unconsumed
+ * (its space is not reused) until the reader asks for the next one.
  */
 #ifndef IMGREMENT_RING_H
 #define IMGREMENT_RING_H
@@ -40,6 +45,10 @@ struct imgrement_ring {
 	u32 size;		/* bytes, a multiple of 8 */
 	u64 head;		/* bytes ever reserved (monotonic) */
 	u64 tail;		/* bytes ever consumed (monotonic) */
+	u64 rpos;		/* where the next delivery starts: tail, or the
+				 * end of the window lent out */
+	const void *win_owner;	/* the reader holding [tail, rpos), or NULL;
+				 * changed under read_lock and lock */
 	u64 next_seq;
 	atomic64_t dropped;	/* records dropped since creation */
 	atomic64_t committed;	/* records committed since creation */
@@ -75,13 +84,25 @@ u64 imgrement_ring_used(struct imgrement_ring *ring);
 bool imgrement_ring_readable(struct imgrement_ring *ring);
 
 /*
- * Copy whole committed records to @ubuf (at most @count bytes). Blocks
- * unless @nonblock. Returns bytes copied, 0 at end of stream (closing and
+ * Copy whole committed records to @ubuf (at most @count bytes) for reader
+ * @owner (any pointer that identifies it: its struct file).  Blocks unless
+ * @nonblock.  Returns bytes copied, 0 at end of stream (closing and
  * drained), or -EAGAIN, -EINTR, -EFAULT, -EINVAL (@count smaller than the
- * next record).
+ * next record), -EBUSY (another reader holds a window).
  */
-ssize_t imgrement_ring_read(struct imgrement_ring *ring, char __user *ubuf,
-			    size_t count, bool nonblock);
+ssize_t imgrement_ring_read(struct imgrement_ring *ring, const void *owner,
+			    char __user *ubuf, size_t count, bool nonblock);
+
+/*
+ * Give back @owner's window, if any, and lend it the next: whole committed
+ * records at buffer offset *@off, *@len bytes.  Never blocks on records.
+ * Returns 0 (*@len 0 at end of stream), -EAGAIN, -EINTR or -EBUSY.
+ */
+int imgrement_ring_next(struct imgrement_ring *ring, const void *owner,
+			u64 *off, u64 *len);
+
+/* The reader @owner goes: what it was lent counts as consumed. */
+void imgrement_ring_forget(struct imgrement_ring *ring, const void *owner);
 
 /* Wake readers for good: they drain what is left, then see EOF. */
 void imgrement_ring_close(struct imgrement_ring *ring);

@@ -204,6 +204,15 @@ struct imgrement_mark_record {
     __le32 reserved;
     ...;
 };
+
+struct imgrement_window {
+    uint64_t offset;
+    uint64_t length;
+    uint64_t ring_size;
+    ...;
+};
+
+#define IMGREMENT_IOC_NEXT ...
 """
 
 ffibuilder = FFI()

@@ -25,7 +25,7 @@ from imgrement_dm.errors import ImgrementError
 from imgrement_dm.formats import export as export_fmt
 from imgrement_dm.formats.capture import CaptureReader, CaptureWriter
 from imgrement_dm.layout import OPS
-from imgrement_dm.records import STREAM_MAGIC, BioRecord, Drop, Item, RecordReader, scan
+from imgrement_dm.records import STREAM_MAGIC, BioRecord, Drop, Item, RecordReader
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -202,10 +202,10 @@ def _store_raw(name: str | None, save: Any, duration: float | None) -> None:
     with RecordReader.live(name) as reader, _until_interrupted():
         save.write(STREAM_MAGIC)
         for wait in _waits(reader, duration):
-            raw = reader.read_view(timeout=wait)
-            if raw:
-                scan(raw)  # whole, well-formed records, or an error
-                save.write(raw)
+            # Whole records (the kernel never splits one), stored as they
+            # are: checking each header here in Python cost a CPU under load.
+            # They are checked when the file is read back.
+            save.write(reader.read_view(timeout=wait))
 
 
 @main.command()

@@ -20,6 +20,7 @@ from typing import Any, BinaryIO, TypeVar, Union
 
 from imgrement_dm import layout
 from imgrement_dm.errors import ImgrementError
+from imgrement_dm.window import UNSUPPORTED, MappedStream
 
 DEBUGFS = Path("/sys/kernel/debug")
 STREAM_DIR = DEBUGFS / "imgrement"
@@ -301,6 +302,8 @@ class RecordReader:
         self._eof = False
         self._read_size = READ_SIZE
         self._buf = bytearray()
+        # In place where the target lends windows; None once it cannot.
+        self._mapped: MappedStream | None = MappedStream(fd) if live else None
         if save is not None:
             save.write(STREAM_MAGIC)
 
@@ -345,6 +348,9 @@ class RecordReader:
         return cls(fd, live=False)
 
     def close(self) -> None:
+        if self._mapped is not None:
+            self._mapped.close()
+            self._mapped = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -390,14 +396,38 @@ class RecordReader:
             self._buf = bytearray(self._read_size)
         return os.readv(self._fd, [self._buf])
 
-    def read_view(self, timeout: float | None = None) -> memoryview:
-        """Like :meth:`read_raw`, as a view of the reader's own buffer.
+    def _next_window(self) -> memoryview | None:
+        """The next window in place, or None when the target cannot lend one."""
+        assert self._mapped is not None
+        try:
+            return self._mapped.next()
+        except BlockingIOError:
+            raise
+        except OSError as e:
+            if e.errno not in UNSUPPORTED:
+                raise
+        self._mapped.close()
+        self._mapped = None
+        return None
 
-        Valid until the next read; for consumers that store the stream, which
-        then neither allocate nor copy per read.
+    def read_view(self, timeout: float | None = None) -> memoryview:
+        """Like :meth:`read_raw`, as a view that is not a copy.
+
+        The records in place in the kernel's buffer (mapped read-only), or
+        in the reader's own buffer with a target that cannot lend them.
+        Valid until the next read; for consumers that store the stream,
+        which then copy each byte once, into their file.
         """
         if not self._live:
             raise StreamError("read_view is for live streams")
+        if self._mapped is not None:
+            view = self._read_once(timeout, self._next_window)
+            if self._mapped is not None:  # the target lends windows
+                if view is None:
+                    return memoryview(b"")  # timeout
+                if not view:
+                    self._eof = True
+                return view
         n = self._read_once(timeout, self._readv_buf)
         if n == 0:
             self._eof = True

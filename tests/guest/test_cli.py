@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import imgrement_dm
-from imgrement_dm.records import BioRecord, RecordReader
+from imgrement_dm.records import STREAM_DIR, BioRecord, RecordReader
 from imgrement_dm.udevsync import udev_running
 from tests.guest.helpers import CLI, cli, direct_read, direct_write, dm_devices, pattern, sh
 
@@ -34,10 +34,29 @@ def _json_lines(text: str) -> list[dict[str, object]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+def _holds_stream(pid: int) -> bool:
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(fd).startswith(f"{STREAM_DIR}/"):
+                return True
+        except FileNotFoundError:
+            pass  # closed meanwhile
+    return False
+
+
 def _start(*args: str) -> subprocess.Popen[str]:
+    """A CLI command that reads a record stream, once it holds the stream.
+
+    Starting Python takes seconds under emulation; a signal or I/O sent
+    before the command has the stream open would test nothing.
+    """
     p = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
-    time.sleep(2)  # the CLI's start-up under emulation
+    deadline = time.monotonic() + 60
+    while not _holds_stream(p.pid):
+        assert p.poll() is None, f"{args[0]} exited early: {p.communicate()}"
+        assert time.monotonic() < deadline, f"{args[0]} never opened the stream"
+        time.sleep(0.1)
     return p
 
 
