@@ -74,7 +74,7 @@ BENCH_APPEND ?= tsc=reliable clocksource=tsc
 bench: all
 	mkdir -p build/bench
 	rm -f build/bench/bench-raw.json build/bench/stream-*.rec
-	$(BIN)/imgrement-dm sandbox --kernel $(KERNEL) --disk 1G --memory 3G \
+	$(BIN)/imgrement-dm sandbox --kernel $(KERNEL) --disk 1G --memory 4G \
 		--append "$(BENCH_APPEND)" --results build/bench -- python tests/bench/guest_bench.py
 	$(BIN)/python tests/bench/report.py build/bench docs/benchmarks.md
 

@@ -4,8 +4,9 @@
  *
  *   records  the binary record stream (imgrement_record.h).  read() returns
  *            whole records only, blocks until one is there (or returns
- *            -EAGAIN with O_NONBLOCK), and poll() reports when one is;
- *            sleepers are woken in batches (ring.h).
+ *            -EAGAIN with O_NONBLOCK); poll() reports a batch (ring.h):
+ *            at once for a mark or 1/16 of the buffer unread, else at most
+ *            50 ms after a record, and sleepers are woken the same way.
  *            Several readers share one stream: each record goes to exactly
  *            one of them, like bytes from a pipe.  After the device is
  *            removed, readers that had the file open drain what is left and
@@ -104,7 +105,7 @@ static __poll_t records_poll(struct file *file, poll_table *wait)
 	struct imgrement_dev *dev = file->private_data;
 
 	poll_wait(file, &dev->ring.wait, wait);
-	if (imgrement_ring_readable(&dev->ring))
+	if (imgrement_ring_batch_ready(&dev->ring))
 		return EPOLLIN | EPOLLRDNORM;
 	if (READ_ONCE(dev->ring.closing))
 		return EPOLLHUP;

@@ -39,6 +39,7 @@ static void ring_wake_timer(struct timer_list *t)
 {
 	struct imgrement_ring *ring = imgrement_timer_container_of(ring, t, wake_timer);
 
+	WRITE_ONCE(ring->batch_ready, true);
 	wake_up_interruptible(&ring->wait);
 }
 
@@ -67,6 +68,7 @@ int imgrement_ring_init(struct imgrement_ring *ring, u32 size)
 	ring->wake_bytes = max_t(u32, size / 16, 8);
 	mutex_init(&ring->read_lock);
 	ring->closing = false;
+	ring->batch_ready = false;
 	return 0;
 }
 
@@ -122,14 +124,19 @@ out:
 void imgrement_ring_commit(struct imgrement_ring *ring,
 			   struct imgrement_record_header *hdr, u16 type)
 {
+	bool batch;
+
 	smp_store_release(&hdr->type, cpu_to_le16(type));
 	atomic64_inc(&ring->committed);
+	/* Unlocked reads: a stale estimate only moves the wake-up to the timer. */
+	batch = type == IMGREMENT_REC_MARK ||
+		READ_ONCE(ring->head) - READ_ONCE(ring->rpos) >= ring->wake_bytes;
+	if (batch && !READ_ONCE(ring->batch_ready))
+		WRITE_ONCE(ring->batch_ready, true);
 	/* wq_has_sleeper() carries the barrier that pairs with the waiter. */
 	if (!wq_has_sleeper(&ring->wait))
 		return;
-	/* Unlocked reads: a stale estimate only moves the wake-up to the timer. */
-	if (type == IMGREMENT_REC_MARK ||
-	    READ_ONCE(ring->head) - READ_ONCE(ring->tail) >= ring->wake_bytes)
+	if (batch)
 		wake_up_interruptible(&ring->wait);
 	else if (!timer_pending(&ring->wake_timer))
 		mod_timer(&ring->wake_timer,
@@ -154,7 +161,7 @@ static void ring_set_tail(struct imgrement_ring *ring, u64 tail, u64 rpos)
 
 	spin_lock_irqsave(&ring->lock, flags);
 	WRITE_ONCE(ring->tail, tail);
-	ring->rpos = rpos;
+	WRITE_ONCE(ring->rpos, rpos);
 	spin_unlock_irqrestore(&ring->lock, flags);
 }
 
@@ -202,6 +209,19 @@ bool imgrement_ring_readable(struct imgrement_ring *ring)
 	return false;
 }
 
+bool imgrement_ring_batch_ready(struct imgrement_ring *ring)
+{
+	if (!imgrement_ring_readable(ring))
+		return false;
+	if (READ_ONCE(ring->batch_ready) || READ_ONCE(ring->closing))
+		return true;
+	/* Records wait for company: at most IMGREMENT_WAKE_DELAY_MS. */
+	if (!timer_pending(&ring->wake_timer))
+		mod_timer(&ring->wake_timer,
+			  jiffies + msecs_to_jiffies(IMGREMENT_WAKE_DELAY_MS));
+	return false;
+}
+
 /* Copy [from, to), which never crosses the end of the buffer. */
 static int ring_copy_out(struct imgrement_ring *ring, char __user *ubuf, size_t *done,
 			 u64 from, u64 to)
@@ -225,6 +245,8 @@ static ssize_t ring_take(struct imgrement_ring *ring, const void *owner,
 	err = ring_give_back(ring, owner);
 	if (err)
 		return err;
+	/* Cleared before looking: a batch completed meanwhile stays announced. */
+	WRITE_ONCE(ring->batch_ready, false);
 	ring_bounds(ring, &pos, &head);
 	chunk = pos;
 	consumed = pos;
@@ -311,6 +333,7 @@ int imgrement_ring_next(struct imgrement_ring *ring, const void *owner,
 	err = ring_give_back(ring, owner);
 	if (err)
 		goto out;
+	WRITE_ONCE(ring->batch_ready, false);
 	ring_bounds(ring, &pos, &head);
 	start = pos;
 	while (pos < head) {

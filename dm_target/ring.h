@@ -17,8 +17,11 @@
  * few wake-ups a second rather than one per bio: at once when a mark is
  * committed or when the unread bytes reach wake_bytes (1/16 of the buffer),
  * otherwise by a timer IMGREMENT_WAKE_DELAY_MS after the first commit that
- * found a sleeper.  Whether a record is readable (poll, O_NONBLOCK) is
- * always answered truthfully; only the wake-up is deferred.
+ * found a sleeper.  poll() says the same: it reports a batch (a mark,
+ * wake_bytes unread, or a record that has waited IMGREMENT_WAKE_DELAY_MS),
+ * so that a reader that polls before each read takes records in batches
+ * even when a few are always there.  A read (O_NONBLOCK or not) takes
+ * whatever is committed.
  *
  * Records leave either by copy (imgrement_ring_read) or in place: the buffer
  * is vmalloc_user() memory that a reader maps, and imgrement_ring_next()
@@ -57,6 +60,8 @@ struct imgrement_ring {
 	u32 wake_bytes;		/* unread bytes that wake readers at once */
 	struct mutex read_lock;	/* one reader at a time consumes */
 	bool closing;		/* set once: readers get EOF when drained */
+	bool batch_ready;	/* a batch is waiting: set by commit and the
+				 * timer, cleared when a reader takes records */
 };
 
 int imgrement_ring_init(struct imgrement_ring *ring, u32 size);
@@ -82,6 +87,12 @@ u64 imgrement_ring_used(struct imgrement_ring *ring);
 
 /* Is there a committed record for the reader? */
 bool imgrement_ring_readable(struct imgrement_ring *ring);
+
+/*
+ * Is there a batch for the reader (what poll reports)?  If only a few
+ * records wait, arms the timer that will make them one.
+ */
+bool imgrement_ring_batch_ready(struct imgrement_ring *ring);
 
 /*
  * Copy whole committed records to @ubuf (at most @count bytes) for reader

@@ -365,21 +365,29 @@ class RecordReader:
     def eof(self) -> bool:
         return self._eof
 
-    def _read_once(self, timeout: float | None, read: Callable[[], T]) -> T | None:
+    def _poll(self, timeout: float | None) -> bool:
+        """Wait for the kernel to report a batch (see ring.h); False on timeout."""
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        ms = -1 if timeout is None else max(1, int(timeout * 1000))
+        return bool(poller.poll(ms))
+
+    def _read_once(self, timeout: float | None, read: Callable[[], T], *,
+                   batch: bool = False) -> T | None:
         """One ``read()`` (the call given), waiting for records as ``timeout`` says.
 
         None on timeout; whatever ``read`` returns otherwise (empty at the end).
+        ``batch``: wait for a batch before reading even if records are there,
+        so that a consumer that always finds a few new records does not
+        spin taking them one or two at a time.
         """
+        if batch and timeout != 0 and not self._poll(timeout):
+            timeout = 0  # waited already: take whatever is there
         while True:
             try:
                 return read()
             except BlockingIOError:
-                if timeout == 0:
-                    return None
-                poller = select.poll()
-                poller.register(self._fd, select.POLLIN)
-                ms = -1 if timeout is None else max(1, int(timeout * 1000))
-                if not poller.poll(ms):
+                if timeout == 0 or not self._poll(timeout):
                     return None
             except OSError as e:
                 if e.errno == errno.EINVAL and self._live and self._read_size < (1 << 30):
@@ -421,14 +429,15 @@ class RecordReader:
         if not self._live:
             raise StreamError("read_view is for live streams")
         if self._mapped is not None:
-            view = self._read_once(timeout, self._next_window)
+            view = self._read_once(timeout, self._next_window,
+                                   batch=self._mapped.holds_little())
             if self._mapped is not None:  # the target lends windows
                 if view is None:
                     return memoryview(b"")  # timeout
                 if not view:
                     self._eof = True
                 return view
-        n = self._read_once(timeout, self._readv_buf)
+        n = self._read_once(timeout, self._readv_buf, batch=True)
         if n == 0:
             self._eof = True
         return memoryview(self._buf)[: n or 0]

@@ -31,6 +31,17 @@ class MappedStream:
         self._map: mmap.mmap | None = None
         self._view: memoryview | None = None
         self._arg = bytearray(_WINDOW_SIZE)
+        self._ring_size = 0
+
+    def holds_little(self) -> bool:
+        """Is the window lent now at most a sixteenth of the buffer?
+
+        Such a window may be held while waiting for a batch (the kernel
+        announces one at a sixteenth unread); a larger one is better given
+        back at once, so that the target can reuse its space.
+        """
+        held = self._view.nbytes if self._view is not None else 0
+        return held <= self._ring_size // 16
 
     def next(self) -> memoryview:
         """Give back the current window and return the next one.
@@ -47,6 +58,7 @@ class MappedStream:
             return memoryview(b"")
         if self._map is None:
             # Mapped once: the buffer's size never changes for an open file.
+            self._ring_size = win.ring_size
             self._map = mmap.mmap(self._fd, win.ring_size, mmap.MAP_SHARED, mmap.PROT_READ)
         self._view = memoryview(self._map)[win.offset:win.offset + win.length]
         return self._view

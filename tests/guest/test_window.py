@@ -241,3 +241,24 @@ def test_windows_wrap_around_and_end_with_the_stream(disk: str) -> None:
     got = mine(items)
     assert [(r.sector, bytes(r.payload)) for r in got] == [
         (s * 8, pattern(s, 4096)) for s in range(80)]
+
+
+def test_poll_reports_a_lone_record_that_came_while_nobody_waited(
+    traced: tuple[imgrement_dm.TracedDevice, Writer],
+) -> None:
+    dev, writes = traced
+    dev.set_capture("meta")  # a 4 KiB write's data alone would be a batch (1/16 of 64 KiB)
+    a = open_stream()
+    try:
+        # One record, no mark, far below the batch size, committed while
+        # nobody polls: no wake-up was due.  poll() itself must arm the
+        # deferred one, or it would sleep until more records came.
+        assert os.pwrite(writes.fd, aligned(pattern(7, 4096)), 7 * 4096) == 4096
+        p = select.poll()
+        p.register(a, select.POLLIN)
+        ready = p.poll(30_000)
+        assert ready and ready[0][1] & select.POLLIN, "poll() never reported the record"
+        records, _ = decode(os.read(a, 1 << 20))
+        assert [(r.op_name, r.sector, r.size) for r in mine(records)] == [("write", 56, 4096)]
+    finally:
+        os.close(a)
