@@ -65,7 +65,7 @@ test: lint test-host test-system test-guest
 
 # fio in one guest boot: raw, dm-linear and imgrement in each capture mode on a
 # virtio disk and a RAM disk; ratios to dm-linear in build/bench/results.json
-# and docs/benchmarks.md. About 20 minutes under software emulation.
+# and docs/benchmarks.md. About 30 minutes under software emulation.
 # Under emulation the guest kernel finds the vCPUs' TSCs unsynchronized and
 # falls back to the HPET, whose every read (each clock_gettime of fio, each
 # timestamp of the target and of the block layer) traps into QEMU; real

@@ -39,7 +39,7 @@ WORKLOADS: dict[str, list[str]] = {
 }
 CONFIGS = ["raw", "linear", "meta", "writes", "all"]
 RUNTIME = int(os.environ.get("BENCH_RUNTIME", "4"))
-REPS = int(os.environ.get("BENCH_REPS", "2"))
+REPS = int(os.environ.get("BENCH_REPS", "3"))
 SIZE = 200 << 20  # bytes of each disk the workloads use
 OUT = Path(os.environ["IMGREMENT_RESULTS"])
 # A tmpfs file, as a user's fast local file would be (the guest's /tmp is an
