@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import pytest
@@ -163,3 +164,17 @@ def test_scan_counts_records_and_gaps_from_headers() -> None:
     assert scan(raw) == (3, 4, 9, 3)
     with pytest.raises(StreamError, match="ends inside a record"):
         scan(raw[:-8])
+
+
+def test_read_view_copies_where_the_stream_cannot_be_mapped() -> None:
+    # A pipe answers the window ioctl with ENOTTY, as a stream from a target
+    # without it would: read_view falls back to reading into its own buffer.
+    body = streams.bio(0) + streams.mark(1, "m")
+    r, w = os.pipe()
+    os.write(w, body)
+    os.close(w)
+    with RecordReader(r, live=True) as reader:
+        view = reader.read_view(timeout=0)
+        assert bytes(view) == body
+        assert reader._mapped is None
+        assert not reader.read_view(timeout=0) and reader.eof
