@@ -195,10 +195,11 @@ def paired(disk_name: str, disk: str, mode: str, workload: str) -> dict[str, Any
             got = {}
             for s in (linear, traced) if i % 2 == 0 else (traced, linear):
                 got[s.config] = fio(s.path, workload, f"--runtime={PAIR_RUNTIME}")[metric]
-                if traced.stream.exists():
+                part = traced.stream.with_name(traced.stream.name + ".part")  # trace -o's
+                if part.exists():
                     # keep the stream file within the tmpfs: drop what is stored
                     # (the consumer writes on past a hole, at the same cost)
-                    os.truncate(traced.stream, 0)
+                    os.truncate(part, 0)
             ratios.append(got[mode] / got["linear"])
         stats = traced.stop(keep=False)
     finally:
