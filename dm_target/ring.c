@@ -180,6 +180,33 @@ static int ring_give_back(struct imgrement_ring *ring, const void *owner)
 	return 0;
 }
 
+/*
+ * Start taking records, under read_lock: give back @owner's window, clear
+ * the batch flag (before looking, so that a batch completed meanwhile stays
+ * announced), and find where delivery starts and reservations end.
+ */
+static int ring_begin_take(struct imgrement_ring *ring, const void *owner,
+			   u64 *pos, u64 *head)
+{
+	int err = ring_give_back(ring, owner);
+
+	if (err)
+		return err;
+	WRITE_ONCE(ring->batch_ready, false);
+	ring_bounds(ring, pos, head);
+	return 0;
+}
+
+/* The type of the record at @pos (read first, with acquire) and its size. */
+static u16 ring_peek(const struct imgrement_ring *ring, u64 pos, u32 *size)
+{
+	struct imgrement_record_header *hdr = ring_at(ring, pos);
+	u16 type = le16_to_cpu(smp_load_acquire(&hdr->type));
+
+	*size = le32_to_cpu(hdr->size);
+	return type;
+}
+
 u64 imgrement_ring_used(struct imgrement_ring *ring)
 {
 	unsigned long flags;
@@ -194,17 +221,17 @@ u64 imgrement_ring_used(struct imgrement_ring *ring)
 bool imgrement_ring_readable(struct imgrement_ring *ring)
 {
 	u64 pos, head;
+	u32 size;
+	u16 type;
 
 	ring_bounds(ring, &pos, &head);
 	while (pos < head) {
-		struct imgrement_record_header *hdr = ring_at(ring, pos);
-		u16 type = le16_to_cpu(smp_load_acquire(&hdr->type));
-
+		type = ring_peek(ring, pos, &size);
 		if (type == IMGREMENT_REC_NONE)
 			return false;
 		if (type != IMGREMENT_REC_PAD)
 			return true;
-		pos += le32_to_cpu(hdr->size);
+		pos += size;
 	}
 	return false;
 }
@@ -240,21 +267,17 @@ static ssize_t ring_take(struct imgrement_ring *ring, const void *owner,
 {
 	u64 pos, head, chunk, consumed;
 	size_t done = 0;
+	u32 size;
+	u16 type;
 	int err;
 
-	err = ring_give_back(ring, owner);
+	err = ring_begin_take(ring, owner, &pos, &head);
 	if (err)
 		return err;
-	/* Cleared before looking: a batch completed meanwhile stays announced. */
-	WRITE_ONCE(ring->batch_ready, false);
-	ring_bounds(ring, &pos, &head);
 	chunk = pos;
 	consumed = pos;
 	while (pos < head) {
-		struct imgrement_record_header *hdr = ring_at(ring, pos);
-		u16 type = le16_to_cpu(smp_load_acquire(&hdr->type));
-		u32 size = le32_to_cpu(hdr->size);
-
+		type = ring_peek(ring, pos, &size);
 		if (type == IMGREMENT_REC_NONE)
 			break;
 		if (type == IMGREMENT_REC_PAD) {
@@ -325,22 +348,19 @@ int imgrement_ring_next(struct imgrement_ring *ring, const void *owner,
 {
 	u64 start, pos, head;
 	bool closing;
+	u32 size;
+	u16 type;
 	int err;
 
 	if (mutex_lock_interruptible(&ring->read_lock))
 		return -ERESTARTSYS;
 	closing = smp_load_acquire(&ring->closing);
-	err = ring_give_back(ring, owner);
+	err = ring_begin_take(ring, owner, &pos, &head);
 	if (err)
 		goto out;
-	WRITE_ONCE(ring->batch_ready, false);
-	ring_bounds(ring, &pos, &head);
 	start = pos;
 	while (pos < head) {
-		struct imgrement_record_header *hdr = ring_at(ring, pos);
-		u16 type = le16_to_cpu(smp_load_acquire(&hdr->type));
-		u32 size = le32_to_cpu(hdr->size);
-
+		type = ring_peek(ring, pos, &size);
 		if (type == IMGREMENT_REC_NONE)
 			break;
 		if (type == IMGREMENT_REC_PAD) {
