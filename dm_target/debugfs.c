@@ -53,8 +53,22 @@ static int records_release(struct inode *inode, struct file *file)
 {
 	struct imgrement_dev *dev = file->private_data;
 
-	imgrement_ring_forget(&dev->ring, file);
+	imgrement_ring_forget(&dev->ring, file, NULL);
 	kref_put(&dev->kref, imgrement_dev_release);
+	return 0;
+}
+
+/*
+ * close() gives the window back, as the documentation promises: release()
+ * alone would wait for the last munmap(), since a mapping holds the file.
+ * Only a close by the descriptor table the window was lent to counts (@id),
+ * not a child's at exec.
+ */
+static int records_flush(struct file *file, fl_owner_t id)
+{
+	struct imgrement_dev *dev = file->private_data;
+
+	imgrement_ring_forget(&dev->ring, file, id);
 	return 0;
 }
 
@@ -92,11 +106,15 @@ static long records_ioctl(struct file *file, unsigned int cmd, unsigned long arg
 
 	if (cmd != IMGREMENT_IOC_NEXT)
 		return -ENOTTY;
-	err = imgrement_ring_next(&dev->ring, file, &win.offset, &win.length);
+	err = imgrement_ring_next(&dev->ring, file, current->files, &win.offset,
+				  &win.length);
 	if (err)
 		return err;
-	if (copy_to_user((void __user *)arg, &win, sizeof(win)))
+	if (copy_to_user((void __user *)arg, &win, sizeof(win))) {
+		/* The caller never learnt of this window: it is not consumed. */
+		imgrement_ring_unlend(&dev->ring, file);
 		return -EFAULT;
+	}
 	return 0;
 }
 
@@ -105,7 +123,7 @@ static __poll_t records_poll(struct file *file, poll_table *wait)
 	struct imgrement_dev *dev = file->private_data;
 
 	poll_wait(file, &dev->ring.wait, wait);
-	if (imgrement_ring_batch_ready(&dev->ring))
+	if (imgrement_ring_batch_ready(&dev->ring, file))
 		return EPOLLIN | EPOLLRDNORM;
 	if (READ_ONCE(dev->ring.closing))
 		return EPOLLHUP;
@@ -116,6 +134,7 @@ static const struct file_operations records_fops = {
 	.owner = THIS_MODULE,
 	.open = records_open,
 	.release = records_release,
+	.flush = records_flush,
 	.read = records_read,
 	.poll = records_poll,
 	.mmap = records_mmap,

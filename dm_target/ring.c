@@ -60,6 +60,7 @@ int imgrement_ring_init(struct imgrement_ring *ring, u32 size)
 	ring->tail = 0;
 	ring->rpos = 0;
 	ring->win_owner = NULL;
+	ring->win_closer = NULL;
 	ring->next_seq = 0;
 	atomic64_set(&ring->dropped, 0);
 	atomic64_set(&ring->committed, 0);
@@ -154,14 +155,19 @@ static void ring_bounds(struct imgrement_ring *ring, u64 *rpos, u64 *head)
 	spin_unlock_irqrestore(&ring->lock, flags);
 }
 
-/* Consume up to @tail and deliver from @rpos on; the caller holds read_lock. */
-static void ring_set_tail(struct imgrement_ring *ring, u64 tail, u64 rpos)
+/*
+ * Consume up to @tail and deliver from @rpos on, [tail, rpos) lent to
+ * @owner (NULL when they are equal); the caller holds read_lock.
+ */
+static void ring_set_tail(struct imgrement_ring *ring, u64 tail, u64 rpos,
+			  const void *owner)
 {
 	unsigned long flags;
 
 	spin_lock_irqsave(&ring->lock, flags);
 	WRITE_ONCE(ring->tail, tail);
 	WRITE_ONCE(ring->rpos, rpos);
+	ring->win_owner = tail == rpos ? NULL : owner;
 	spin_unlock_irqrestore(&ring->lock, flags);
 }
 
@@ -175,8 +181,9 @@ static int ring_give_back(struct imgrement_ring *ring, const void *owner)
 		return 0;
 	if (ring->win_owner != owner)
 		return -EBUSY;
-	ring_set_tail(ring, ring->rpos, ring->rpos);
-	ring->win_owner = NULL;
+	ring_set_tail(ring, ring->rpos, ring->rpos, NULL);
+	/* Readers that poll or wait were told nothing is theirs meanwhile. */
+	wake_up_interruptible(&ring->wait);
 	return 0;
 }
 
@@ -218,27 +225,41 @@ u64 imgrement_ring_used(struct imgrement_ring *ring)
 	return used;
 }
 
-bool imgrement_ring_readable(struct imgrement_ring *ring)
+bool imgrement_ring_readable(struct imgrement_ring *ring, const void *owner)
 {
-	u64 pos, head;
+	bool readable = false;
+	unsigned long flags;
+	u64 pos;
 	u32 size;
 	u16 type;
 
-	ring_bounds(ring, &pos, &head);
-	while (pos < head) {
+	/*
+	 * Under the lock, which every change of head, tail and rpos takes:
+	 * nothing in [rpos, head) can be consumed and reused meanwhile, so
+	 * every header read here is one.  (Unlocked, another reader could take
+	 * these records and writers fill the space with data that reads as a
+	 * header: a PAD of size 0 looped forever.)  The walk passes at most the
+	 * padding at the end of the buffer.  While another reader holds a
+	 * window, read() refuses this one (-EBUSY): nothing is readable to it.
+	 */
+	spin_lock_irqsave(&ring->lock, flags);
+	if (ring->win_owner && ring->win_owner != owner)
+		goto out;
+	for (pos = ring->rpos; pos < ring->head; pos += size) {
 		type = ring_peek(ring, pos, &size);
-		if (type == IMGREMENT_REC_NONE)
-			return false;
-		if (type != IMGREMENT_REC_PAD)
-			return true;
-		pos += size;
+		if (type != IMGREMENT_REC_PAD) {
+			readable = type != IMGREMENT_REC_NONE;
+			break;
+		}
 	}
-	return false;
+out:
+	spin_unlock_irqrestore(&ring->lock, flags);
+	return readable;
 }
 
-bool imgrement_ring_batch_ready(struct imgrement_ring *ring)
+bool imgrement_ring_batch_ready(struct imgrement_ring *ring, const void *owner)
 {
-	if (!imgrement_ring_readable(ring))
+	if (!imgrement_ring_readable(ring, owner))
 		return false;
 	if (READ_ONCE(ring->batch_ready) || READ_ONCE(ring->closing))
 		return true;
@@ -310,7 +331,7 @@ static ssize_t ring_take(struct imgrement_ring *ring, const void *owner,
 			consumed = pos;
 	}
 
-	ring_set_tail(ring, consumed, consumed);
+	ring_set_tail(ring, consumed, consumed, NULL);
 	return done ? (ssize_t)done : err;
 }
 
@@ -320,6 +341,8 @@ ssize_t imgrement_ring_read(struct imgrement_ring *ring, const void *owner,
 	ssize_t ret;
 	bool closing;
 
+	if (!count)
+		return 0;	/* as for any file: nothing asked, nothing to wait for */
 	for (;;) {
 		if (nonblock) {
 			if (!mutex_trylock(&ring->read_lock))
@@ -337,14 +360,14 @@ ssize_t imgrement_ring_read(struct imgrement_ring *ring, const void *owner,
 			return 0;
 		if (nonblock)
 			return -EAGAIN;
-		if (wait_event_interruptible(ring->wait, imgrement_ring_readable(ring) ||
+		if (wait_event_interruptible(ring->wait, imgrement_ring_readable(ring, owner) ||
 					     READ_ONCE(ring->closing)))
 			return -ERESTARTSYS;
 	}
 }
 
 int imgrement_ring_next(struct imgrement_ring *ring, const void *owner,
-			u64 *off, u64 *len)
+			const void *closer, u64 *off, u64 *len)
 {
 	u64 start, pos, head;
 	bool closing;
@@ -375,22 +398,33 @@ int imgrement_ring_next(struct imgrement_ring *ring, const void *owner,
 			break;		/* windows never cross the end */
 	}
 	/* Skipped padding is consumed; the window stays lent until next time. */
-	ring_set_tail(ring, start, pos);
+	ring_set_tail(ring, start, pos, owner);
+	ring->win_closer = closer;
 	*off = ring_off(ring, start);
 	*len = pos - start;
-	if (pos > start)
-		ring->win_owner = owner;
-	else if (!closing)
+	if (pos == start && !closing)
 		err = -EAGAIN;
 out:
 	mutex_unlock(&ring->read_lock);
 	return err;
 }
 
-void imgrement_ring_forget(struct imgrement_ring *ring, const void *owner)
+void imgrement_ring_unlend(struct imgrement_ring *ring, const void *owner)
 {
 	mutex_lock(&ring->read_lock);
-	if (ring->win_owner == owner)
+	/* Nobody else took anything meanwhile: they got -EBUSY. */
+	if (ring->win_owner == owner) {
+		ring_set_tail(ring, ring->tail, ring->tail, NULL);
+		wake_up_interruptible(&ring->wait);
+	}
+	mutex_unlock(&ring->read_lock);
+}
+
+void imgrement_ring_forget(struct imgrement_ring *ring, const void *owner,
+			   const void *closer)
+{
+	mutex_lock(&ring->read_lock);
+	if (ring->win_owner == owner && (!closer || ring->win_closer == closer))
 		ring_give_back(ring, owner);
 	mutex_unlock(&ring->read_lock);
 }

@@ -52,6 +52,7 @@ struct imgrement_ring {
 				 * end of the window lent out */
 	const void *win_owner;	/* the reader holding [tail, rpos), or NULL;
 				 * changed under read_lock and lock */
+	const void *win_closer;	/* whose close() gives it back (ring_forget) */
 	u64 next_seq;
 	atomic64_t dropped;	/* records dropped since creation */
 	atomic64_t committed;	/* records committed since creation */
@@ -85,21 +86,25 @@ void imgrement_ring_commit(struct imgrement_ring *ring,
 /* Bytes reserved and not yet consumed. */
 u64 imgrement_ring_used(struct imgrement_ring *ring);
 
-/* Is there a committed record for the reader? */
-bool imgrement_ring_readable(struct imgrement_ring *ring);
+/*
+ * Is there a committed record that reader @owner could take now?  Not while
+ * another reader holds a window (its read would get -EBUSY); giving a
+ * window back wakes the waiters.
+ */
+bool imgrement_ring_readable(struct imgrement_ring *ring, const void *owner);
 
 /*
- * Is there a batch for the reader (what poll reports)?  If only a few
+ * Is there a batch for reader @owner (what poll reports)?  If only a few
  * records wait, arms the timer that will make them one.
  */
-bool imgrement_ring_batch_ready(struct imgrement_ring *ring);
+bool imgrement_ring_batch_ready(struct imgrement_ring *ring, const void *owner);
 
 /*
  * Copy whole committed records to @ubuf (at most @count bytes) for reader
  * @owner (any pointer that identifies it: its struct file).  Blocks unless
  * @nonblock.  Returns bytes copied, 0 at end of stream (closing and
- * drained), or -EAGAIN, -EINTR, -EFAULT, -EINVAL (@count smaller than the
- * next record), -EBUSY (another reader holds a window).
+ * drained, or @count 0), or -EAGAIN, -EINTR, -EFAULT, -EINVAL (@count
+ * smaller than the next record), -EBUSY (another reader holds a window).
  */
 ssize_t imgrement_ring_read(struct imgrement_ring *ring, const void *owner,
 			    char __user *ubuf, size_t count, bool nonblock);
@@ -107,13 +112,26 @@ ssize_t imgrement_ring_read(struct imgrement_ring *ring, const void *owner,
 /*
  * Give back @owner's window, if any, and lend it the next: whole committed
  * records at buffer offset *@off, *@len bytes.  Never blocks on records.
+ * @closer names who may give it back by closing (see ring_forget).
  * Returns 0 (*@len 0 at end of stream), -EAGAIN, -EINTR or -EBUSY.
  */
 int imgrement_ring_next(struct imgrement_ring *ring, const void *owner,
-			u64 *off, u64 *len);
+			const void *closer, u64 *off, u64 *len);
 
-/* The reader @owner goes: what it was lent counts as consumed. */
-void imgrement_ring_forget(struct imgrement_ring *ring, const void *owner);
+/*
+ * The window just lent to @owner never reached it (its address was bad):
+ * take it back unconsumed, so its records are delivered again.
+ */
+void imgrement_ring_unlend(struct imgrement_ring *ring, const void *owner);
+
+/*
+ * The reader @owner goes, or @closer closed it: what it was lent counts as
+ * consumed.  A NULL @closer gives the window back whoever took it; otherwise
+ * only the @closer the window was lent with does, so that a child that
+ * closes an inherited descriptor (at exec) takes nothing from its parent.
+ */
+void imgrement_ring_forget(struct imgrement_ring *ring, const void *owner,
+			   const void *closer);
 
 /* Wake readers for good: they drain what is left, then see EOF. */
 void imgrement_ring_close(struct imgrement_ring *ring);

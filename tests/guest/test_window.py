@@ -15,6 +15,8 @@ import mmap
 import os
 import select
 import struct
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 
 import pytest
@@ -98,17 +100,31 @@ def mmap_errno(fd: int, length: int, prot: int, offset: int = 0) -> int:
     return 0
 
 
-def take_until(fd: int, seq: int) -> list[Record]:
-    """Take windows (checking each) until the one that ends with record ``seq``."""
+def mapped(fd: int) -> mmap.mmap:
+    """The whole buffer, read-only.  Python's mmap keeps a dup() of ``fd``, and
+    closing that (at unmap) is a close of the file: it gives the window back."""
+    return mmap.mmap(fd, RING, mmap.MAP_SHARED, mmap.PROT_READ)
+
+
+def take_until(fd: int, seq: int, m: mmap.mmap | None = None) -> list[Record]:
+    """Take windows (checking each) until the one that ends with record ``seq``.
+
+    Without a mapping ``m`` it maps and unmaps the buffer itself, which gives
+    the last window back; pass one to keep holding it.
+    """
     out: list[Record] = []
-    with mmap.mmap(fd, RING, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+    view = m if m is not None else mapped(fd)
+    try:
         while not out or out[-1].seq != seq:
             assert select.select([fd], [], [], 30)[0] == [fd], f"record {seq} never came"
             off, length, size = next_window(fd)
             assert size == RING and off % 8 == 0 and length > 0 and off + length <= RING
-            records, used = decode(m[off:off + length])
+            records, used = decode(view[off:off + length])
             assert used == length  # whole records only
             out += records
+    finally:
+        if m is None:
+            view.close()
     return out
 
 
@@ -161,9 +177,10 @@ def test_one_reader_holds_the_window_and_closing_gives_it_back(
 ) -> None:
     dev, writes = traced
     a, b = open_stream(), open_stream()
+    m = mapped(a)
     try:
         end = writes(range(2))
-        take_until(a, end)  # a now holds the window that ends with the mark
+        take_until(a, end, m)  # a now holds the window that ends with the mark
         # the other reader neither reads nor borrows while a holds a window
         assert errno_of(os.read, b, 1 << 20) == errno.EBUSY
         assert errno_of(next_window, b) == errno.EBUSY
@@ -175,9 +192,10 @@ def test_one_reader_holds_the_window_and_closing_gives_it_back(
         assert errno_of(next_window, a) == errno.EAGAIN
         assert errno_of(os.read, b, 1 << 20) == errno.EAGAIN
 
-        # a takes the next window and closes: those records count as delivered
+        # a takes the next window and closes, its mapping still there: those
+        # records count as delivered at close(), not at the last munmap()
         end2 = writes(range(2, 4))
-        lent = take_until(a, end2)
+        lent = take_until(a, end2, m)
         assert lent[0].seq == end + 1
         os.close(a)
         a = -1
@@ -189,9 +207,89 @@ def test_one_reader_holds_the_window_and_closing_gives_it_back(
         assert [r.seq for r in after] == [end2 + 1, end3]
         assert bytes(mine(after)[0].payload) == pattern(4, 4096)
     finally:
+        m.close()
         for fd in (a, b):
             if fd >= 0:
                 os.close(fd)
+
+
+def test_poll_does_not_promise_what_read_refuses(
+    traced: tuple[imgrement_dm.TracedDevice, Writer],
+) -> None:
+    """While one reader holds a window, another's poll() reports nothing (its
+    read would get EBUSY); when the window comes back, that reader is woken."""
+    _, writes = traced
+    a, b = open_stream(), open_stream()
+    m = mapped(a)
+    try:
+        end = writes(range(2))
+        take_until(a, end, m)  # a holds the window
+        end2 = writes(range(2, 8))  # a batch for b to want: more than 1/16 of the buffer
+        p = select.poll()
+        p.register(b, select.POLLIN)
+        assert p.poll(300) == [], "poll() reported records that read() refuses with EBUSY"
+        assert errno_of(os.read, b, 1 << 20) == errno.EBUSY
+        # b waits in poll(); a gives its window back (unmapping closes the
+        # mapping's dup of the file); b is woken and reads the new batch
+        woke: list[list[tuple[int, int]]] = []
+        waiter = threading.Thread(target=lambda: woke.append(p.poll(30_000)))
+        waiter.start()
+        time.sleep(0.3)
+        m.close()
+        waiter.join(35)
+        assert woke and woke[0] and woke[0][0][1] & select.POLLIN, "b was never woken"
+        records, _ = decode(os.read(b, 1 << 20))
+        assert [r.seq for r in records] == list(range(end + 1, end2 + 1))
+    finally:
+        m.close()
+        os.close(a)
+        os.close(b)
+
+
+def test_a_window_the_caller_never_learnt_of_is_not_consumed(
+    traced: tuple[imgrement_dm.TracedDevice, Writer],
+) -> None:
+    """IMGREMENT_IOC_NEXT with a bad address fails with EFAULT and lends
+    nothing: read() then returns every record, no gap, nothing dropped."""
+    dev, writes = traced
+    a = open_stream()
+    try:
+        end = writes(range(3))
+        assert select.select([a], [], [], 30)[0] == [a]
+        # an address no process has mapped: the copy of the window's offsets fails
+        assert errno_of(fcntl.ioctl, a, lib.IMGREMENT_IOC_NEXT, 8) == errno.EFAULT
+        got: list[Record] = []
+        while not got or got[-1].seq != end:
+            assert select.select([a], [], [], 30)[0] == [a], "records were lost"
+            got += decode(os.read(a, 1 << 20))[0]
+        seqs = [r.seq for r in got]
+        assert seqs == list(range(seqs[0], end + 1))
+        assert [(r.sector, bytes(r.payload)) for r in mine(got)] == [
+            (s * 8, pattern(s, 4096)) for s in range(3)]
+        assert dev.status().dropped == 0
+        # and the stream carries on as usual for windows
+        end2 = writes(range(3, 4))
+        assert take_until(a, end2)[-1].seq == end2
+    finally:
+        os.close(a)
+
+
+def test_a_read_of_zero_bytes_returns_at_once(
+    traced: tuple[imgrement_dm.TracedDevice, Writer],
+) -> None:
+    a = os.open(stream_path("traced"), os.O_RDONLY | os.O_CLOEXEC)  # blocking
+    try:
+        done: list[bytes] = []
+        th = threading.Thread(target=lambda: done.append(os.read(a, 0)))
+        th.start()
+        th.join(10)
+        assert not th.is_alive(), "read(fd, buf, 0) waited for a record"
+        assert done == [b""]
+    finally:
+        if th.is_alive():  # release it before closing: a record ends the read
+            traced[1](range(1))
+            th.join(30)
+        os.close(a)
 
 
 def test_windows_wrap_around_and_end_with_the_stream(disk: str) -> None:
