@@ -27,18 +27,15 @@ static inline sector_t imgrement_bdev_nr_sectors(struct block_device *bdev)
 #endif
 
 /*
- * .prepare_ioctl grew the ioctl command, its argument and a "forward" out
- * parameter after 6.12 (Debian's 6.12 has the old form, 7.2 the new one;
- * 6.15 is our best knowledge of the release).  Only the block device
- * matters to us.
+ * Target features.  DM_TARGET_NOWAIT (in all four Debian kernels, 5.10
+ * included; a macro, so test for it): .map
+ * never sleeps, so REQ_NOWAIT bios (RWF_NOWAIT, io_uring's inline issue)
+ * may come through; without it the mapped device refuses them.
  */
-#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 15, 0)
-#define IMGREMENT_PREPARE_IOCTL_ARGS					\
-	struct dm_target *ti, struct block_device **bdev,		\
-	unsigned int cmd, unsigned long arg, bool *forward
+#ifdef DM_TARGET_NOWAIT
+#define IMGREMENT_TARGET_FEATURES DM_TARGET_NOWAIT
 #else
-#define IMGREMENT_PREPARE_IOCTL_ARGS					\
-	struct dm_target *ti, struct block_device **bdev
+#define IMGREMENT_TARGET_FEATURES 0
 #endif
 
 /* blk_opf_t (the type of bi_opf) arrived in 6.0. */

@@ -19,6 +19,22 @@
  * full a record is dropped and counted, and its sequence number is skipped.
  * The format is in imgrement_record.h and docs/record-format.md.
  *
+ * Ioctls.  The target has no .prepare_ioctl, so device-mapper refuses
+ * (ENOTTY) every ioctl that it would otherwise hand to the device below:
+ * SG_IO and the other SCSI and NVMe passthrough commands, and persistent
+ * reservations.  A passthrough WRITE would change the disk with no bio and
+ * so no record; a tracer must not let a write past unseen.  The block
+ * layer's own ioctls (BLKDISCARD, BLKZEROOUT, BLKFLSBUF, sizes) become bios
+ * and are recorded like any other.  Send passthrough commands (smartctl,
+ * sg_*) to the disk itself.
+ *
+ * Features: REQ_NOWAIT bios are accepted where the kernel has
+ * DM_TARGET_NOWAIT (.map never sleeps).  Integrity metadata and inline
+ * encryption are not passed through: the device below generates and checks
+ * its own protection information, and fscrypt falls back to encrypting
+ * above the mapped device, so the trace holds ciphertext, never keys.
+ * Zoned devices are refused when the table is loaded.
+ *
  * Status:
  *   INFO:  bios=N bytes=N records=N dropped=N capture=MODE buffer=BYTES
  *          used=BYTES log=on|off
@@ -53,9 +69,11 @@
 #define IMGREMENT_MAX_BUFFER_KB		(1024 * 1024)
 
 /* Which optional arguments were given, so TABLE status gives them back. */
-#define OPT_CAPTURE	(1U << 0)
-#define OPT_BUFFER	(1U << 1)
-#define OPT_LOG		(1U << 2)
+enum {
+	OPT_CAPTURE,
+	OPT_BUFFER,
+	OPT_LOG,
+};
 
 /* One target (one table line). */
 struct imgrement_c {
@@ -63,7 +81,8 @@ struct imgrement_c {
 	sector_t start;			/* offset into dev, in sectors */
 	struct imgrement_dev *idev;	/* the stream, shared across reloads */
 	u32 buffer_kb;
-	unsigned int opts;		/* OPT_* given in the table */
+	unsigned long opts;		/* OPT_* bits given in the table or by
+					 * message: atomic bitops */
 	int capture;			/* enum imgrement_capture; READ_ONCE */
 	bool log;			/* READ_ONCE */
 	struct ratelimit_state log_rs;
@@ -150,6 +169,7 @@ static struct imgrement_dev *imgrement_dev_get(struct dm_target *ti, u32 buffer_
 	}
 	refcount_set(&dev->users, 1);
 	kref_init(&dev->kref);
+	mutex_init(&dev->name_lock);
 	dev->md = md;
 	if (dm_copy_name_and_uuid(md, dev->name, NULL))
 		strscpy(dev->name, dm_disk(md)->disk_name, sizeof(dev->name));
@@ -165,6 +185,7 @@ void imgrement_dev_release(struct kref *kref)
 	struct imgrement_dev *dev = container_of(kref, struct imgrement_dev, kref);
 
 	imgrement_ring_exit(&dev->ring);
+	mutex_destroy(&dev->name_lock);
 	kfree(dev);
 }
 
@@ -184,15 +205,28 @@ static void imgrement_dev_put(struct imgrement_dev *dev)
 	kref_put(&dev->kref, imgrement_dev_release);
 }
 
-/* Keep the debugfs directory named after the device across renames. */
+/*
+ * Keep the debugfs directory named after the device across renames.  A
+ * rename reaches no target hook, so this runs at resume and at every status
+ * query; the usual case, a name unchanged, takes only the device's own lock.
+ */
 static void imgrement_dev_sync_name(struct imgrement_dev *dev)
 {
 	char name[DM_NAME_LEN];
+	bool same;
 
 	if (dm_copy_name_and_uuid(dev->md, name, NULL))
 		return;
+	mutex_lock(&dev->name_lock);
+	same = !strcmp(dev->name, name);
+	mutex_unlock(&dev->name_lock);
+	if (same)
+		return;
+	/* The global lock keeps directory names unique across devices. */
 	mutex_lock(&imgrement_devs_lock);
+	mutex_lock(&dev->name_lock);
 	imgrement_debugfs_rename(dev, name);
+	mutex_unlock(&dev->name_lock);
 	mutex_unlock(&imgrement_devs_lock);
 }
 
@@ -250,7 +284,7 @@ static int imgrement_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 		const char *arg = argv[i];
 		int v;
 
-		if (!strncmp(arg, "capture:", 8) && !(ic->opts & OPT_CAPTURE)) {
+		if (!strncmp(arg, "capture:", 8) && !test_bit(OPT_CAPTURE, &ic->opts)) {
 			v = parse_capture(arg + 8);
 			if (v < 0) {
 				ti->error = "Invalid capture mode: expected capture:meta, capture:writes or capture:all";
@@ -258,8 +292,8 @@ static int imgrement_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 				goto bad;
 			}
 			ic->capture = v;
-			ic->opts |= OPT_CAPTURE;
-		} else if (!strncmp(arg, "buffer_kb:", 10) && !(ic->opts & OPT_BUFFER)) {
+			__set_bit(OPT_CAPTURE, &ic->opts);
+		} else if (!strncmp(arg, "buffer_kb:", 10) && !test_bit(OPT_BUFFER, &ic->opts)) {
 			if (kstrtou32(arg + 10, 10, &buffer_kb) ||
 			    buffer_kb < IMGREMENT_MIN_BUFFER_KB ||
 			    buffer_kb > IMGREMENT_MAX_BUFFER_KB) {
@@ -267,8 +301,8 @@ static int imgrement_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 				ret = -EINVAL;
 				goto bad;
 			}
-			ic->opts |= OPT_BUFFER;
-		} else if (!strncmp(arg, "log:", 4) && !(ic->opts & OPT_LOG)) {
+			__set_bit(OPT_BUFFER, &ic->opts);
+		} else if (!strncmp(arg, "log:", 4) && !test_bit(OPT_LOG, &ic->opts)) {
 			v = parse_on_off(arg + 4);
 			if (v < 0) {
 				ti->error = "Invalid log setting: expected log:on or log:off";
@@ -276,7 +310,7 @@ static int imgrement_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 				goto bad;
 			}
 			ic->log = v;
-			ic->opts |= OPT_LOG;
+			__set_bit(OPT_LOG, &ic->opts);
 		} else {
 			ti->error = "Unknown or repeated optional argument";
 			ret = -EINVAL;
@@ -322,6 +356,8 @@ static void imgrement_dtr(struct dm_target *ti)
 {
 	struct imgrement_c *ic = ti->private;
 
+	/* Says how many log lines the rate limit held back (MSG_ON_RELEASE). */
+	ratelimit_state_exit(&ic->log_rs);
 	imgrement_dev_put(ic->idev);
 	dm_put_device(ti, ic->dev);
 	kfree(ic);
@@ -540,14 +576,20 @@ static int imgrement_end_io(struct dm_target *ti, struct bio *bio,
 	if (io->copy_at_end) {
 		u16 nr_segs = le16_to_cpu(rec->nr_segments);
 
+		char *payload = (char *)rec + sizeof(*rec) +
+				nr_segs * sizeof(struct imgrement_segment);
+
 		if (*error) {
-			/* A failed read filled nothing worth keeping. */
+			/*
+			 * A failed read filled nothing worth keeping.  Its space
+			 * stays reserved: clear it, or it would show whatever an
+			 * earlier record left there (the format promises zeros).
+			 */
+			memset(payload, 0, le32_to_cpu(rec->payload_len));
 			rec->payload_len = 0;
 			rec->rflags = 0;
 		} else {
-			copy_payload(bio, io->iter,
-				     (char *)rec + sizeof(*rec) +
-				     nr_segs * sizeof(struct imgrement_segment));
+			copy_payload(bio, io->iter, payload);
 		}
 	}
 	imgrement_ring_commit(&ic->idev->ring, &rec->hdr, IMGREMENT_REC_BIO);
@@ -612,7 +654,7 @@ static int imgrement_message(struct dm_target *ti, unsigned int argc, char **arg
 			return -EINVAL;
 		}
 		WRITE_ONCE(ic->capture, v);
-		ic->opts |= OPT_CAPTURE;
+		set_bit(OPT_CAPTURE, &ic->opts);
 		return 0;
 	}
 	if (argc == 2 && !strcasecmp(argv[0], "log")) {
@@ -622,7 +664,7 @@ static int imgrement_message(struct dm_target *ti, unsigned int argc, char **arg
 			return -EINVAL;
 		}
 		WRITE_ONCE(ic->log, v);
-		ic->opts |= OPT_LOG;
+		set_bit(OPT_LOG, &ic->opts);
 		return 0;
 	}
 	if (argc == 1 && !strcasecmp(argv[0], "reset-stats")) {
@@ -643,6 +685,7 @@ static void imgrement_status(struct dm_target *ti, status_type_t type,
 	struct imgrement_c *ic = ti->private;
 	struct imgrement_dev *idev = ic->idev;
 	unsigned int sz = 0, nr = 0;
+	unsigned long opts;
 
 	switch (type) {
 	case STATUSTYPE_INFO:
@@ -658,15 +701,16 @@ static void imgrement_status(struct dm_target *ti, status_type_t type,
 		break;
 	case STATUSTYPE_TABLE:
 		DMEMIT("%s %llu", ic->dev->name, (unsigned long long)ic->start);
-		if (!ic->opts)
+		opts = READ_ONCE(ic->opts);	/* one snapshot: count and list agree */
+		if (!opts)
 			break;
-		nr = hweight32(ic->opts);
+		nr = hweight_long(opts);
 		DMEMIT(" %u", nr);
-		if (ic->opts & OPT_CAPTURE)
+		if (opts & BIT(OPT_CAPTURE))
 			DMEMIT(" capture:%s", imgrement_capture_name(READ_ONCE(ic->capture)));
-		if (ic->opts & OPT_BUFFER)
+		if (opts & BIT(OPT_BUFFER))
 			DMEMIT(" buffer_kb:%u", ic->buffer_kb);
-		if (ic->opts & OPT_LOG)
+		if (opts & BIT(OPT_LOG))
 			DMEMIT(" log:%s", READ_ONCE(ic->log) ? "on" : "off");
 		break;
 #ifdef IMGREMENT_HAVE_STATUSTYPE_IMA
@@ -688,18 +732,6 @@ static void imgrement_resume(struct dm_target *ti)
 	imgrement_dev_sync_name(ic->idev);
 }
 
-static int imgrement_prepare_ioctl(IMGREMENT_PREPARE_IOCTL_ARGS)
-{
-	struct imgrement_c *ic = ti->private;
-
-	*bdev = ic->dev->bdev;
-	/* Only pass ioctls through when the whole device is mapped. */
-	if (ic->start ||
-	    ti->len != imgrement_bdev_nr_sectors(ic->dev->bdev))
-		return 1;
-	return 0;
-}
-
 static int imgrement_iterate_devices(struct dm_target *ti,
 				     iterate_devices_callout_fn fn, void *data)
 {
@@ -710,7 +742,8 @@ static int imgrement_iterate_devices(struct dm_target *ti,
 
 static struct target_type imgrement_target = {
 	.name = "imgrement",
-	.version = {1, 0, 0},
+	.version = {1, 1, 0},
+	.features = IMGREMENT_TARGET_FEATURES,
 	.module = THIS_MODULE,
 	.ctr = imgrement_ctr,
 	.dtr = imgrement_dtr,
@@ -719,7 +752,6 @@ static struct target_type imgrement_target = {
 	.status = imgrement_status,
 	.message = imgrement_message,
 	.resume = imgrement_resume,
-	.prepare_ioctl = imgrement_prepare_ioctl,
 	.iterate_devices = imgrement_iterate_devices,
 };
 

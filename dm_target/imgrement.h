@@ -15,6 +15,7 @@
 #include <linux/list.h>
 #include <linux/refcount.h>
 #include <linux/kref.h>
+#include <linux/mutex.h>
 #include <linux/dcache.h>
 #include <linux/device-mapper.h>
 
@@ -32,6 +33,7 @@ struct imgrement_dev {
 	refcount_t users;		/* targets using it */
 	struct kref kref;		/* memory: the targets (one), open readers */
 	struct mapped_device *md;	/* identity; never dereferenced */
+	struct mutex name_lock;		/* name; renames also hold the list's */
 	char name[DM_NAME_LEN];		/* the dm name its directory carries */
 	struct dentry *dir;		/* /sys/kernel/debug/imgrement/<name> */
 	struct imgrement_ring ring;
