@@ -1,7 +1,8 @@
 # imgrement-dm: top-level build, test and demo.
 #
 #   make           create .venv with the package and the imgrement-dm CLI
-#   make test      host tests, then the guest suite in one sandbox boot
+#   make test      host tests, then the guest suite, one sandbox boot per kernel
+#   make test-debug  the full guest suite on the debug kernel (KASAN, lockdep, ...)
 #   make demo      wrap a scratch disk in the sandbox and show what the target saw
 #   make bench     fio through raw, dm-linear and imgrement; docs/benchmarks.md
 #   make lint      ruff and mypy (the target is built with W=1 and sparse,
@@ -37,23 +38,31 @@ test-host: all
 	$(BIN)/pytest tests/host -p no:cacheprovider --junitxml=$(RESULTS)/host.xml
 
 # One boot per kernel: the full guest suite on $(KERNEL), the smoke suite
-# on the others (the full suite everywhere with KERNELS=all). Each boot's
-# JUnit XML comes back through the shared results folder and is checked:
-# every boot must have run, with no failure and nothing skipped.
+# on the other distro kernels (the full suite everywhere with KERNELS=all),
+# and on the debug kernel (6.1 with KASAN, lockdep, UBSAN, kmemleak; built
+# once from Debian's source) the smoke and stress tests.  Each boot's JUnit
+# XML comes back through the shared results folder and is checked: every
+# boot must have run, with no failure and nothing skipped.
 ALL_KERNELS := 6.1 5.10 6.12 7.2
 KERNELS ?= default
+GUEST_RUNS ?= $(foreach k,$(ALL_KERNELS),$(k):$(if $(filter all,$(KERNELS)),full,$(if $(filter $(KERNEL),$(k)),full,smoke))) \
+	debug:$(if $(filter all,$(KERNELS)),full,debug)
 
 test-guest: all
 	mkdir -p $(RESULTS)
 	rm -f $(RESULTS)/guest-*.xml
-	rc=0; n=0; for k in $(ALL_KERNELS); do \
-		if [ "$$k" = "$(KERNEL)" ] || [ "$(KERNELS)" = all ]; then suite=full; else suite=smoke; fi; \
+	rc=0; n=0; for run in $(GUEST_RUNS); do \
+		k=$${run%%:*}; suite=$${run#*:}; \
 		echo "== kernel $$k: $$suite suite"; n=$$((n + 1)); \
 		$(BIN)/imgrement-dm sandbox --kernel $$k --disk 256M --disk 256M \
 			--results $(RESULTS) -- tests/guest/run-suite $$suite || rc=1; \
 	done; \
 	$(BIN)/python tests/check_junit.py --expect-guest $$n $(RESULTS) || rc=1; \
 	exit $$rc
+
+# The full guest suite on the debug kernel alone.
+test-debug: all
+	$(MAKE) test-guest GUEST_RUNS=debug:full
 
 # System integration on the host side: the DKMS package builds for the default
 # kernel (in that kernel's Debian root; needs root, like the sandbox).
@@ -125,4 +134,4 @@ clean:
 distclean: clean
 	rm -rf $(VENV)
 
-.PHONY: all lint test test-host test-system test-guest bench demo install uninstall clean distclean
+.PHONY: all lint test test-host test-system test-guest test-debug bench demo install uninstall clean distclean

@@ -31,6 +31,8 @@ SUITES: dict[str, str] = {
     "7.2": "sid",
 }
 DEFAULT_KERNEL = "6.1"
+#: The kernel built with KASAN, lockdep and friends (debugkernel.py).
+DEBUG_KERNEL = "debug"
 ARCH = "amd64"
 
 
@@ -70,13 +72,13 @@ def cache_dir() -> Path:
 
 
 def resolve_series(name: str) -> str:
-    """Accept a series (``6.1``) or a suite name (``bookworm``)."""
-    if name in SUITES:
+    """Accept a series (``6.1``), a suite name (``bookworm``) or ``debug``."""
+    if name in SUITES or name == DEBUG_KERNEL:
         return name
     for series, suite in SUITES.items():
         if name == suite:
             return series
-    known = ", ".join(f"{s} ({suite})" for s, suite in SUITES.items())
+    known = ", ".join([*(f"{s} ({suite})" for s, suite in SUITES.items()), DEBUG_KERNEL])
     raise SandboxError(f"unknown kernel {name!r}: choose one of {known}")
 
 
@@ -139,6 +141,10 @@ def _say(msg: str) -> None:
 def prepare(series: str) -> Kernel:
     """Return the kernel for ``series``, fetching and unpacking it on first use."""
     series = resolve_series(series)
+    if series == DEBUG_KERNEL:
+        from imgrement_dm.sandbox import debugkernel
+
+        return debugkernel.prepare()
     suite = SUITES[series]
     base = cache_dir() / "kernels" / suite
     root = base / "root"

@@ -1,0 +1,173 @@
+"""Races hammered, not met once by luck: each test here runs a contended path
+for a while, and the debug kernel (KASAN, lockdep) runs them in every CI run.
+
+STRESS_SECONDS sets how long the long ones run (default 60).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import imgrement_dm
+from imgrement_dm.records import RecordReader
+from tests.guest.helpers import sh
+
+SECONDS = int(os.environ.get("STRESS_SECONDS", "60"))
+
+# Every 8 bytes of the written data read as a record header {size 0, type
+# PAD, version 1}: a reader that took such bytes for a header would loop
+# forever in the kernel on a PAD that never advances.
+PAD_LOOKALIKE = "0x0000000003000100"
+
+# A reader of the records file: blocking read(), or poll() then O_NONBLOCK
+# read(); each batch's sequence numbers go to OUT, one per line, as it goes.
+READER = r"""
+import os, select, sys
+from imgrement_dm.records import Drop, decode
+path, mode, out = sys.argv[1:4]
+flags = os.O_RDONLY | (os.O_NONBLOCK if mode == "poll" else 0)
+fd = os.open(path, flags)
+with open(out, "w") as f:
+    print("ready", flush=True)
+    while True:
+        if mode == "poll":
+            p = select.poll()
+            p.register(fd, select.POLLIN)
+            p.poll(1000)
+            try:
+                data = os.read(fd, 1 << 20)
+            except (BlockingIOError, OSError):
+                continue
+        else:
+            try:
+                data = os.read(fd, 1 << 20)
+            except OSError:
+                continue
+        if not data:
+            break
+        records, used = decode(data)
+        assert used == len(data)
+        f.write("".join(f"{r.seq}\n" for r in records if not isinstance(r, Drop)))
+        f.flush()
+"""
+
+
+def _reader(path: Path, mode: str, out: Path) -> subprocess.Popen[str]:
+    p = subprocess.Popen([sys.executable, "-c", READER, str(path), mode, str(out)],
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+    return p
+
+
+def _seqs(path: Path) -> list[int]:
+    return [int(line) for line in path.read_text().split()]
+
+
+@pytest.mark.stress
+def test_two_consumers_while_the_buffer_wraps_over_pad_lookalikes(
+    disk: str, tmp_path: Path,
+) -> None:
+    """One blocking reader and one poll + O_NONBLOCK reader share a 64 KiB
+    stream that wraps over and over under fio, whose data reads as PAD
+    headers.  Readiness must never read a record that another reader took
+    and a writer overwrote: no lockup, both readers die at once when killed,
+    and every record went to exactly one of them or was counted dropped."""
+    dev = imgrement_dm.wrap(disk, buffer_kb=64)
+    readers: list[subprocess.Popen[str]] = []
+    try:
+        sh("udevadm", "settle")
+        with RecordReader.live(dev.name) as r:  # udev's probe of the new device
+            while r.read(timeout=1):
+                pass
+        before = dev.status().dropped
+        path = Path("/sys/kernel/debug/imgrement") / dev.name / "records"
+        outs = [tmp_path / "blocking.seq", tmp_path / "poll.seq"]
+        readers = [_reader(path, "block", outs[0]), _reader(path, "poll", outs[1])]
+        # 16 KiB records: the 64 KiB buffer holds three, so the space a
+        # reader has just taken is written over within a record or two
+        fio = subprocess.run(
+            ["fio", "--name=pads", f"--filename={dev.node}", "--rw=randwrite", "--bs=16k",
+             "--direct=1", "--ioengine=libaio", "--iodepth=4", "--size=64M",
+             "--time_based", f"--runtime={SECONDS}", f"--buffer_pattern={PAD_LOOKALIKE}"],
+            capture_output=True, text=True, timeout=SECONDS + 120, check=False)
+        assert fio.returncode == 0, fio.stderr
+        end = dev.mark("end")
+        deadline = time.monotonic() + 60
+        while end not in _seqs(outs[0]) + _seqs(outs[1]):
+            assert time.monotonic() < deadline, "the readers stopped taking records"
+            time.sleep(0.2)
+        time.sleep(1)  # let the other reader write down its last batch
+        # both killable at once: neither is stuck in the kernel
+        for p in readers:
+            p.send_signal(signal.SIGKILL)
+        for p in readers:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                raise AssertionError("a reader did not die: stuck in the kernel") from None
+        a, b = _seqs(outs[0]), _seqs(outs[1])
+        assert a and b, "both readers took records"
+        union = set(a) | set(b)
+        assert len(union) == len(a) + len(b), "a record went to both readers"
+        first = min(union)
+        dropped = dev.status().dropped - before
+        taken = len([s for s in union if s <= end])
+        assert taken + dropped == end - first + 1, "records lost without being counted"
+    finally:
+        for p in readers:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=20)
+        dev.unwrap()
+
+
+def _message_race_once(dev: imgrement_dm.TracedDevice) -> list[str]:
+    """Two options set by message at once while the table is read; the lines read."""
+    go = threading.Barrier(3)
+    lines: list[str] = []
+
+    def capture() -> None:
+        go.wait()
+        dev.set_capture("meta")
+
+    def log() -> None:
+        go.wait()
+        dev.set_log(False)
+
+    def table() -> None:
+        go.wait()
+        for _ in range(5):
+            lines.append(sh("dmsetup", "table", dev.name).split(None, 3)[3])
+
+    threads = [threading.Thread(target=f) for f in (capture, log, table)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return lines
+
+
+@pytest.mark.stress
+def test_concurrent_messages_keep_the_table_line_whole(disk: str) -> None:
+    """Two threads set different options by message at once, while a third
+    reads the table line: every option set stays set, and the line's count
+    always matches the options it lists."""
+    for _ in range(10):
+        dev = imgrement_dm.wrap(disk)
+        try:
+            for line in _message_race_once(dev):
+                words = line.split()
+                if len(words) > 2:
+                    assert int(words[2]) == len(words) - 3, line
+            final = sh("dmsetup", "table", dev.name).split(None, 3)[3].split()
+            assert final[2:] == ["2", "capture:meta", "log:off"]
+        finally:
+            dev.unwrap()
