@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from imgrement_dm.dm import Target
-from imgrement_dm.sandbox import kernels
+from imgrement_dm.sandbox import debugkernel, kernels
 from imgrement_dm.sandbox.vm import parse_size
 from imgrement_dm.table import ImgrementTable
 from tests import check_junit
@@ -42,6 +42,24 @@ def test_kernel_names() -> None:
     assert kernels.resolve_series("trixie") == "6.12"
     with pytest.raises(kernels.SandboxError, match=r"unknown kernel '4\.19'"):
         kernels.resolve_series("4.19")
+    assert kernels.resolve_series("debug") == "debug"
+
+
+def test_debug_config_options_are_checked_in_the_result() -> None:
+    fragment = "# comment\nCONFIG_KASAN=y\nCONFIG_LOCALVERSION=\"-x\"\n" \
+        "# CONFIG_DEBUG_KMEMLEAK_DEFAULT_OFF is not set\nCONFIG_BLK_DEV_DM=m\n"
+    config = "CONFIG_KASAN=y\nCONFIG_LOCALVERSION=\"-x\"\nCONFIG_BLK_DEV_DM=y\n" \
+        "CONFIG_DEBUG_KMEMLEAK_DEFAULT_OFF=y\n"
+    assert debugkernel.missing_options(fragment, config) == [
+        "# CONFIG_DEBUG_KMEMLEAK_DEFAULT_OFF is not set", "CONFIG_BLK_DEV_DM=m"]
+    assert debugkernel.missing_options(fragment, config.replace("DM=y", "DM=m").replace(
+        "CONFIG_DEBUG_KMEMLEAK_DEFAULT_OFF=y\n", "")) == []
+    # the shipped fragment is package data and names the checkers it promises
+    text = debugkernel.config_text()
+    for option in ("CONFIG_KASAN=y", "CONFIG_PROVE_LOCKING=y", "CONFIG_DEBUG_KMEMLEAK=y",
+                   "CONFIG_UBSAN=y", "CONFIG_DEBUG_ATOMIC_SLEEP=y", "CONFIG_DEBUG_LIST=y",
+                   "CONFIG_DEBUG_OBJECTS_TIMERS=y", "CONFIG_BLK_DEV_DM=m"):
+        assert option in text.splitlines()
 
 
 def test_mirror_override(monkeypatch: pytest.MonkeyPatch) -> None:
