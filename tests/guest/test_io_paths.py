@@ -91,6 +91,7 @@ def mine(items: list[Item]) -> list[BioRecord]:
     return [r for r in items if isinstance(r, BioRecord) and r.pid == os.getpid()]
 
 
+@pytest.mark.smoke
 def test_scsi_passthrough_is_refused_and_the_disk_unchanged(scsi_disk: str) -> None:
     data = pattern(11, 4096)
     # the command itself is good: sent to the disk, it writes
@@ -110,6 +111,7 @@ def test_scsi_passthrough_is_refused_and_the_disk_unchanged(scsi_disk: str) -> N
     assert direct_read(scsi_disk, 8 * 512, 4096) == bytes(4096)
 
 
+@pytest.mark.smoke
 def test_rwf_nowait_write_goes_through_and_is_recorded(disk: str) -> None:
     data = pattern(12, 4096)
     with imgrement_dm.wrap(disk) as dev:
@@ -138,6 +140,7 @@ def test_rwf_nowait_write_goes_through_and_is_recorded(disk: str) -> None:
     assert direct_read(disk, 4096, 4096) == data
 
 
+@pytest.mark.smoke
 def test_io_uring_issues_inline_and_every_write_is_recorded(disk: str, tmp_path: Path) -> None:
     """Without nowait support io_uring hands every I/O to a worker thread
     (iou-wrk-*); with it, fio's own thread submits: the records say which."""
