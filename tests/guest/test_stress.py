@@ -91,10 +91,14 @@ def test_two_consumers_while_the_buffer_wraps_over_pad_lookalikes(
         path = Path("/sys/kernel/debug/imgrement") / dev.name / "records"
         outs = [tmp_path / "blocking.seq", tmp_path / "poll.seq"]
         readers = [_reader(path, "block", outs[0]), _reader(path, "poll", outs[1])]
-        # 16 KiB records: the 64 KiB buffer holds three, so the space a
-        # reader has just taken is written over within a record or two
+        # Writes of 4 to 32 KiB: a few fill the 64 KiB buffer, so the space a
+        # reader has just taken is soon written over, and records of mixed
+        # sizes start at new offsets each time round (with one size, every
+        # lap puts a header exactly where the last lap had one, and a stale
+        # walk would always find a header)
         fio = subprocess.run(
-            ["fio", "--name=pads", f"--filename={dev.node}", "--rw=randwrite", "--bs=16k",
+            ["fio", "--name=pads", f"--filename={dev.node}", "--rw=randwrite",
+             "--bsrange=4k-32k",
              "--direct=1", "--ioengine=libaio", "--iodepth=4", "--size=64M",
              "--time_based", f"--runtime={SECONDS}", f"--buffer_pattern={PAD_LOOKALIKE}"],
             capture_output=True, text=True, timeout=SECONDS + 120, check=False)
