@@ -143,7 +143,8 @@ def test_rwf_nowait_write_goes_through_and_is_recorded(disk: str) -> None:
 @pytest.mark.smoke
 def test_io_uring_issues_inline_and_every_write_is_recorded(disk: str, tmp_path: Path) -> None:
     """Without nowait support io_uring hands every I/O to a worker thread
-    (iou-wrk-*); with it, fio's own thread submits: the records say which."""
+    (iou-wrk-*); with it, fio's own thread submits most of them: the records
+    say which."""
     with imgrement_dm.wrap(disk) as dev:
         sh("udevadm", "settle")
         with dev.records() as reader:
@@ -159,6 +160,11 @@ def test_io_uring_issues_inline_and_every_write_is_recorded(disk: str, tmp_path:
         writes = [i for i in items if isinstance(i, BioRecord) and i.op_name == "write"]
         assert sorted(w.sector for w in writes) == list(range(0, 8192, 8))
         assert all(w.size == 4096 and w.status == 0 for w in writes)
-        comms = {w.comm for w in writes}
-        assert comms == {"fio"}, f"writes were punted to io_uring workers: {comms}"
+        # A write whose inline issue would block (EAGAIN) is retried from a
+        # worker, so a few may carry iou-wrk-*; without nowait support every
+        # one does.
+        inline = sum(w.comm == "fio" for w in writes)
+        assert inline >= len(writes) // 2, (
+            f"only {inline} of {len(writes)} writes were issued inline; the rest were "
+            f"punted to io_uring workers: {sorted({w.comm for w in writes})}")
         assert dev.status().dropped == 0
