@@ -28,9 +28,9 @@ static inline sector_t imgrement_bdev_nr_sectors(struct block_device *bdev)
 
 /*
  * Target features.  DM_TARGET_NOWAIT (in all four Debian kernels, 5.10
- * included; a macro, so test for it): .map
- * never sleeps, so REQ_NOWAIT bios (RWF_NOWAIT, io_uring's inline issue)
- * may come through; without it the mapped device refuses them.
+ * included; a macro, so test for it): .map never sleeps, so REQ_NOWAIT
+ * bios (RWF_NOWAIT, io_uring's inline issue) may come through; without it
+ * the mapped device refuses them.
  */
 #ifdef DM_TARGET_NOWAIT
 #define IMGREMENT_TARGET_FEATURES DM_TARGET_NOWAIT
