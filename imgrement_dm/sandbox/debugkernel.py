@@ -29,6 +29,7 @@ from imgrement_dm.sandbox.kernels import (
     _say,
     cache_dir,
     debian_mirror,
+    in_root,
 )
 
 SERIES = "debug"
@@ -137,11 +138,4 @@ echo "$release" > /usr/src/release
 
 
 def _chroot(root: Path, script: str, what: str, log: Path) -> None:
-    # kbuild reads /proc (objtool, nproc): mount it in a private namespace.
-    _run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-         'mount -t proc proc "$0/proc" && exec chroot "$0" sh -c "$1"', str(root), script],
-        what,
-        log,
-        merge=True,
-    )
+    _run(in_root(root, "sh", "-c", script), what, log, merge=True)

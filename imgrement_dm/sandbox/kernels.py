@@ -226,6 +226,16 @@ def _fetch_image(root: Path, release: str, log: Path) -> None:
         deb.unlink()
 
 
+def in_root(root: Path, *cmd: str) -> list[str]:
+    """``cmd`` run chrooted in ``root``, with /proc mounted there.
+
+    kbuild tools (objtool on 7.x, nproc) read /proc: it is mounted in a
+    private mount namespace, so it disappears with the command.
+    """
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            'mount -t proc proc "$0/proc" && exec chroot "$0" "$@"', str(root), *cmd]
+
+
 def build_module(kernel: Kernel, source: Path, *, sparse: bool = True) -> Path:
     """Build dm_target/ against ``kernel`` inside its root; return the .ko path.
 
@@ -242,11 +252,8 @@ def build_module(kernel: Kernel, source: Path, *, sparse: bool = True) -> Path:
             "W=1", "modules"]
     if sparse:
         make.append("C=1")
-    # kbuild tools (objtool on 7.x) read /proc: mount it in a private mount
-    # namespace, so it disappears with the build.
-    cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-           'mount -t proc proc "$0/proc" && exec chroot "$0" "$@"', str(kernel.root), *make]
-    out = _run(cmd, f"building the target for {kernel.release}", merge=True)
+    out = _run(in_root(kernel.root, *make), f"building the target for {kernel.release}",
+               merge=True)
     warnings = [line for line in out.splitlines() if "warning:" in line]
     if warnings:
         raise SandboxError("the target built with warnings:\n  " + "\n  ".join(warnings))
