@@ -14,6 +14,11 @@ from imgrement_dm.records import Item, MarkRecord, RecordReader
 
 CLI = [sys.executable, "-m", "imgrement_dm.cli"]
 
+# The debug kernel (KASAN, lockdep, kmemleak, ...) runs everything several
+# times slower under emulation; waits for things outside the test's control
+# (udev, a hotplug watcher) scale by this so a slow kernel is not a failure.
+SLOWDOWN = 4 if os.uname().release.endswith("-imgrement-debug") else 1
+
 
 def pattern(seed: int, size: int) -> bytes:
     """Deterministic, incompressible test data."""

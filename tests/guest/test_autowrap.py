@@ -17,7 +17,15 @@ import pytest
 import imgrement_dm
 from imgrement_dm.autowrap_install import RULE_NAME, _source
 from imgrement_dm.records import BioRecord
-from tests.guest.helpers import CLI, direct_write, dm_devices, pattern, read_until_mark, sh
+from tests.guest.helpers import (
+    CLI,
+    SLOWDOWN,
+    direct_write,
+    dm_devices,
+    pattern,
+    read_until_mark,
+    sh,
+)
 
 SCSI_DEBUG = Path("/sys/bus/pseudo/drivers/scsi_debug")
 
@@ -28,7 +36,7 @@ def _scsi_disks() -> set[str]:
 
 
 def _wait(cond: object, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + timeout * SLOWDOWN
     while not cond():  # type: ignore[operator]
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.2)
@@ -98,7 +106,7 @@ def test_hotplugged_disks_are_wrapped_by_policy(
     time.sleep(2)
     scsi = Path(glob.glob(str(SCSI_DEBUG / f"adapter*/host*/target*/*/block/{new}"))[0])
     (scsi.parents[1] / "delete").write_text("1\n")
-    fio.communicate(timeout=120)
+    fio.communicate(timeout=120 * SLOWDOWN)
     assert fio.returncode != 0
     _wait(lambda: name not in dm_devices(), "the mapping to go", 30)
     assert f"released /dev/mapper/{name}" in log.read_text()
