@@ -41,6 +41,7 @@ def run_command(
     memory: str = "2G",
     kvm: bool = False,
     append: str = "",
+    timeout: float | None = None,
 ) -> int:
     """Prepare ``kernel``, build the target for it, boot, run ``command``; its status."""
     k = prepare(kernel)
@@ -55,5 +56,6 @@ def run_command(
         memory=memory,
         kvm=kvm,
         append=append,
+        timeout=timeout,
     )
     return run(spec)

@@ -137,5 +137,9 @@ echo "$release" > /usr/src/release
         return Kernel(SERIES, SUITE, release, root)
 
 
+#: The kernel build took 13 to 21 minutes here; four hours means it is stuck.
+BUILD_TIMEOUT = 4 * 3600
+
+
 def _chroot(root: Path, script: str, what: str, log: Path) -> None:
-    _run(in_root(root, "sh", "-c", script), what, log, merge=True)
+    _run(in_root(root, "sh", "-c", script), what, log, merge=True, timeout=BUILD_TIMEOUT)

@@ -103,7 +103,13 @@ def debian_mirror() -> str:
     )
 
 
-def _run(cmd: list[str], what: str, log: Path | None = None, *, merge: bool = False) -> str:
+#: No preparation step (mmdebstrap, apt, a module build) takes an hour even on
+#: a loaded machine; the debug kernel's build passes its own, longer bound.
+STEP_TIMEOUT = 3600
+
+
+def _run(cmd: list[str], what: str, log: Path | None = None, *, merge: bool = False,
+         timeout: float = STEP_TIMEOUT) -> str:
     """Run a preparation step; its output (stdout, or both streams with ``merge``)."""
     try:
         proc = subprocess.run(
@@ -112,10 +118,16 @@ def _run(cmd: list[str], what: str, log: Path | None = None, *, merge: bool = Fa
             stderr=subprocess.STDOUT if merge else subprocess.PIPE,
             text=True,
             check=False,
+            timeout=timeout,
         )
     except FileNotFoundError:
         raise SandboxError(
             f"{cmd[0]} is not installed; run 'make' (or scripts/install-host-deps) first"
+        ) from None
+    except subprocess.TimeoutExpired:
+        raise SandboxError(
+            f"{what} did not finish in {timeout:.0f} s and was stopped; see "
+            f"{log or 'its output'} (a stalled mirror or a full disk?)"
         ) from None
     if log is not None:
         with log.open("a") as f:
@@ -217,10 +229,16 @@ def _fetch_image(root: Path, release: str, log: Path) -> None:
         # dpkg -x would replace the merged-/usr links with directories.
         with subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)],
                               stdout=subprocess.PIPE) as unpack:
-            tar = subprocess.run(
-                ["tar", "-x", "--keep-directory-symlink", "-C", str(root)],
-                stdin=unpack.stdout, capture_output=True, check=False,
-            )
+            try:
+                tar = subprocess.run(
+                    ["tar", "-x", "--keep-directory-symlink", "-C", str(root)],
+                    stdin=unpack.stdout, capture_output=True, check=False,
+                    timeout=STEP_TIMEOUT,
+                )
+            except subprocess.TimeoutExpired:
+                unpack.kill()
+                raise SandboxError(f"unpacking {deb.name} did not finish in "
+                                   f"{STEP_TIMEOUT} s") from None
         if unpack.returncode or tar.returncode:
             raise SandboxError(f"unpacking {deb.name} failed: {tar.stderr.decode()[-500:]}")
         deb.unlink()

@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -52,6 +54,7 @@ class GuestRun:
     kvm: bool = False
     append: str = ""  # more kernel command line
     extra_env: dict[str, str] = field(default_factory=dict)
+    timeout: float | None = None  # seconds; the guest is killed after it (exit 124)
 
 
 def _vng() -> str:
@@ -137,11 +140,32 @@ def _boot(spec: GuestRun, drives: list[str], marker: Path) -> int:
     # Relay the console through a pipe: QEMU would otherwise reopen (and
     # truncate) a redirected stdout, and terminal resets reach our caller's log.
     with subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT) as proc:
+                          stderr=subprocess.STDOUT, start_new_session=True) as proc:
+        timer = None
+        expired = threading.Event()
+        if spec.timeout is not None:
+            def kill() -> None:
+                expired.set()
+                os.killpg(proc.pid, signal.SIGKILL)  # vng, virtme-run and QEMU alike
+            timer = threading.Timer(spec.timeout, kill)
+            timer.daemon = True
+            timer.start()
         console = proc.stdout
-        assert console is not None
+        assert console is not None  # for mypy: stdout=PIPE
         out = sys.stdout.buffer
-        while chunk := os.read(console.fileno(), 65536):
-            out.write(chunk.replace(b"\x1bc", b""))
-            out.flush()
+        try:
+            while chunk := os.read(console.fileno(), 65536):
+                out.write(chunk.replace(b"\x1bc", b""))
+                out.flush()
+        except BaseException:
+            # Ctrl-C reaches only us (the guest has its own session): take it down
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+    if expired.is_set():
+        sys.stderr.write(f"imgrement-dm: error: the guest ran longer than {spec.timeout:.0f} s "
+                         "and was killed\n")
+        return 124
     return proc.returncode
