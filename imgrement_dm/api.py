@@ -7,6 +7,7 @@ everything it did if any step fails, so a refused wrap leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import subprocess
@@ -38,6 +39,8 @@ MARK_MAX = layout.MARK_MAX
 DEFAULT_NAME = "traced"
 #: How long unwrap waits for a short-lived opener (udev's probe) to go away.
 TRANSIENT_OPEN_WAIT = 5.0
+#: modprobe of a module already on disk takes well under a second.
+MODPROBE_TIMEOUT = 60
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,10 @@ def _ensure_target(ctl: Control) -> None:
     if TARGET_TYPE in ctl.list_versions():
         return
     # An installed module loads on demand; a built-but-not-installed one does not.
-    subprocess.run(["modprobe", "-q", f"dm-{TARGET_TYPE}"], check=False, capture_output=True)
+    # (a failure or a hang is not reported here: the check below says what is missing)
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        subprocess.run(["modprobe", "-q", f"dm-{TARGET_TYPE}"], check=False,
+                       capture_output=True, timeout=MODPROBE_TIMEOUT)
     if TARGET_TYPE not in ctl.list_versions():
         raise TargetNotLoadedError(
             f"the kernel has no '{TARGET_TYPE}' target: load it with "
@@ -140,7 +146,7 @@ class TracedDevice:
         check_name(name)
         with Control() as ctl:
             info = _ours(ctl, name)
-            table = ImgrementTable.parse(ctl.table_status(name, table=True)[0])
+            table = ImgrementTable.parse(_target(ctl, name, table=True))
         return cls(name, info.uuid, info.major, info.minor, table.device)
 
     def status(self) -> Status:
@@ -149,7 +155,7 @@ class TracedDevice:
 
     def table(self) -> ImgrementTable:
         with Control() as ctl:
-            return ImgrementTable.parse(ctl.table_status(self.name, table=True)[0])
+            return ImgrementTable.parse(_target(ctl, self.name, table=True))
 
     def records(self, *, first_seq: int | None = None,
                 save: BinaryIO | None = None) -> RecordReader:
@@ -289,11 +295,30 @@ def _ours(ctl: Control, name: str) -> DeviceInfo:
     return info
 
 
+def _target(ctl: Control, name: str, *, table: bool = False) -> Target:
+    """The one ``imgrement`` line of ``name``'s live table (or its status).
+
+    A device we made can still have had its table replaced by hand (dmsetup
+    reload): then it traces nothing, and we say so instead of misreading
+    another target's status.
+    """
+    lines = ctl.table_status(name, table=table)
+    if len(lines) != 1 or lines[0].target_type != TARGET_TYPE:
+        now = "; ".join(f"{t.target_type} {t.start}+{t.length}" for t in lines) or "no table"
+        raise DeviceBusyError(
+            f"{name!r} was made by imgrement-dm but its table was changed (now: {now}): it "
+            f"traces nothing. Remove it with 'imgrement-dm unwrap {name}' and wrap the disk "
+            "again"
+        )
+    return lines[0]
+
+
 def _message(name: str, text: str) -> str | None:
     _require_root()
     check_name(name)
     with Control() as ctl:
         _ours(ctl, name)
+        _target(ctl, name)
         return ctl.message(name, text)
 
 
@@ -303,7 +328,7 @@ def status(name: str) -> Status:
     check_name(name)
     with Control() as ctl:
         _ours(ctl, name)
-        return Status.parse(ctl.table_status(name)[0].params)
+        return Status.parse(_target(ctl, name).params)
 
 
 def mark(name: str, label: str) -> int:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from imgrement_dm import api
 from imgrement_dm import autowrap as aw
+from imgrement_dm.errors import ImgrementError, NotRootError
 
 RULES = Path(os.environ.get("IMGREMENT_UDEV_RULES_DIR", "/etc/udev/rules.d"))
 UNITS = Path(os.environ.get("IMGREMENT_SYSTEMD_DIR", "/etc/systemd/system"))
@@ -36,20 +37,45 @@ def unit_text() -> str:
     return _source(UNIT_NAME).read_text().replace("@BINDIR@", _bindir())
 
 
+#: udevadm and systemctl answer in well under a second; a hung daemon must not hang us.
+RELOAD_TIMEOUT = 60
+
+
+def _run(argv: list[str]) -> str:
+    """Run a reload command; a one-line note of how it went."""
+    try:
+        proc = subprocess.run(argv, check=False, capture_output=True, text=True,
+                              timeout=RELOAD_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return f"warning: '{' '.join(argv)}' did not answer in {RELOAD_TIMEOUT} s"
+    if proc.returncode:
+        return f"warning: '{' '.join(argv)}' failed: {proc.stderr.strip()}"
+    return ""
+
+
 def _reload() -> Iterator[str]:
     if shutil.which("udevadm"):
-        subprocess.run(["udevadm", "control", "--reload"], check=False)
-        yield "udev rules reloaded"
+        yield _run(["udevadm", "control", "--reload"]) or "udev rules reloaded"
     if Path("/run/systemd/system").exists() and shutil.which("systemctl"):
-        subprocess.run(["systemctl", "daemon-reload"], check=False)
-        yield "systemd reloaded"
+        yield _run(["systemctl", "daemon-reload"]) or "systemd reloaded"
+
+
+def _needs_root(what: str, e: OSError) -> ImgrementError:
+    if isinstance(e, PermissionError):
+        return NotRootError(f"{what} needs root ({e.filename}: permission denied): run it "
+                            "with sudo")
+    return ImgrementError(f"{what} failed: {e.filename}: {e.strerror}")
 
 
 def enable() -> Iterator[str]:
-    RULES.mkdir(parents=True, exist_ok=True)
-    UNITS.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(_source(RULE_NAME), RULES / RULE_NAME)
-    (UNITS / UNIT_NAME).write_text(unit_text())
+    rule, unit = _source(RULE_NAME), unit_text()
+    try:
+        RULES.mkdir(parents=True, exist_ok=True)
+        UNITS.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(rule, RULES / RULE_NAME)
+        (UNITS / UNIT_NAME).write_text(unit)
+    except OSError as e:
+        raise _needs_root("installing the udev rule and unit", e) from None
     yield f"installed {RULES / RULE_NAME} and {UNITS / UNIT_NAME}"
     yield from _reload()
     conf = Path(os.environ.get("IMGREMENT_AUTOWRAP_CONF", aw.DEFAULT_CONF))
@@ -60,7 +86,10 @@ def enable() -> Iterator[str]:
 def disable() -> Iterator[str]:
     for path in (RULES / RULE_NAME, UNITS / UNIT_NAME):
         if path.exists():
-            path.unlink()
+            try:
+                path.unlink()
+            except OSError as e:
+                raise _needs_root("removing the udev rule and unit", e) from None
             yield f"removed {path}"
     yield from _reload()
 

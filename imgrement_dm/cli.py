@@ -23,8 +23,10 @@ from imgrement_dm import autowrap as aw
 from imgrement_dm import autowrap_install as aw_install
 from imgrement_dm.errors import ImgrementError
 from imgrement_dm.formats import export as export_fmt
-from imgrement_dm.formats.capture import CaptureReader, CaptureWriter
+from imgrement_dm.formats import files
+from imgrement_dm.formats.capture import CaptureReader, write_capture
 from imgrement_dm.layout import OPS
+from imgrement_dm.output import atomic_output, check_writable
 from imgrement_dm.records import STREAM_MAGIC, BioRecord, Drop, Item, RecordReader
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -41,6 +43,14 @@ class _Group(click.Group):
                 raise
             click.echo(f"imgrement-dm: error: {e}", err=True)
             sys.exit(e.exit_code)
+        except OSError as e:
+            # One we did not foresee (an input file that vanished, EIO): still
+            # one line naming the file and the reason, never a traceback.
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            where = f"{e.filename}: " if e.filename else ""
+            click.echo(f"imgrement-dm: error: {where}{e.strerror or e}", err=True)
+            sys.exit(1)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -142,15 +152,19 @@ def capture(name: str, mode: str) -> None:
     api.set_capture(name, mode)
 
 
-def _reader(name: str | None, from_file: Path | None,
-            save: Any = None) -> RecordReader:
+@contextlib.contextmanager
+def _reader(name: str | None, from_file: Path | None) -> Iterator[Iterator[Item] | RecordReader]:
+    """A live device's reader, or the items of a file of either kind."""
     if (name is None) == (from_file is None):
-        raise click.UsageError("give a device NAME or --file FILE, not both")
+        raise click.UsageError("give a device NAME or --file FILE (one of them)")
     if from_file is not None:
-        return RecordReader.from_file(from_file)
-    assert name is not None
+        with files.file_items(from_file) as items:
+            yield items
+        return
+    assert name is not None  # for mypy: checked above
     api.status(name)  # refuses a device that is not ours, with a clear message
-    return RecordReader.live(name, save=save)
+    with RecordReader.live(name) as reader:
+        yield reader
 
 
 @contextlib.contextmanager
@@ -181,10 +195,13 @@ def _waits(reader: RecordReader, duration: float | None) -> Iterator[float]:
         yield min(left, 1.0)
 
 
-def _items(reader: RecordReader, *, duration: float | None) -> Iterator[Item]:
-    """Items until the stream ends or ``duration`` passes."""
-    for wait in _waits(reader, duration):
-        yield from reader.read(timeout=wait)
+def _items(source: Iterator[Item] | RecordReader, *, duration: float | None) -> Iterator[Item]:
+    """Items of a file, or of a live stream until it ends or ``duration`` passes."""
+    if not isinstance(source, RecordReader):
+        yield from source
+        return
+    for wait in _waits(source, duration):
+        yield from source.read(timeout=wait)
 
 
 def _sector_range(text: str | None) -> tuple[int, int] | None:
@@ -196,22 +213,20 @@ def _sector_range(text: str | None) -> tuple[int, int] | None:
     return int(lo), int(hi)
 
 
-def _store_raw(name: str | None, save: Any, duration: float | None) -> None:
-    assert name is not None
-    api.status(name)
-    with RecordReader.live(name) as reader, _until_interrupted():
-        save.write(STREAM_MAGIC)
-        for wait in _waits(reader, duration):
-            # Whole records (the kernel never splits one), stored as they
-            # are: checking each header here in Python cost a CPU under load.
-            # They are checked when the file is read back.
-            save.write(reader.read_view(timeout=wait))
+def _store_raw(reader: RecordReader, save: Any, duration: float | None) -> None:
+    save.write(STREAM_MAGIC)
+    for wait in _waits(reader, duration):
+        # Whole records (the kernel never splits one), stored as they
+        # are: checking each header here in Python cost a CPU under load.
+        # They are checked when the file is read back.
+        save.write(reader.read_view(timeout=wait))
 
 
 @main.command()
 @click.argument("name", required=False)
 @click.option("--file", "-f", "from_file", type=click.Path(path_type=Path, dir_okay=False),
-              help="Read a saved stream (from -o) instead of a live device.")
+              help="Read a capture (from record) or a saved stream (from -o) instead "
+                   "of a live device.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per record.")
 @click.option("-x", "--hex", "hexdump", is_flag=True,
               help="Show the first bytes of each payload (with --json: all of it, in hex).")
@@ -237,51 +252,58 @@ def trace(name: str | None, from_file: Path | None, as_json: bool, hexdump: bool
     latency, status.
     """
     rng = _sector_range(sectors)
-    part = output.with_name(output.name + ".part") if output else None
-    save = part.open("wb") if part else None
+    if output is not None:
+        if from_file is not None:
+            raise click.UsageError(
+                f"-o saves a live device's stream, and {from_file} is saved already "
+                "(copy it with cp)")
+        check_writable(output)
+    with _reader(name, from_file) as source, contextlib.ExitStack() as stack:
+        save = stack.enter_context(atomic_output(output)) if output is not None else None
+        with _until_interrupted():
+            if save is not None and isinstance(source, RecordReader):
+                if quiet and not (ops or rng or count):
+                    # Only storing: whole records copied through unchecked.
+                    _store_raw(source, save, duration)
+                    return
+                source.save_to(save)
+            _show(source, as_json=as_json, hexdump=hexdump, quiet=quiet, ops=ops, rng=rng,
+                  count=count, duration=duration, live=from_file is None)
+
+
+def _show(source: Iterator[Item] | RecordReader, *, as_json: bool, hexdump: bool,
+          quiet: bool, ops: tuple[str, ...], rng: tuple[int, int] | None,
+          count: int | None, duration: float | None, live: bool) -> None:
+    """Print items as trace lines or JSON, filtered, up to ``count``."""
+    t0 = time.clock_gettime_ns(time.CLOCK_MONOTONIC) if live else None
     shown = 0
-    if quiet and save is not None and from_file is None and not (ops or rng or count):
-        # Only storing: copy whole records through, checking headers only.
-        try:
-            _store_raw(name, save, duration)
-        finally:
-            save.close()
-            assert part is not None and output is not None
-            part.rename(output)
-        return
-    try:
-        with _reader(name, from_file, save) as reader, _until_interrupted():
-            t0 = time.clock_gettime_ns(time.CLOCK_MONOTONIC) if from_file is None else None
-            if not as_json and not quiet:
-                click.echo(format.TRACE_HEADER)
-            for item in _items(reader, duration=duration):
-                if isinstance(item, BioRecord):
-                    if ops and item.op_name not in ops:
-                        continue
-                    if rng and not (item.sector <= rng[1]
-                                    and item.sector + max(item.sectors, 1) > rng[0]):
-                        continue
-                    if t0 is None:
-                        t0 = item.submit_ns
-                if not isinstance(item, Drop):
-                    shown += 1
-                if not quiet:
-                    if as_json:
-                        click.echo(format.dumps(format.item_json(item, with_payload=hexdump)))
-                    else:
-                        click.echo(format.trace_line(item, t0 or 0, hexdump=hexdump))
-                if count is not None and shown >= count:
-                    break
-    finally:
-        if save is not None and part is not None and output is not None:
-            save.close()
-            part.rename(output)
+    if not as_json and not quiet:
+        click.echo(format.TRACE_HEADER)
+    for item in _items(source, duration=duration):
+        if isinstance(item, BioRecord):
+            if ops and item.op_name not in ops:
+                continue
+            if rng and not (item.sector <= rng[1]
+                            and item.sector + max(item.sectors, 1) > rng[0]):
+                continue
+            if t0 is None:
+                t0 = item.submit_ns
+        if not isinstance(item, Drop):
+            shown += 1
+        if not quiet:
+            if as_json:
+                click.echo(format.dumps(format.item_json(item, with_payload=hexdump)))
+            else:
+                click.echo(format.trace_line(item, t0 or 0, hexdump=hexdump))
+        if count is not None and shown >= count:
+            break
 
 
 @main.command()
 @click.argument("name", required=False)
 @click.option("--file", "-f", "from_file", type=click.Path(path_type=Path, dir_okay=False),
-              help="Summarise a saved stream instead of a live device.")
+              help="Summarise a capture (from record) or a saved stream (from trace -o) "
+                   "instead of a live device.")
 @click.option("--duration", "-d", type=click.FloatRange(min=0, min_open=True),
               help="Stop reading a live device after this many seconds.")
 @click.option("--json", "as_json", is_flag=True, help="As one JSON object.")
@@ -289,11 +311,11 @@ def stats(name: str | None, from_file: Path | None, duration: float | None,
           as_json: bool) -> None:
     """Per-operation counts and bytes, with log2 latency and size histograms.
 
-    From a saved stream, or live until the device goes, --duration, or Ctrl-C.
+    From a file, or live until the device goes, --duration, or Ctrl-C.
     """
     st = format.Stats()
-    with _reader(name, from_file) as reader, _until_interrupted():
-        for item in _items(reader, duration=duration):
+    with _reader(name, from_file) as source, _until_interrupted():
+        for item in _items(source, duration=duration):
             st.add(item)
     if as_json:
         click.echo(format.dumps(st.as_json()))
@@ -314,9 +336,13 @@ def stats(name: str | None, from_file: Path | None, duration: float | None,
 @click.option("--kvm", is_flag=True, help="Use KVM (only where the host's KVM works).")
 @click.option("--append", default="", metavar="ARGS",
               help="More kernel command line, e.g. 'tsc=reliable'.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=4 * 3600.0,
+              show_default=True,
+              help="Kill the guest after this many seconds (exit 124); the full suite "
+                   "on the debug kernel takes about an hour under emulation.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def sandbox(kernel: str | None, disks: tuple[str, ...], memory: str, results: Path,
-            kvm: bool, append: str, command: tuple[str, ...]) -> None:
+            kvm: bool, append: str, timeout: float, command: tuple[str, ...]) -> None:
     """Boot a Debian kernel in QEMU with the target loaded and run COMMAND as root.
 
     Write COMMAND after '--'. Without it, an interactive shell starts. The
@@ -332,6 +358,7 @@ def sandbox(kernel: str | None, disks: tuple[str, ...], memory: str, results: Pa
         memory=memory,
         kvm=kvm,
         append=append,
+        timeout=timeout if command else None,
     )
     sys.exit(rc)
 
@@ -365,15 +392,12 @@ def record(name: str, output: Path, duration: float | None, quiet: bool) -> None
     writes the trailer and renames FILE.part to FILE. A progress line on
     stderr shows records, bytes, drops and the rate.
     """
+    check_writable(output)
     dev = api.TracedDevice.find(name)
-    writer = CaptureWriter(output, name, dev.table().length)
-    try:
-        reader = RecordReader.live(name)
-    except BaseException:
-        writer.abandon()
-        raise
+    sectors = dev.table().length
     began = last = time.monotonic()
-    with reader, _until_interrupted():
+    with RecordReader.live(name) as reader, write_capture(output, name, sectors) as writer, \
+            _until_interrupted():
         for wait in _waits(reader, duration):
             writer.add(reader.read_view(timeout=wait))
             if not quiet and time.monotonic() - last >= 1:
@@ -382,17 +406,17 @@ def record(name: str, output: Path, duration: float | None, quiet: bool) -> None
                 click.echo(f"\rrecords {writer.records}, bytes {writer.bytes}, "
                            f"drops {writer.drops}, {rate:.0f} records/s   ",
                            err=True, nl=False)
-    path = writer.finish()
     if not quiet:
         click.echo(f"\rrecords {writer.records}, bytes {writer.bytes}, drops {writer.drops}: "
-                   f"{path}", err=True)
+                   f"{output}", err=True)
     if writer.drops:
         click.echo(f"imgrement-dm: warning: {writer.drops} record(s) were dropped; apply and "
                    "replay will refuse this capture (use a larger --buffer-kb)", err=True)
 
 
 @main.command("apply")
-@click.argument("base", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.argument("base", type=click.Path(path_type=Path, dir_okay=False, exists=True,
+                                        readable=True))
 @click.argument("capture_file", metavar="FILE", type=click.Path(path_type=Path))
 @click.option("--until-mark", help="Stop at the mark with this label.")
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False),
@@ -436,17 +460,24 @@ def replay(capture_file: Path, target: Path, until_mark: str | None,
 @click.argument("capture_file", metavar="FILE", type=click.Path(path_type=Path))
 @click.option("--until-mark", help="Only changes before the mark with this label.")
 @click.option("--json", "as_json", is_flag=True, help="As a JSON list of [start, sectors].")
-def diff(capture_file: Path, until_mark: str | None, as_json: bool) -> None:
+@click.option("--force", is_flag=True,
+              help="List the extents of a capture that lost records (the map is incomplete).")
+def diff(capture_file: Path, until_mark: str | None, as_json: bool, force: bool) -> None:
     """The changed extents in FILE (what an incremental backup copies).
 
     One line per extent, START+SECTORS in 512-byte sectors, merged and sorted.
+    A capture that lost records is refused: its map would miss blocks.
     """
-    spans = increment.extents(capture_file, _stop_at(until_mark))
+    found = increment.extents(capture_file, _stop_at(until_mark), force=force)
     if as_json:
-        click.echo(format.dumps([[a, n] for a, n in spans]))
-        return
-    for a, n in spans:
-        click.echo(f"{a}+{n}")
+        click.echo(format.dumps([[a, n] for a, n in found.spans]))
+    else:
+        for a, n in found.spans:
+            click.echo(f"{a}+{n}")
+    if found.drops:
+        click.echo(f"imgrement-dm: warning: {capture_file} lost {found.drops} record(s): "
+                   "this map is incomplete, blocks written by the lost ones are missing",
+                   err=True)
 
 
 @main.command()
@@ -460,34 +491,35 @@ def diff(capture_file: Path, until_mark: str | None, as_json: bool) -> None:
 @click.option("-x", "--payload", is_flag=True, help="jsonl: include payloads as hex.")
 def export(capture_file: Path, fmt_name: str, output: Path, device: str, payload: bool) -> None:
     """Write FILE in a format other tools read: blktrace, jsonl or log-writes."""
+    major, _, minor = device.partition(":")
+    if not (major.isdigit() and minor.isdigit()):
+        raise click.BadParameter(f"{device!r} is not major:minor", param_hint="--device")
+    dest = Path(f"{output}.blktrace.0") if fmt_name == "blktrace" else output
+    check_writable(dest)
+    files.require_capture(capture_file, "export")
     with CaptureReader(capture_file) as reader:
         items = list(reader.items())  # checks every chunk and the trailer as it goes
         info = reader.info
-    assert info is not None
-    if fmt_name == "blktrace":
-        major, _, minor = device.partition(":")
-        if not (major.isdigit() and minor.isdigit()):
-            raise click.BadParameter(f"{device!r} is not major:minor", param_hint="--device")
-        counts = export_fmt.blktrace(items, output, (int(major), int(minor)))
-        click.echo(f"{output}.blktrace.0: {counts['queue']} bios; read it with "
-                   f"'blkparse -i {output}'")
-        return
-    part = output.with_name(output.name + ".part")
-    with part.open("wb") as f:
-        if fmt_name == "jsonl":
+    assert info is not None  # items() sets it at the trailer, or raises
+    if fmt_name == "log-writes":
+        missing = sum(isinstance(i, BioRecord) and i.op_name == "write"
+                      and not i.has_payload for i in items)
+        if missing or info.drops:
+            raise increment.IncrementError(
+                f"{capture_file} lacks data ({missing} writes without payload, "
+                f"{info.drops} drops): a log-writes log must hold every write"
+            )
+    with atomic_output(dest) as f:
+        if fmt_name == "blktrace":
+            counts = export_fmt.blktrace(items, f, (int(major), int(minor)))
+        elif fmt_name == "jsonl":
             n = export_fmt.jsonl(items, f, with_payload=payload)
         else:
-            missing = sum(isinstance(i, BioRecord) and i.op_name == "write"
-                          and not i.has_payload for i in items)
-            if missing or info.drops:
-                part.unlink()
-                raise increment.IncrementError(
-                    f"{capture_file} lacks data ({missing} writes without payload, "
-                    f"{info.drops} drops): a log-writes log must hold every write"
-                )
             n = export_fmt.log_writes(items, f)
-    part.rename(output)
-    click.echo(f"{output}: {n} entries")
+    if fmt_name == "blktrace":
+        click.echo(f"{dest}: {counts['queue']} bios; read it with 'blkparse -i {output}'")
+    else:
+        click.echo(f"{output}: {n} entries")
 
 
 @main.command("plot")
@@ -498,9 +530,11 @@ def plot_cmd(capture_file: Path, output: Path) -> None:
     """Draw FILE as sector over time (reads blue, writes red, marks as lines)."""
     from imgrement_dm.formats.plot import plot
 
-    # items() raises on any damage before plot() writes anything
-    with CaptureReader(capture_file) as reader:
-        counts = plot(reader.items(), output, title=f"{reader.device}: sector over time")
+    check_writable(output)
+    files.require_capture(capture_file, "plot")
+    # items() raises on any damage; the PNG is then never renamed into place
+    with CaptureReader(capture_file) as reader, atomic_output(output) as f:
+        counts = plot(reader.items(), f, title=f"{reader.device}: sector over time")
     click.echo(f"{output}: {counts['reads']} reads, {counts['writes']} writes, "
                f"{counts['marks']} marks")
 

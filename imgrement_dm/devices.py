@@ -137,8 +137,13 @@ def describe_holder(holder: Path) -> tuple[str, bool]:
     return holder.name, False
 
 
-def check_unused(dev: BlockDevice) -> None:
-    """Refuse a device that is mounted, swapped on, held, or already wrapped."""
+def check_unused(dev: BlockDevice, *, doing: str = "wrap") -> None:
+    """Refuse a device that is mounted, swapped on, held, or already wrapped.
+
+    ``doing`` is "wrap" or "replay" (writing a capture onto the device): the
+    checks are the same, the advice differs.
+    """
+    wrap = doing == "wrap"
     mounts = _mounts()
     swaps = _swaps()
     members = [(dev.path, dev.sysfs.resolve())] + [
@@ -151,19 +156,23 @@ def check_unused(dev: BlockDevice) -> None:
             what, ours = describe_holder(holder)
             if ours:
                 name = _read(holder / "dm" / "name")
+                advice = (f"trace that device, or unwrap it first with 'imgrement-dm unwrap "
+                          f"{name}'" if wrap else
+                          f"writing below it would bypass the trace: replay onto "
+                          f"/dev/mapper/{name}, or unwrap it first")
                 raise DeviceBusyError(
                     f"{shown}{whose} is already wrapped by imgrement device {name!r} "
-                    f"(/dev/mapper/{name}); trace that device, or unwrap it first with "
-                    f"'imgrement-dm unwrap {name}'"
+                    f"(/dev/mapper/{name}); {advice}"
                 )
-            raise DeviceBusyError(
-                f"{shown}{whose} is in use by {what}; wrapping it would trace only part "
-                "of its I/O: stop that user first"
-            )
+            why = ("wrapping it would trace only part of its I/O" if wrap else
+                   "writing below it would corrupt what it holds")
+            raise DeviceBusyError(f"{shown}{whose} is in use by {what}; {why}: stop that "
+                                  "user first")
         if devno in mounts:
+            then = ", then wrap it and mount /dev/mapper/NAME instead" if wrap else ""
             raise DeviceBusyError(
                 f"{shown}{whose} is mounted at {mounts[devno]}; unmount it first "
-                f"('umount {mounts[devno]}'), then wrap it and mount /dev/mapper/NAME instead"
+                f"('umount {mounts[devno]}'){then}"
             )
         if devno in swaps:
             raise DeviceBusyError(f"{shown}{whose} is in use as swap; run 'swapoff {shown}' first")
@@ -172,8 +181,14 @@ def check_unused(dev: BlockDevice) -> None:
 
 def _check_exclusive(dev: BlockDevice) -> None:
     """Last word: the kernel refuses O_EXCL while anyone holds the device exclusively."""
+    os.close(open_exclusive(dev, os.O_RDONLY))
+
+
+def open_exclusive(dev: BlockDevice, mode: int) -> int:
+    """``dev`` opened with O_EXCL (no mount or holder can take it meanwhile), checked
+    to be the device that was resolved."""
     try:
-        fd = os.open(dev.path, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+        fd = os.open(dev.path, mode | os.O_EXCL | os.O_CLOEXEC)
     except OSError as e:
         if e.errno == errno.EBUSY:
             raise DeviceBusyError(
@@ -185,5 +200,7 @@ def _check_exclusive(dev: BlockDevice) -> None:
         st = os.fstat(fd)
         if (os.major(st.st_rdev), os.minor(st.st_rdev)) != (dev.major, dev.minor):
             raise DeviceBusyError(f"{dev.path} changed while it was being checked; try again")
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
+    return fd

@@ -15,9 +15,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from imgrement_dm import devices
 from imgrement_dm.errors import ImgrementError
+from imgrement_dm.formats import files
 from imgrement_dm.formats.capture import CaptureReader
 from imgrement_dm.layout import FLAGS
+from imgrement_dm.output import atomic_path, check_writable
 from imgrement_dm.records import BioRecord, Drop, Item, MarkRecord
 
 _FUA = next(bit for bit, name in FLAGS.items() if name == "fua")
@@ -61,8 +64,13 @@ class Selection:
     reached: bool
 
 
-def select(items: Iterable[Item], stop: StopAt) -> Selection:
-    """Changing records up to ``stop``, sorted by completion (then sequence)."""
+def select(items: Iterable[Item], stop: StopAt, *,
+           keep_without_data: bool = False) -> Selection:
+    """Changing records up to ``stop``, sorted by completion (then sequence).
+
+    Writes without their data are counted and left out, unless
+    ``keep_without_data`` (for a map of where, not what).
+    """
     changes: list[BioRecord] = []
     drops = failed = without_data = flushes = fuas = 0
     reached = stop == StopAt()
@@ -81,7 +89,7 @@ def select(items: Iterable[Item], stop: StopAt) -> Selection:
             include = False
         if include and item.op_name == "write" and not item.has_payload:
             without_data += 1
-            include = False
+            include = keep_without_data
         if include:
             changes.append(item)
         if item.op_name == "flush" or item.flags & _PREFLUSH:
@@ -98,8 +106,10 @@ def select(items: Iterable[Item], stop: StopAt) -> Selection:
     return Selection(changes, drops, failed, without_data, reached)
 
 
-def _load(capture: Path, stop: StopAt, *, force: bool) -> tuple[CaptureReader, Selection]:
+def _load(capture: Path, stop: StopAt, *, force: bool,
+          command: str) -> tuple[CaptureReader, Selection]:
     """Validate the whole capture, then select what to apply from it."""
+    files.require_capture(capture, command)
     with CaptureReader(capture) as check:
         check.validate()
     reader = CaptureReader(capture)
@@ -162,45 +172,71 @@ def _size_of(fd: int) -> int:
     return st.st_size
 
 
+def _too_small(what: Path, size: int, needed: int) -> IncrementError:
+    return IncrementError(
+        f"{what} is {size} bytes, smaller than the traced device ({needed} bytes): it is "
+        "not a copy of that disk"
+    )
+
+
 def apply(base: Path, capture: Path, out: Path, stop: StopAt = StopAt(), *,
           force: bool = False, progress: Callable[[int, int], None] | None = None) -> Selection:
     """Copy ``base`` to ``out`` and apply the capture up to ``stop``.
 
     The result is written to OUT.part and renamed only when complete, so an
-    interrupted apply never leaves a half-made image under the final name.
+    interrupted apply never leaves a half-made image under the final name,
+    and a failed one leaves OUT as it was.
     """
-    reader, sel = _load(capture, stop, force=force)
-    part = out.with_name(out.name + ".part")
-    try:
-        with reader:
-            if base.stat().st_size < reader.sectors * 512:
-                raise IncrementError(
-                    f"{base} is {base.stat().st_size} bytes, smaller than the traced device "
-                    f"({reader.sectors * 512} bytes): it is not a copy of that disk"
-                )
+    check_writable(out)
+    reader, sel = _load(capture, stop, force=force, command="apply")
+    with reader:
+        if base.stat().st_size < reader.sectors * 512:
+            raise _too_small(base, base.stat().st_size, reader.sectors * 512)
+        with atomic_path(out) as part:
             shutil.copyfile(base, part)
-            fd = os.open(part, os.O_RDWR)
+            fd = os.open(part, os.O_RDWR | os.O_CLOEXEC)
             try:
                 _apply_to_fd(fd, sel.changes, _size_of(fd), progress)
-                os.fsync(fd)
             finally:
                 os.close(fd)
-        part.rename(out)
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise
     return sel
+
+
+def _open_target(target: Path, needed: int) -> int:
+    """``target`` opened for writing: an image file at least ``needed`` bytes long, or a
+    block device nobody uses, held exclusively while the replay runs."""
+    try:
+        st = os.stat(target)
+    except OSError as e:
+        raise IncrementError(f"cannot replay onto {target}: {e.strerror}") from None
+    if stat.S_ISBLK(st.st_mode):
+        dev = devices.resolve(str(target))
+        devices.check_unused(dev, doing="replay")
+        fd = devices.open_exclusive(dev, os.O_RDWR)
+    elif stat.S_ISREG(st.st_mode):
+        try:
+            fd = os.open(target, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise IncrementError(f"cannot open {target}: {e.strerror}") from None
+    else:
+        raise IncrementError(f"{target} is neither a disk image file nor a block device")
+    size = _size_of(fd)
+    if size < needed:
+        os.close(fd)
+        raise _too_small(target, size, needed)
+    return fd
 
 
 def replay(capture: Path, target: Path, stop: StopAt = StopAt(), *, force: bool = False,
            progress: Callable[[int, int], None] | None = None) -> Selection:
-    """Write the capture up to ``stop`` onto ``target`` (a device or image) in place."""
-    reader, sel = _load(capture, stop, force=force)
+    """Write the capture up to ``stop`` onto ``target`` (a device or image) in place.
+
+    A block device is refused, as ``wrap`` refuses one, if it is mounted, held
+    (dm, md, LVM), swapped on or wrapped, and is held with O_EXCL meanwhile.
+    """
+    reader, sel = _load(capture, stop, force=force, command="replay")
     with reader:
-        try:
-            fd = os.open(target, os.O_RDWR)
-        except OSError as e:
-            raise IncrementError(f"cannot open {target}: {e.strerror}") from None
+        fd = _open_target(target, reader.sectors * 512)
         try:
             _apply_to_fd(fd, sel.changes, _size_of(fd), progress)
             os.fsync(fd)
@@ -209,19 +245,41 @@ def replay(capture: Path, target: Path, stop: StopAt = StopAt(), *, force: bool 
     return sel
 
 
-def extents(capture: Path, stop: StopAt = StopAt()) -> list[tuple[int, int]]:
-    """Changed (start sector, sectors) ranges up to ``stop``, merged and sorted."""
+@dataclass
+class Extents:
+    """Changed (start sector, sectors) ranges, merged and sorted, and what is missing."""
+
+    spans: list[tuple[int, int]]
+    drops: int
+    without_data: int
+
+
+def extents(capture: Path, stop: StopAt = StopAt(), *, force: bool = False) -> Extents:
+    """Changed ranges up to ``stop``.
+
+    A capture that lost records is refused unless ``force``: the map would
+    silently miss blocks, which is what an incremental backup must not do.
+    Writes recorded without data (capture mode meta) still count: the map
+    needs where, not what.
+    """
+    files.require_capture(capture, "diff")
     with CaptureReader(capture) as check:
         check.validate()
     with CaptureReader(capture) as reader:
-        sel = select(reader.items(), stop)
+        sel = select(reader.items(), stop, keep_without_data=True)
         if not sel.reached:
             raise IncrementError(f"{capture} has no {stop.describe()}")
-        spans = sorted((r.sector, r.sector + r.sectors) for r in sel.changes if r.sectors)
+    if sel.drops and not force:
+        raise IncrementError(
+            f"{capture} lost {sel.drops} record(s) (the buffer overflowed while recording): "
+            "the changed-block map would miss blocks. Record again with a larger "
+            "--buffer-kb, or pass --force for the extents it has"
+        )
+    spans = sorted((r.sector, r.sector + r.sectors) for r in sel.changes if r.sectors)
     merged: list[list[int]] = []
     for a, b in spans:
         if merged and a <= merged[-1][1]:
             merged[-1][1] = max(merged[-1][1], b)
         else:
             merged.append([a, b])
-    return [(a, b - a) for a, b in merged]
+    return Extents([(a, b - a) for a, b in merged], sel.drops, sel.without_data)

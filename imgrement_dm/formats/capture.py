@@ -10,11 +10,12 @@ Layout (all little-endian; docs/capture-format.md):
 
 A reader checks every crc and the trailer, so a truncated or corrupted file
 is reported (with how much of it is intact), never silently used. A writer
-writes FILE.part and renames it only when the trailer is down.
+writes FILE.part and renames it only when the trailer is down (output.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import time
@@ -26,6 +27,7 @@ from typing import BinaryIO
 
 from imgrement_dm import layout
 from imgrement_dm.errors import ImgrementError
+from imgrement_dm.output import atomic_output
 from imgrement_dm.records import Drop, Item, Record, StreamError, _Gaps, decode, scan
 
 MAGIC = b"IMGRCAP1"
@@ -53,16 +55,18 @@ class CaptureInfo:
 
 
 class CaptureWriter:
-    """Writes FILE.part; :meth:`finish` adds the trailer and renames it to FILE."""
+    """Writes a capture into ``f``; :meth:`finish` adds the trailer.
 
-    def __init__(self, path: Path, device: str, sectors: int) -> None:
-        self.path = path
-        self.part = path.with_name(path.name + ".part")
+    ``f`` is normally :func:`imgrement_dm.output.atomic_output`'s FILE.part,
+    renamed to FILE only once the trailer is down (see :func:`write_capture`).
+    """
+
+    def __init__(self, f: BinaryIO, device: str, sectors: int) -> None:
         self.records = 0
         self.drops = 0
         self.bytes = 0
         self.last_seq = -1
-        self._f: BinaryIO = self.part.open("wb")
+        self._f = f
         name = device.encode()[:32]
         head = _HEADER.pack(MAGIC, FORMAT_VERSION, layout.RECORD_VERSION, sectors,
                             time.time_ns(), name, 0)
@@ -87,19 +91,22 @@ class CaptureWriter:
         self.last_seq = last
         self.drops += gaps
 
-    def finish(self) -> Path:
+    def finish(self) -> None:
+        """Write the trailer: from here on the file is a complete capture."""
         body = struct.pack("<4sQQq", b"DONE", self.records, self.drops, self.last_seq)
         self._f.write(body + struct.pack("<I", zlib.crc32(body)))
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        self.part.rename(self.path)
-        return self.path
 
-    def abandon(self) -> None:
-        """Leave nothing under either name (a failed start)."""
-        self._f.close()
-        self.part.unlink(missing_ok=True)
+
+@contextlib.contextmanager
+def write_capture(path: Path, device: str, sectors: int) -> Iterator[CaptureWriter]:
+    """A capture written to PATH.part and renamed to PATH, with its trailer, if the block ends well.
+
+    On any failure PATH is left as it was and no .part remains.
+    """
+    with atomic_output(path) as f:
+        writer = CaptureWriter(f, device, sectors)
+        yield writer
+        writer.finish()
 
 
 class CaptureReader:
@@ -112,9 +119,13 @@ class CaptureReader:
         except OSError as e:
             raise CaptureError(f"cannot open {path}: {e.strerror}") from None
         head = self._f.read(_HEADER_SIZE)
-        if len(head) < _HEADER.size or head[:8] != MAGIC:
+        if head[:8] != MAGIC:
             self._f.close()
             raise CaptureError(f"{path} is not an imgrement capture file")
+        if len(head) < _HEADER_SIZE:
+            self._f.close()
+            raise CaptureError(f"{path} is truncated: {len(head)} bytes, less than a "
+                               f"capture's {_HEADER_SIZE}-byte header")
         _, version, rec_version, sectors, started, name, crc = _HEADER.unpack_from(head)
         if zlib.crc32(head[: _HEADER.size - 4]) != crc:
             self._f.close()
@@ -146,6 +157,10 @@ class CaptureReader:
             "where the command offers it"
         )
 
+    def _left(self) -> int:
+        """Bytes from here to the end of the file."""
+        return os.fstat(self._f.fileno()).st_size - self._f.tell()
+
     def items(self) -> Iterator[Item]:
         """Records and drops, in stream order; raises CaptureError on any damage."""
         gaps = _Gaps(None)
@@ -157,6 +172,10 @@ class CaptureReader:
                 if len(rest) < _CHUNK.size - 4:
                     raise self._fail("truncated", chunks, records)
                 _, length, count, crc = _CHUNK.unpack(tag + rest)
+                if length > self._left():
+                    # checked before reading: a damaged length must not make
+                    # us allocate gigabytes for a file that does not hold them
+                    raise self._fail("truncated", chunks, records)
                 raw = self._f.read(length)
                 if len(raw) < length:
                     raise self._fail("truncated", chunks, records)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
-from pathlib import Path
 from typing import BinaryIO
 
 from imgrement_dm import format as fmt
@@ -45,8 +44,8 @@ def _categories(r: BioRecord) -> int:
     return what
 
 
-def blktrace(items: Iterable[Item], prefix: Path, device: tuple[int, int]) -> dict[str, int]:
-    """Write PREFIX.blktrace.0; returns counts of what was written."""
+def blktrace(items: Iterable[Item], out: BinaryIO, device: tuple[int, int]) -> dict[str, int]:
+    """Write the events blkparse reads from PREFIX.blktrace.0; returns what was written."""
     dev = (device[0] << 20) | device[1]
     events: list[tuple[int, int, bytes]] = []  # (time, order, packed event)
     named: set[int] = set()
@@ -74,10 +73,8 @@ def blktrace(items: Iterable[Item], prefix: Path, device: tuple[int, int]) -> di
             counts[kind] += 1
         counts["bytes"] += r.size
     events.sort(key=lambda e: (e[0], e[1]))
-    out = Path(f"{prefix}.blktrace.0")
-    with out.open("wb") as f:
-        for seq, (_, _, ev) in enumerate(events, start=1):
-            f.write(ev[:4] + struct.pack("<I", seq) + ev[8:])
+    for seq, (_, _, ev) in enumerate(events, start=1):
+        out.write(ev[:4] + struct.pack("<I", seq) + ev[8:])
     return counts
 
 

@@ -5,13 +5,13 @@ marks as vertical lines (needs the optional matplotlib: pip install
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
+from typing import BinaryIO
 
 from imgrement_dm.errors import ImgrementError
 from imgrement_dm.records import BioRecord, Item, MarkRecord
 
 
-def plot(items: Iterable[Item], out: Path, title: str = "") -> dict[str, int]:
+def plot(items: Iterable[Item], out: BinaryIO, title: str = "") -> dict[str, int]:
     """Write a PNG to ``out``; returns how many reads, writes and marks it drew."""
     try:
         import matplotlib
@@ -48,8 +48,6 @@ def plot(items: Iterable[Item], out: Path, title: str = "") -> dict[str, int]:
     ax.set_title(title or "imgrement: sector over time")
     ax.legend(loc="upper right")
     fig.tight_layout()
-    part = out.with_name(out.name + ".part")
-    fig.savefig(part, format="png")
+    fig.savefig(out, format="png")
     plt.close(fig)
-    part.rename(out)
     return {"reads": len(reads[0]), "writes": len(writes[0]), "marks": len(marks)}

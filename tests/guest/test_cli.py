@@ -181,7 +181,9 @@ def test_deferred_unwrap_of_an_open_device(disk: str) -> None:
         (["mark", "nosuch", "x"], 6, "no device-mapper device named 'nosuch'"),
         (["trace"], 2, "give a device NAME or --file FILE"),
         (["trace", "--file", "/nonexistent.rec"], 9, "cannot open /nonexistent.rec"),
-        (["stats", "--file", "/etc/hostname"], 9, "is not a saved imgrement record stream"),
+        (["stats", "--file", "/etc/hostname"], 9,
+         "is not an imgrement file; give a capture file (from 'imgrement-dm record') or a "
+         "saved stream"),
         (["trace", "x", "--sector", "9-1"], 2, "is not a range START-END"),
         (["wrap", "/dev/vda", "--buffer-kb", "1"], 2, "Invalid value"),
         (["unwrap", "a/b"], 5, "invalid device name"),
@@ -205,6 +207,30 @@ def test_mark_refuses_devices_that_are_not_ours(disk2: str) -> None:
         assert r.returncode == 4 and "not an imgrement device" in r.stderr
     finally:
         subprocess.run(["dmsetup", "remove", "other"], check=True)
+
+
+def test_a_device_whose_table_was_changed_by_hand(wrapped: str, disk: str,
+                                                  tmp_path: Path) -> None:
+    """Ours by uuid, but someone loaded another table: every command says so (it
+    traces nothing now) instead of misreading the other target's status, and
+    unwrap still removes it."""
+    length = sh("blockdev", "--getsz", disk).strip()
+    sh("dmsetup", "reload", wrapped, "--table", f"0 {length} linear {disk} 0")
+    sh("dmsetup", "resume", wrapped)
+    sh("udevadm", "settle")
+    out = tmp_path / "x.cap"
+    for args in (["status", wrapped], ["mark", wrapped, "x"], ["capture", wrapped, "meta"],
+                 ["trace", wrapped, "-c", "1"], ["record", wrapped, "-o", str(out)],
+                 ["trace", wrapped, "-q", "-o", str(out)]):
+        r = cli(*args)
+        assert r.returncode == 4, (args, r.returncode, r.stderr)
+        assert r.stderr == (
+            f"imgrement-dm: error: '{wrapped}' was made by imgrement-dm but its table was "
+            f"changed (now: linear 0+{length}): it traces nothing. Remove it with "
+            f"'imgrement-dm unwrap {wrapped}' and wrap the disk again\n"), args
+    assert not list(tmp_path.iterdir())
+    assert cli("unwrap", wrapped).returncode == 0
+    assert wrapped not in dm_devices()
 
 
 def test_debug_shows_the_traceback() -> None:

@@ -130,13 +130,87 @@ def test_replay_to_a_mark_gives_a_clean_filesystem(session: dict[str, object]) -
     img.unlink()
 
 
+def _sha_head(dev: str, size: int) -> str:
+    """sha256 of the first ``size`` bytes of a device, read with O_DIRECT."""
+    h = hashlib.sha256()
+    fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, 1 << 20)
+        left = size
+        while left:
+            n = os.readv(fd, [buf])
+            h.update(buf[: min(n, left)])
+            left -= min(n, left)
+    finally:
+        os.close(fd)
+    return h.hexdigest()
+
+
+def test_replay_onto_a_device_refuses_one_in_use(session: dict[str, object], disk2: str,
+                                                 tmp_path: Path) -> None:
+    """replay writes below whatever uses the disk: it refuses as wrap does (mounted,
+    wrapped, held open exclusively, too small) and changes nothing then; onto a
+    free disk, the first SIZE bytes become the device at the mark."""
+    cap, shas = str(session["cap"]), session["shas"]
+    assert isinstance(shas, dict)
+    sh("mkfs.ext4", "-q", "-F", disk2)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    sh("mount", disk2, str(mnt))
+    try:
+        before = _sha_head(disk2, SIZE)
+        r = cli("replay", cap, disk2, "--until-mark", "m1")
+        assert r.returncode == 4, r.stderr
+        assert r.stderr == (f"imgrement-dm: error: {disk2} is mounted at {mnt}; unmount it "
+                            f"first ('umount {mnt}')\n")
+    finally:
+        sh("umount", str(mnt))
+    assert cli("wrap", disk2, "--name", "held").returncode == 0
+    try:
+        r = cli("replay", cap, disk2, "--until-mark", "m1")
+        assert r.returncode == 4, r.stderr
+        assert (f"{disk2} is already wrapped by imgrement device 'held' (/dev/mapper/held); "
+                "writing below it would bypass the trace: replay onto /dev/mapper/held, or "
+                "unwrap it first") in r.stderr
+    finally:
+        assert cli("unwrap", "held").returncode == 0
+    holder = subprocess.Popen(
+        ["python3", "-c", "import os, sys, time\n"
+         f"fd = os.open({disk2!r}, os.O_RDONLY | os.O_EXCL)\n"
+         "print('held', flush=True)\nsys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        r = cli("replay", cap, disk2, "--until-mark", "m1")
+        assert r.returncode == 4, r.stderr
+        assert "is in use (the kernel refuses an exclusive open)" in r.stderr
+    finally:
+        holder.communicate("", timeout=30)
+    assert _sha_head(disk2, SIZE) == before  # every refusal left it as it was
+
+    small = tmp_path / "small.img"
+    small.write_bytes(bytes(1 << 20))
+    loop = sh("losetup", "--find", "--show", str(small)).strip()
+    try:
+        r = cli("replay", cap, loop)
+        assert r.returncode == 11 and (f"{loop} is 1048576 bytes, smaller than the traced "
+                                       f"device ({SIZE} bytes)") in r.stderr, r.stderr
+    finally:
+        sh("losetup", "-d", loop)
+
+    sh("blkdiscard", "-z", "-l", str(SIZE), disk2)  # the base image was all zeros
+    r = cli("replay", cap, disk2, "--until-mark", "m1")
+    assert r.returncode == 0, r.stderr
+    assert _sha_head(disk2, SIZE) == shas["m1"]
+
+
 def test_diff_covers_every_changed_sector(session: dict[str, object]) -> None:
     base, cap = Path(str(session["base"])), Path(str(session["cap"]))
     r = cli("diff", str(cap), "--json")
     assert r.returncode == 0, r.stderr
     spans = json.loads(r.stdout)
     assert spans == sorted(spans) and all(n > 0 for _, n in spans)
-    assert spans == [list(s) for s in increment.extents(cap)]
+    assert spans == [list(s) for s in increment.extents(cap).spans]
     final = Path(str(session["dir"])) / "final.img"
     increment.apply(base, cap, final)
     a, b = base.read_bytes(), final.read_bytes()

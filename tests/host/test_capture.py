@@ -17,7 +17,7 @@ import pytest
 
 from imgrement_dm import increment
 from imgrement_dm.formats import export
-from imgrement_dm.formats.capture import CaptureError, CaptureReader, CaptureWriter
+from imgrement_dm.formats.capture import CaptureError, CaptureReader, write_capture
 from imgrement_dm.records import BioRecord, Drop, MarkRecord
 from tests.host import streams
 
@@ -26,10 +26,9 @@ W, R, FLUSH, DISCARD, ZEROES = 1, 0, 2, 3, 5
 
 def _capture(tmp_path: Path, chunks: list[bytes], sectors: int = 2048) -> Path:
     path = tmp_path / "c.cap"
-    w = CaptureWriter(path, "traced", sectors)
-    for raw in chunks:
-        w.add(raw)
-    w.finish()
+    with write_capture(path, "traced", sectors) as w:
+        for raw in chunks:
+            w.add(raw)
     assert not path.with_name("c.cap.part").exists()
     return path
 
@@ -74,8 +73,8 @@ def test_capture_round_trip_and_apply(tmp_path: Path) -> None:
     assert sel.failed == 1  # the write that failed is not applied
     assert hashlib.sha256(out.read_bytes()).digest() == \
         hashlib.sha256(_expected_image(True)).digest()
-    assert increment.extents(cap) == [(0, 8), (100, 8), (200, 16)]
-    assert increment.extents(cap, increment.StopAt(mark="one")) == [(0, 8)]
+    assert increment.extents(cap).spans == [(0, 8), (100, 8), (200, 16)]
+    assert increment.extents(cap, increment.StopAt(mark="one")).spans == [(0, 8)]
     # replay to the first FUA write, in place
     img = tmp_path / "replay.img"
     shutil.copyfile(base, img)
@@ -136,7 +135,8 @@ def test_blktrace_export_reads_in_blkparse(tmp_path: Path) -> None:
     cap = _capture(tmp_path, _workload())
     with CaptureReader(cap) as r:
         items = list(r.items())
-    counts = export.blktrace(items, tmp_path / "t", (253, 0))
+    with (tmp_path / "t.blktrace.0").open("wb") as f:
+        counts = export.blktrace(items, f, (253, 0))
     assert counts["queue"] == counts["complete"] == 7
     out = subprocess.run(["blkparse", "-i", str(tmp_path / "t"), "-f",
                           "%M,%m %a %3d %S %n %C\n"],
@@ -182,8 +182,8 @@ def test_plot_draws_a_png(tmp_path: Path) -> None:
 
     cap = _capture(tmp_path, _workload())
     out = tmp_path / "access.png"
-    with CaptureReader(cap) as r:
-        counts = plot(r.items(), out)
+    with CaptureReader(cap) as r, out.open("wb") as f:
+        counts = plot(r.items(), f)
     assert counts == {"reads": 1, "writes": 5, "marks": 2}  # the failed write too
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,65 @@
+"""The two kinds of record file, told apart by their first bytes.
+
+``imgrement-dm record`` writes capture files (checksummed, with a trailer;
+formats/capture.py); ``trace -o`` saves the raw stream behind a 16-byte
+header (records.py).  Users should not have to know there are two: the
+commands that only show records (``trace --file``, ``stats --file``) read
+either, and the commands that need a capture's guarantees (``apply``,
+``replay``, ``diff``, ``export``, ``plot``) say which kind they were given
+and which they take.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from imgrement_dm.formats.capture import MAGIC as CAPTURE_MAGIC
+from imgrement_dm.formats.capture import CaptureError, CaptureReader
+from imgrement_dm.records import STREAM_MAGIC, Item, RecordReader, StreamError
+
+CAPTURE = "capture"
+STREAM = "stream"
+
+KINDS = ("a capture file (from 'imgrement-dm record') or a saved stream "
+         "(from 'imgrement-dm trace -o')")
+
+
+def kind_of(path: Path) -> str:
+    """CAPTURE or STREAM; StreamError naming both kinds for anything else."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(max(len(CAPTURE_MAGIC), len(STREAM_MAGIC)))
+    except IsADirectoryError:
+        raise StreamError(f"{path} is a directory; give {KINDS}") from None
+    except OSError as e:
+        raise StreamError(f"cannot open {path}: {e.strerror}") from None
+    if head.startswith(CAPTURE_MAGIC):
+        return CAPTURE
+    if head.startswith(STREAM_MAGIC[:15]):
+        return STREAM
+    what = "empty" if not head else "not an imgrement file"
+    raise StreamError(f"{path} is {what}; give {KINDS}")
+
+
+def require_capture(path: Path, command: str) -> None:
+    """Refuse anything but a capture file, saying what was given instead."""
+    if kind_of(path) == STREAM:
+        raise CaptureError(
+            f"{path} is a saved stream (from 'trace -o'), which has no checksums, device "
+            f"size or end marker; '{command}' needs a capture file: record one with "
+            "'imgrement-dm record NAME -o FILE'"
+        )
+
+
+@contextlib.contextmanager
+def file_items(path: Path) -> Iterator[Iterator[Item]]:
+    """The records and drops of a file of either kind, checked as they are read."""
+    if kind_of(path) == CAPTURE:
+        with CaptureReader(path) as capture:
+            yield capture.items()
+        return
+    with RecordReader.from_file(path) as reader:
+        yield iter(reader)
+
