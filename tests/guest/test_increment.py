@@ -158,13 +158,14 @@ def test_replay_onto_a_device_refuses_one_in_use(session: dict[str, object], dis
     mnt.mkdir()
     sh("mount", disk2, str(mnt))
     try:
-        before = _sha_head(disk2, SIZE)
         r = cli("replay", cap, disk2, "--until-mark", "m1")
         assert r.returncode == 4, r.stderr
         assert r.stderr == (f"imgrement-dm: error: {disk2} is mounted at {mnt}; unmount it "
                             f"first ('umount {mnt}')\n")
     finally:
-        sh("umount", str(mnt))
+        sh("umount", str(mnt))  # (which writes to the disk: compare from here on)
+    sh("udevadm", "settle")
+    before = _sha_head(disk2, SIZE)
     assert cli("wrap", disk2, "--name", "held").returncode == 0
     try:
         r = cli("replay", cap, disk2, "--until-mark", "m1")
