@@ -111,4 +111,15 @@ static inline void imgrement_vm_flags_clear(struct vm_area_struct *vma,
 }
 #endif
 
+/*
+ * Submitting a bio the target took over (DM_MAPIO_SUBMITTED) after remapping
+ * it: dm_submit_bio_remap() (5.18) also does dm's accounting and the remap
+ * trace event; before it, submit it as dm-thin did.
+ */
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(5, 18, 0)
+#define imgrement_submit_remapped(bio) dm_submit_bio_remap(bio, NULL)
+#else
+#define imgrement_submit_remapped(bio) submit_bio_noacct(bio)
+#endif
+
 #endif /* IMGREMENT_COMPAT_H */

@@ -46,6 +46,7 @@ static int records_open(struct inode *inode, struct file *file)
 
 	kref_get(&dev->kref);
 	file->private_data = dev;
+	imgrement_dev_readers_changed(dev, 1);
 	return nonseekable_open(inode, file);
 }
 
@@ -54,6 +55,7 @@ static int records_release(struct inode *inode, struct file *file)
 	struct imgrement_dev *dev = file->private_data;
 
 	imgrement_ring_forget(&dev->ring, file, NULL);
+	imgrement_dev_readers_changed(dev, -1);
 	kref_put(&dev->kref, imgrement_dev_release);
 	return 0;
 }

@@ -15,9 +15,25 @@
  * Records go into a bounded buffer allocated when the table is loaded and
  * are read from /sys/kernel/debug/imgrement/<dm name>/records (debugfs.c).
  * Space is reserved when a bio is mapped and the record is published when it
- * completes, so records appear in submission order.  When the buffer is
- * full a record is dropped and counted, and its sequence number is skipped.
- * The format is in imgrement_record.h and docs/record-format.md.
+ * completes, so records appear in submission order.  The format is in
+ * imgrement_record.h and docs/record-format.md.
+ *
+ * Overflow.  When a record does not fit, the overflow policy decides:
+ *   drop  the record is dropped and counted, and its sequence number is
+ *         skipped; the bio goes on at once (the default: tracing never
+ *         slows the disk).
+ *   wait  lossless: the bio waits, in order, on a list, and a work item
+ *         records and submits it once readers have freed space (.map never
+ *         sleeps; bios that arrive while others wait queue behind them).
+ *         Bios are split to at most a quarter of the buffer, so every
+ *         record fits in an empty one.  A disk must never hang on a missing
+ *         reader: with no reader open the record is dropped at once, and when
+ *         waiting bios made no progress for wait_ms (a stopped reader) the
+ *         device falls back to dropping, with a kernel warning, until the
+ *         buffer has drained to a quarter.  The first sequence number lost
+ *         in wait mode is kept in status (lost_from) until reset-stats; the
+ *         stream shows the gap.  A REQ_NOWAIT bio that would wait fails with
+ *         BLK_STS_AGAIN instead (its submitter retries without NOWAIT).
  *
  * Ioctls.  The target has no .prepare_ioctl, so device-mapper refuses
  * (ENOTTY) every ioctl that it would otherwise hand to the device below:
@@ -37,7 +53,8 @@
  *
  * Status:
  *   INFO:  bios=N bytes=N records=N dropped=N capture=MODE buffer=BYTES
- *          used=BYTES log=on|off
+ *          used=BYTES log=on|off overflow=drop|wait waiting=N waited=N
+ *          fallbacks=N lost_from=SEQ|-
  *   TABLE: the table arguments, as given (with the current capture mode
  *          and log setting, if they were given or changed by message)
  *
@@ -47,6 +64,7 @@
  *   capture meta|writes|all       change what is copied, at once
  *   log on|off                    also print each bio to the kernel log,
  *                                 rate-limited
+ *   overflow drop|wait            change the overflow policy, at once
  *   reset-stats                   zero the INFO counters
  */
 
@@ -57,6 +75,8 @@
 #include <linux/slab.h>
 #include <linux/sched.h>
 #include <linux/ratelimit.h>
+#include <linux/log2.h>
+#include <linux/workqueue.h>
 #include <linux/device-mapper.h>
 
 #include "compat.h"
@@ -67,16 +87,22 @@
 #define IMGREMENT_DEFAULT_BUFFER_KB	(16 * 1024)
 #define IMGREMENT_MIN_BUFFER_KB		64
 #define IMGREMENT_MAX_BUFFER_KB		(1024 * 1024)
+#define IMGREMENT_DEFAULT_WAIT_MS	5000
+#define IMGREMENT_MIN_WAIT_MS		10
+#define IMGREMENT_MAX_WAIT_MS		60000	/* under the hung-task watchdog's */
 
 /* Which optional arguments were given, so TABLE status gives them back. */
 enum {
 	OPT_CAPTURE,
 	OPT_BUFFER,
 	OPT_LOG,
+	OPT_OVERFLOW,
+	OPT_WAIT_MS,
 };
 
 /* One target (one table line). */
 struct imgrement_c {
+	struct dm_target *ti;
 	struct dm_dev *dev;
 	sector_t start;			/* offset into dev, in sectors */
 	struct imgrement_dev *idev;	/* the stream, shared across reloads */
@@ -85,7 +111,16 @@ struct imgrement_c {
 					 * message: atomic bitops */
 	int capture;			/* enum imgrement_capture; READ_ONCE */
 	bool log;			/* READ_ONCE */
+	int overflow;			/* enum imgrement_overflow; READ_ONCE */
+	u32 wait_ms;			/* how long waiting bios may stall */
 	struct ratelimit_state log_rs;
+};
+
+/* Who submitted a bio, and when: taken in .map, even if it is recorded later. */
+struct imgrement_origin {
+	u64 submit_ns;
+	pid_t pid, tid;
+	char comm[TASK_COMM_LEN];
 };
 
 /* Per-bio state, from .map to .end_io. */
@@ -93,7 +128,12 @@ struct imgrement_io {
 	struct imgrement_bio_record *rec;	/* NULL: dropped */
 	struct bvec_iter iter;			/* the bio's data, for reads */
 	bool copy_at_end;			/* copy the payload in end_io */
+	struct imgrement_c *ic;			/* for a bio that waits */
+	struct imgrement_origin from;		/* for a bio that waits */
 };
+
+/* Records and submits bios that wait for space (lossless mode). */
+static struct workqueue_struct *imgrement_wq;
 
 static LIST_HEAD(imgrement_devs);
 static DEFINE_MUTEX(imgrement_devs_lock);
@@ -109,6 +149,20 @@ const char *imgrement_capture_name(enum imgrement_capture capture)
 		return "all";
 	}
 	return "?";
+}
+
+const char *imgrement_overflow_name(enum imgrement_overflow overflow)
+{
+	return overflow == IMGREMENT_OVERFLOW_WAIT ? "wait" : "drop";
+}
+
+static int parse_overflow(const char *s)
+{
+	if (!strcmp(s, "drop"))
+		return IMGREMENT_OVERFLOW_DROP;
+	if (!strcmp(s, "wait"))
+		return IMGREMENT_OVERFLOW_WAIT;
+	return -EINVAL;
 }
 
 static int parse_capture(const char *s)
@@ -135,6 +189,25 @@ static int parse_on_off(const char *s)
  * Find the stream of @md, or make it.  A reload finds the one its old table
  * uses; its buffer size cannot change while the device exists.
  */
+static void imgrement_defer_work(struct work_struct *work);
+static void imgrement_on_space(struct imgrement_ring *ring);
+
+/*
+ * Switch the overflow policy.  In wait mode every record must fit in an
+ * empty buffer: bios are split to a quarter of it (a power of two, so the
+ * split is a mask), which with its segments stays under half.  dm reads
+ * max_io_len for each bio it splits, so the change applies to the next one.
+ */
+static void imgrement_set_overflow(struct imgrement_c *ic, int overflow)
+{
+	u32 max_sectors = 0;
+
+	if (overflow == IMGREMENT_OVERFLOW_WAIT)
+		max_sectors = rounddown_pow_of_two(ic->buffer_kb * 1024 / 4) >> SECTOR_SHIFT;
+	WRITE_ONCE(ic->ti->max_io_len, max_sectors);
+	WRITE_ONCE(ic->overflow, overflow);
+}
+
 static struct imgrement_dev *imgrement_dev_get(struct dm_target *ti, u32 buffer_kb)
 {
 	struct mapped_device *md = dm_table_get_md(ti->table);
@@ -170,6 +243,12 @@ static struct imgrement_dev *imgrement_dev_get(struct dm_target *ti, u32 buffer_
 	refcount_set(&dev->users, 1);
 	kref_init(&dev->kref);
 	mutex_init(&dev->name_lock);
+	spin_lock_init(&dev->defer_lock);
+	bio_list_init(&dev->deferred);
+	INIT_DELAYED_WORK(&dev->defer_work, imgrement_defer_work);
+	atomic_set(&dev->readers, 0);
+	atomic64_set(&dev->lost_from, -1);
+	dev->ring.on_space = imgrement_on_space;
 	dev->md = md;
 	if (dm_copy_name_and_uuid(md, dev->name, NULL))
 		strscpy(dev->name, dm_disk(md)->disk_name, sizeof(dev->name));
@@ -199,6 +278,8 @@ static void imgrement_dev_put(struct imgrement_dev *dev)
 	list_del(&dev->list);
 	mutex_unlock(&imgrement_devs_lock);
 
+	/* No bio is in flight (dm waited for them), so none waits: */
+	cancel_delayed_work_sync(&dev->defer_work);
 	/* Readers drain what is left, then see end of file. */
 	imgrement_ring_close(&dev->ring);
 	imgrement_debugfs_remove(dev);
@@ -242,6 +323,11 @@ static void imgrement_dev_sync_name(struct imgrement_dev *dev)
  *   buffer_kb:<N>             record buffer size in KiB, 64 to 1048576
  *                             (default 16384); fixed while the device exists
  *   log:on|off                print each bio to the kernel log (default off)
+ *   overflow:drop|wait        when a record does not fit, drop it (default)
+ *                             or make the bio wait for space (lossless)
+ *   wait_ms:<N>               in wait mode, how long waiting bios may make
+ *                             no progress before the device falls back to
+ *                             dropping: 10 to 60000 (default 5000)
  */
 static int imgrement_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 {
@@ -274,8 +360,11 @@ static int imgrement_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 		ti->error = "Cannot allocate context";
 		return -ENOMEM;
 	}
+	ic->ti = ti;
 	ic->start = start;
 	ic->capture = IMGREMENT_CAPTURE_WRITES;
+	ic->overflow = IMGREMENT_OVERFLOW_DROP;
+	ic->wait_ms = IMGREMENT_DEFAULT_WAIT_MS;
 	/* At most 20 bios in any 5 seconds reach the kernel log. */
 	ratelimit_state_init(&ic->log_rs, 5 * HZ, 20);
 	ratelimit_set_flags(&ic->log_rs, RATELIMIT_MSG_ON_RELEASE);
@@ -311,6 +400,24 @@ static int imgrement_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 			}
 			ic->log = v;
 			__set_bit(OPT_LOG, &ic->opts);
+		} else if (!strncmp(arg, "overflow:", 9) && !test_bit(OPT_OVERFLOW, &ic->opts)) {
+			v = parse_overflow(arg + 9);
+			if (v < 0) {
+				ti->error = "Invalid overflow policy: expected overflow:drop or overflow:wait";
+				ret = -EINVAL;
+				goto bad;
+			}
+			ic->overflow = v;
+			__set_bit(OPT_OVERFLOW, &ic->opts);
+		} else if (!strncmp(arg, "wait_ms:", 8) && !test_bit(OPT_WAIT_MS, &ic->opts)) {
+			if (kstrtou32(arg + 8, 10, &ic->wait_ms) ||
+			    ic->wait_ms < IMGREMENT_MIN_WAIT_MS ||
+			    ic->wait_ms > IMGREMENT_MAX_WAIT_MS) {
+				ti->error = "Invalid wait_ms: expected 10 to 60000";
+				ret = -EINVAL;
+				goto bad;
+			}
+			__set_bit(OPT_WAIT_MS, &ic->opts);
 		} else {
 			ti->error = "Unknown or repeated optional argument";
 			ret = -EINVAL;
@@ -343,6 +450,7 @@ static int imgrement_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 	ti->num_write_zeroes_bios = 1;
 	ti->per_io_data_size = sizeof(struct imgrement_io);
 	ti->private = ic;
+	imgrement_set_overflow(ic, ic->overflow);
 	return 0;
 
 bad_put:
@@ -486,14 +594,38 @@ static void fill_segments(struct imgrement_bio_record *rec, struct bio *bio,
 	}
 }
 
-static void record_bio(struct imgrement_c *ic, struct bio *bio, sector_t sector)
+static void take_origin(struct imgrement_origin *from)
+{
+	from->submit_ns = ktime_get_ns();
+	from->pid = task_tgid_nr(current);
+	from->tid = task_pid_nr(current);
+	memset(from->comm, 0, sizeof(from->comm));
+	get_task_comm(from->comm, current);
+}
+
+/* A record was dropped: in wait mode, the capture is incomplete from @seq on. */
+static void note_drop(struct imgrement_c *ic, u64 seq)
+{
+	atomic64_inc(&ic->idev->dropped);
+	if (READ_ONCE(ic->overflow) == IMGREMENT_OVERFLOW_WAIT)
+		atomic64_cmpxchg(&ic->idev->lost_from, -1, seq);
+}
+
+/*
+ * Reserve and fill the record of @bio (at @sector on the traced device),
+ * submitted as @from says.  Returns false only when it does not fit and
+ * !@may_drop; a record that does not fit otherwise is dropped and counted.
+ */
+static bool record_bio(struct imgrement_c *ic, struct bio *bio, sector_t sector,
+		       bool may_drop, const struct imgrement_origin *from)
 {
 	struct imgrement_io *io = dm_per_bio_data(bio, sizeof(struct imgrement_io));
 	int capture = READ_ONCE(ic->capture);
 	u8 op = record_op(bio);
 	unsigned int nr_segs = bio_has_data(bio) ? bio_segments(bio) : 0;
-	u32 payload = 0, bytes;
+	u32 payload = 0, bytes, rflags = 0;
 	struct imgrement_bio_record *rec;
+	u64 seq;
 
 	io->rec = NULL;
 	io->copy_at_end = false;
@@ -505,10 +637,23 @@ static void record_bio(struct imgrement_c *ic, struct bio *bio, sector_t sector)
 		nr_segs = U16_MAX;	/* a 256 MiB bio: keep the first ones */
 
 	bytes = sizeof(*rec) + nr_segs * sizeof(struct imgrement_segment) + payload;
-	rec = (struct imgrement_bio_record *)imgrement_ring_reserve(&ic->idev->ring, bytes);
+	if (payload && bytes > ic->idev->ring.size && may_drop) {
+		/*
+		 * Drop mode, a bio too large for its data ever to be kept (wait
+		 * mode splits bios so this cannot happen): keep what happened,
+		 * flagged, rather than nothing.
+		 */
+		bytes -= payload;
+		payload = 0;
+		rflags = IMGREMENT_R_NO_ROOM;
+	}
+	rec = (struct imgrement_bio_record *)imgrement_ring_reserve(&ic->idev->ring, bytes,
+								    may_drop, &seq);
 	if (!rec) {
-		atomic64_inc(&ic->idev->dropped);
-		return;
+		if (!may_drop)
+			return false;
+		note_drop(ic, seq);
+		return true;
 	}
 	rec->sector = cpu_to_le64(sector);
 	rec->bytes = cpu_to_le32(bio->bi_iter.bi_size);
@@ -516,15 +661,22 @@ static void record_bio(struct imgrement_c *ic, struct bio *bio, sector_t sector)
 	rec->raw_op = (__force u8)bio_op(bio);
 	rec->nr_segments = cpu_to_le16(nr_segs);
 	rec->flags = cpu_to_le32(record_flags(bio));
-	rec->rflags = cpu_to_le32(payload ? IMGREMENT_R_PAYLOAD : 0);
-	rec->submit_ns = cpu_to_le64(ktime_get_ns());
+	rec->rflags = cpu_to_le32(payload ? IMGREMENT_R_PAYLOAD : rflags);
 	rec->complete_ns = 0;
 	rec->status = 0;
-	rec->pid = cpu_to_le32(task_tgid_nr(current));
-	rec->tid = cpu_to_le32(task_pid_nr(current));
 	rec->payload_len = cpu_to_le32(payload);
-	memset(rec->comm, 0, sizeof(rec->comm));
-	get_task_comm(rec->comm, current);
+	if (from) {
+		rec->submit_ns = cpu_to_le64(from->submit_ns);
+		rec->pid = cpu_to_le32(from->pid);
+		rec->tid = cpu_to_le32(from->tid);
+		memcpy(rec->comm, from->comm, sizeof(rec->comm));
+	} else {
+		rec->submit_ns = cpu_to_le64(ktime_get_ns());
+		rec->pid = cpu_to_le32(task_tgid_nr(current));
+		rec->tid = cpu_to_le32(task_pid_nr(current));
+		memset(rec->comm, 0, sizeof(rec->comm));
+		get_task_comm(rec->comm, current);
+	}
 	if (nr_segs)
 		fill_segments(rec, bio, sector, nr_segs);
 	/* Zero the padding after the payload: no stale bytes reach readers. */
@@ -541,6 +693,136 @@ static void record_bio(struct imgrement_c *ic, struct bio *bio, sector_t sector)
 		io->copy_at_end = true;
 	}
 	io->rec = rec;
+	return true;
+}
+
+static void imgrement_remap(struct imgrement_c *ic, struct bio *bio)
+{
+	bio_set_dev(bio, ic->dev->bdev);
+	if (bio_sectors(bio) || op_is_zone_mgmt(bio_op(bio)))
+		bio->bi_iter.bi_sector = ic->start +
+			dm_target_offset(ic->ti, bio->bi_iter.bi_sector);
+}
+
+/* Waiting is worth it only with a reader to free space, and not after a stall. */
+static bool imgrement_may_wait(struct imgrement_dev *idev)
+{
+	if (unlikely(READ_ONCE(idev->fallback))) {
+		if (imgrement_ring_used(&idev->ring) > idev->ring.size / 4)
+			return false;
+		/* The reader caught up: lossless again (lost_from stays). */
+		WRITE_ONCE(idev->fallback, false);
+		DMINFO("%s: the reader caught up; bios wait for space again", idev->name);
+	}
+	return atomic_read(&idev->readers) > 0;
+}
+
+/*
+ * Wait mode, in .map: record @bio now if it fits and nothing waits before
+ * it; otherwise put it on the waiting list (or fail a NOWAIT bio).  Returns
+ * true when the bio goes on now (recorded, or dropped for lack of a reader).
+ */
+static bool imgrement_record_or_defer(struct imgrement_c *ic, struct bio *bio)
+{
+	struct imgrement_dev *idev = ic->idev;
+	struct imgrement_io *io = dm_per_bio_data(bio, sizeof(struct imgrement_io));
+	unsigned long flags;
+
+	io->rec = NULL;		/* per-bio data comes uninitialised: end_io reads it */
+	io->copy_at_end = false;
+	if (!imgrement_may_wait(idev))
+		return record_bio(ic, bio, bio->bi_iter.bi_sector, true, NULL);
+	if (!READ_ONCE(idev->nr_deferred) &&
+	    record_bio(ic, bio, bio->bi_iter.bi_sector, false, NULL))
+		return true;
+	if (bio->bi_opf & REQ_NOWAIT) {
+		bio_wouldblock_error(bio);	/* io->rec is NULL: end_io has nothing */
+		return false;
+	}
+	io->ic = ic;
+	take_origin(&io->from);
+	spin_lock_irqsave(&idev->defer_lock, flags);
+	if (!idev->nr_deferred)
+		idev->stalled_since = jiffies;
+	bio_list_add(&idev->deferred, bio);
+	WRITE_ONCE(idev->nr_deferred, idev->nr_deferred + 1);
+	spin_unlock_irqrestore(&idev->defer_lock, flags);
+	atomic64_inc(&idev->waited);
+	mod_delayed_work(imgrement_wq, &idev->defer_work, 0);
+	return false;
+}
+
+/*
+ * Record and submit the waiting bios, oldest first, as space allows.  Runs
+ * when the list grows, when readers free space (on_space) or come and go,
+ * and wait_ms after the last progress, when it falls back to dropping.
+ */
+static void imgrement_defer_work(struct work_struct *work)
+{
+	struct imgrement_dev *idev = container_of(to_delayed_work(work),
+						  struct imgrement_dev, defer_work);
+	unsigned long flags, deadline;
+	struct bio *bio;
+
+	for (;;) {
+		struct imgrement_io *io;
+		struct imgrement_c *ic;
+		sector_t sector;
+
+		spin_lock_irqsave(&idev->defer_lock, flags);
+		bio = bio_list_peek(&idev->deferred);
+		deadline = idev->stalled_since;
+		spin_unlock_irqrestore(&idev->defer_lock, flags);
+		if (!bio)
+			return;
+		io = dm_per_bio_data(bio, sizeof(struct imgrement_io));
+		ic = io->ic;
+		sector = bio->bi_iter.bi_sector;
+		deadline += msecs_to_jiffies(READ_ONCE(ic->wait_ms));
+		if (!imgrement_may_wait(idev) ||
+		    READ_ONCE(ic->overflow) != IMGREMENT_OVERFLOW_WAIT) {
+			record_bio(ic, bio, sector, true, &io->from);
+		} else if (!record_bio(ic, bio, sector, false, &io->from)) {
+			if (time_before(jiffies, deadline)) {
+				/* on_space brings us back sooner */
+				queue_delayed_work(imgrement_wq, &idev->defer_work,
+						   deadline - jiffies);
+				return;
+			}
+			WRITE_ONCE(idev->fallback, true);
+			atomic64_inc(&idev->fallbacks);
+			DMWARN("%s: no reader freed space for %u ms; dropping records until it catches up",
+			       idev->name, READ_ONCE(ic->wait_ms));
+			record_bio(ic, bio, sector, true, &io->from);
+		}
+		spin_lock_irqsave(&idev->defer_lock, flags);
+		bio_list_pop(&idev->deferred);
+		WRITE_ONCE(idev->nr_deferred, idev->nr_deferred - 1);
+		idev->stalled_since = jiffies;
+		spin_unlock_irqrestore(&idev->defer_lock, flags);
+		imgrement_remap(ic, bio);
+		imgrement_submit_remapped(bio);
+		cond_resched();
+	}
+}
+
+static void imgrement_kick(struct imgrement_dev *idev)
+{
+	if (READ_ONCE(idev->nr_deferred))
+		mod_delayed_work(imgrement_wq, &idev->defer_work, 0);
+}
+
+/* Readers freed space (called by the ring, process context). */
+static void imgrement_on_space(struct imgrement_ring *ring)
+{
+	imgrement_kick(container_of(ring, struct imgrement_dev, ring));
+}
+
+void imgrement_dev_readers_changed(struct imgrement_dev *dev, int delta)
+{
+	/* The last reader going leaves waiting bios nobody will make room for. */
+	if (atomic_add_return(delta, &dev->readers) == 0)
+		imgrement_kick(dev);
 }
 
 static int imgrement_map(struct dm_target *ti, struct bio *bio)
@@ -551,14 +833,15 @@ static int imgrement_map(struct dm_target *ti, struct bio *bio)
 
 	atomic64_inc(&idev->bios);
 	atomic64_add(bio->bi_iter.bi_size, &idev->bytes);
-	record_bio(ic, bio, sector);
 	if (unlikely(READ_ONCE(ic->log)))
 		log_bio(ic, bio, record_op(bio), sector);
-
-	bio_set_dev(bio, ic->dev->bdev);
-	if (bio_sectors(bio) || op_is_zone_mgmt(bio_op(bio)))
-		bio->bi_iter.bi_sector = ic->start +
-			dm_target_offset(ti, bio->bi_iter.bi_sector);
+	if (READ_ONCE(ic->overflow) == IMGREMENT_OVERFLOW_WAIT) {
+		if (!imgrement_record_or_defer(ic, bio))
+			return DM_MAPIO_SUBMITTED;
+	} else {
+		record_bio(ic, bio, sector, true, NULL);
+	}
+	imgrement_remap(ic, bio);
 	return DM_MAPIO_REMAPPED;
 }
 
@@ -603,6 +886,7 @@ static int imgrement_mark(struct imgrement_c *ic, unsigned int argc, char **argv
 {
 	struct imgrement_mark_record *rec;
 	unsigned int i, len = 0;
+	bool may_drop;
 	char *label;
 	u64 seq;
 
@@ -612,14 +896,17 @@ static int imgrement_mark(struct imgrement_c *ic, unsigned int argc, char **argv
 		DMWARN("mark needs a label of 1 to %d bytes", IMGREMENT_MARK_MAX);
 		return -EINVAL;
 	}
+	/* In wait mode a mark that does not fit is not dropped: "full", try again. */
+	may_drop = READ_ONCE(ic->overflow) != IMGREMENT_OVERFLOW_WAIT;
 	rec = (struct imgrement_mark_record *)imgrement_ring_reserve(&ic->idev->ring,
-								     sizeof(*rec) + len);
+								     sizeof(*rec) + len,
+								     may_drop, &seq);
 	if (!rec) {
-		atomic64_inc(&ic->idev->dropped);
-		scnprintf(result, maxlen, "dropped");
+		if (may_drop)
+			note_drop(ic, seq);
+		scnprintf(result, maxlen, may_drop ? "dropped" : "full");
 		return 1;
 	}
-	seq = le64_to_cpu(rec->hdr.seq);
 	rec->time_ns = cpu_to_le64(ktime_get_ns());
 	rec->label_len = cpu_to_le32(len);
 	rec->reserved = 0;
@@ -667,14 +954,28 @@ static int imgrement_message(struct dm_target *ti, unsigned int argc, char **arg
 		set_bit(OPT_LOG, &ic->opts);
 		return 0;
 	}
+	if (argc == 2 && !strcasecmp(argv[0], "overflow")) {
+		v = parse_overflow(argv[1]);
+		if (v < 0) {
+			DMWARN("overflow needs drop or wait");
+			return -EINVAL;
+		}
+		imgrement_set_overflow(ic, v);
+		set_bit(OPT_OVERFLOW, &ic->opts);
+		imgrement_kick(ic->idev);	/* waiting bios go on, if now drop */
+		return 0;
+	}
 	if (argc == 1 && !strcasecmp(argv[0], "reset-stats")) {
 		atomic64_set(&ic->idev->bios, 0);
 		atomic64_set(&ic->idev->bytes, 0);
 		atomic64_set(&ic->idev->records, 0);
 		atomic64_set(&ic->idev->dropped, 0);
+		atomic64_set(&ic->idev->waited, 0);
+		atomic64_set(&ic->idev->fallbacks, 0);
+		atomic64_set(&ic->idev->lost_from, -1);
 		return 0;
 	}
-	DMWARN("unrecognised message: expected mark, capture, log or reset-stats");
+	DMWARN("unrecognised message: expected mark, capture, log, overflow or reset-stats");
 	return -EINVAL;
 }
 
@@ -686,6 +987,7 @@ static void imgrement_status(struct dm_target *ti, status_type_t type,
 	struct imgrement_dev *idev = ic->idev;
 	unsigned int sz = 0, nr = 0;
 	unsigned long opts;
+	s64 lost;
 
 	switch (type) {
 	case STATUSTYPE_INFO:
@@ -698,6 +1000,16 @@ static void imgrement_status(struct dm_target *ti, status_type_t type,
 		       imgrement_capture_name(READ_ONCE(ic->capture)),
 		       idev->ring.size, imgrement_ring_used(&idev->ring),
 		       READ_ONCE(ic->log) ? "on" : "off");
+		lost = atomic64_read(&idev->lost_from);
+		DMEMIT(" overflow=%s waiting=%u waited=%lld fallbacks=%lld",
+		       imgrement_overflow_name(READ_ONCE(ic->overflow)),
+		       READ_ONCE(idev->nr_deferred),
+		       (long long)atomic64_read(&idev->waited),
+		       (long long)atomic64_read(&idev->fallbacks));
+		if (lost < 0)
+			DMEMIT(" lost_from=-");
+		else
+			DMEMIT(" lost_from=%lld", (long long)lost);
 		break;
 	case STATUSTYPE_TABLE:
 		DMEMIT("%s %llu", ic->dev->name, (unsigned long long)ic->start);
@@ -712,6 +1024,10 @@ static void imgrement_status(struct dm_target *ti, status_type_t type,
 			DMEMIT(" buffer_kb:%u", ic->buffer_kb);
 		if (opts & BIT(OPT_LOG))
 			DMEMIT(" log:%s", READ_ONCE(ic->log) ? "on" : "off");
+		if (opts & BIT(OPT_OVERFLOW))
+			DMEMIT(" overflow:%s", imgrement_overflow_name(READ_ONCE(ic->overflow)));
+		if (opts & BIT(OPT_WAIT_MS))
+			DMEMIT(" wait_ms:%u", ic->wait_ms);
 		break;
 #ifdef IMGREMENT_HAVE_STATUSTYPE_IMA
 	case STATUSTYPE_IMA:
@@ -742,7 +1058,7 @@ static int imgrement_iterate_devices(struct dm_target *ti,
 
 static struct target_type imgrement_target = {
 	.name = "imgrement",
-	.version = {1, 1, 0},
+	.version = {1, 2, 0},
 	.features = IMGREMENT_TARGET_FEATURES,
 	.module = THIS_MODULE,
 	.ctr = imgrement_ctr,
@@ -759,11 +1075,16 @@ static int __init dm_imgrement_init(void)
 {
 	int ret;
 
+	/* WQ_MEM_RECLAIM: waiting bios must move on under memory pressure too. */
+	imgrement_wq = alloc_workqueue("imgrement", WQ_MEM_RECLAIM, 0);
+	if (!imgrement_wq)
+		return -ENOMEM;
 	imgrement_debugfs_init();
 	ret = dm_register_target(&imgrement_target);
 	if (ret < 0) {
 		DMERR("register failed %d", ret);
 		imgrement_debugfs_exit();
+		destroy_workqueue(imgrement_wq);
 	}
 	return ret;
 }
@@ -772,6 +1093,7 @@ static void __exit dm_imgrement_exit(void)
 {
 	dm_unregister_target(&imgrement_target);
 	imgrement_debugfs_exit();
+	destroy_workqueue(imgrement_wq);
 }
 
 module_init(dm_imgrement_init);

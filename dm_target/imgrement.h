@@ -18,6 +18,8 @@
 #include <linux/mutex.h>
 #include <linux/dcache.h>
 #include <linux/device-mapper.h>
+#include <linux/bio.h>
+#include <linux/workqueue.h>
 
 #include "ring.h"
 
@@ -26,6 +28,12 @@ enum imgrement_capture {
 	IMGREMENT_CAPTURE_META = 0,	/* no payload */
 	IMGREMENT_CAPTURE_WRITES = 1,	/* payload of writes (the default) */
 	IMGREMENT_CAPTURE_ALL = 2,	/* payload of writes and reads */
+};
+
+/* What a bio whose record does not fit does (dm-imgrement.c, "Overflow"). */
+enum imgrement_overflow {
+	IMGREMENT_OVERFLOW_DROP = 0,	/* the record is dropped (the default) */
+	IMGREMENT_OVERFLOW_WAIT = 1,	/* the bio waits for space: lossless */
 };
 
 struct imgrement_dev {
@@ -41,7 +49,22 @@ struct imgrement_dev {
 	atomic64_t bytes;
 	atomic64_t records;
 	atomic64_t dropped;
+
+	/* The lossless mode: bios whose record did not fit wait here, in order. */
+	spinlock_t defer_lock;		/* deferred, nr_deferred, stalled_since */
+	struct bio_list deferred;
+	unsigned int nr_deferred;	/* READ_ONCE outside the lock */
+	unsigned long stalled_since;	/* jiffies: the last progress while bios wait */
+	struct delayed_work defer_work;	/* records and submits them */
+	bool fallback;			/* dropping after a stall, until drained */
+	atomic_t readers;		/* open records files */
+	atomic64_t waited;		/* bios that ever waited (INFO) */
+	atomic64_t fallbacks;		/* stalls that fell back to dropping */
+	atomic64_t lost_from;		/* first record lost in wait mode, or -1 */
 };
+
+/* A reader came or went: bios waiting for space may have to move on. */
+void imgrement_dev_readers_changed(struct imgrement_dev *dev, int delta);
 
 /*
  * Lifetime: when the last target goes, the stream is closed and its
@@ -57,5 +80,6 @@ void imgrement_debugfs_remove(struct imgrement_dev *dev);
 void imgrement_debugfs_rename(struct imgrement_dev *dev, const char *name);
 
 const char *imgrement_capture_name(enum imgrement_capture capture);
+const char *imgrement_overflow_name(enum imgrement_overflow overflow);
 
 #endif /* IMGREMENT_H */

@@ -58,6 +58,9 @@ enum imgrement_op {
 
 /* Record-level flags (bio_record.rflags). */
 #define IMGREMENT_R_PAYLOAD	(1U << 0)	/* payload holds the bio's data */
+#define IMGREMENT_R_NO_ROOM	(1U << 1)	/* the data was to be copied, but the
+						 * record with it could never fit in
+						 * the buffer: kept without it */
 
 #define IMGREMENT_COMM_LEN	16
 #define IMGREMENT_MARK_MAX	255		/* bytes of a mark label */

@@ -70,6 +70,7 @@ int imgrement_ring_init(struct imgrement_ring *ring, u32 size)
 	mutex_init(&ring->read_lock);
 	ring->closing = false;
 	ring->batch_ready = false;
+	ring->on_space = NULL;
 	return 0;
 }
 
@@ -82,7 +83,8 @@ void imgrement_ring_exit(struct imgrement_ring *ring)
 }
 
 struct imgrement_record_header *imgrement_ring_reserve(struct imgrement_ring *ring,
-						       u32 bytes)
+						       u32 bytes, bool may_drop,
+						       u64 *seq_out)
 {
 	struct imgrement_record_header *hdr = NULL;
 	unsigned long flags;
@@ -91,16 +93,24 @@ struct imgrement_record_header *imgrement_ring_reserve(struct imgrement_ring *ri
 
 	bytes = ALIGN(bytes, 8);
 	spin_lock_irqsave(&ring->lock, flags);
-	seq = ring->next_seq++;
 	off = ring_off(ring, ring->head);
 	to_end = ring->size - off;
 	need = bytes;
 	if (bytes > to_end)
 		need += to_end;	/* the record starts again at offset 0 */
 	if (bytes > ring->size || need > ring->size - (ring->head - ring->tail)) {
-		atomic64_inc(&ring->dropped);
+		if (may_drop) {
+			/* Dropped: its sequence number is skipped. */
+			seq = ring->next_seq++;
+			atomic64_inc(&ring->dropped);
+			if (seq_out)
+				*seq_out = seq;
+		}
 		goto out;
 	}
+	seq = ring->next_seq++;
+	if (seq_out)
+		*seq_out = seq;
 	if (bytes > to_end) {
 		struct imgrement_record_header *pad = ring->buf + off;
 
@@ -163,12 +173,16 @@ static void ring_set_tail(struct imgrement_ring *ring, u64 tail, u64 rpos,
 			  const void *owner)
 {
 	unsigned long flags;
+	bool freed;
 
 	spin_lock_irqsave(&ring->lock, flags);
+	freed = tail != ring->tail;
 	WRITE_ONCE(ring->tail, tail);
 	WRITE_ONCE(ring->rpos, rpos);
 	ring->win_owner = tail == rpos ? NULL : owner;
 	spin_unlock_irqrestore(&ring->lock, flags);
+	if (freed && ring->on_space)
+		ring->on_space(ring);
 }
 
 /*

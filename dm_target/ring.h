@@ -8,7 +8,9 @@
  * is committed.  Records never wrap around the end of the buffer: the space
  * left at the end is filled with a PAD record that readers never see.  When
  * a record does not fit, it is dropped: its sequence number is consumed and
- * the drop is counted, so readers see exactly one gap per dropped record.
+ * the drop is counted, so readers see exactly one gap per dropped record;
+ * or, for a producer that will rather wait (the lossless mode), nothing
+ * happens and it is told when a reader frees space (on_space).
  *
  * Reserving never sleeps and never allocates; the buffer is allocated once,
  * when the table is loaded.
@@ -63,18 +65,25 @@ struct imgrement_ring {
 	bool closing;		/* set once: readers get EOF when drained */
 	bool batch_ready;	/* a batch is waiting: set by commit and the
 				 * timer, cleared when a reader takes records */
+	/* Called (process context, no ring lock held) after readers freed space. */
+	void (*on_space)(struct imgrement_ring *ring);
 };
 
 int imgrement_ring_init(struct imgrement_ring *ring, u32 size);
 void imgrement_ring_exit(struct imgrement_ring *ring);
 
 /*
- * Reserve a record of @bytes (rounded up to 8) of @type; returns a pointer
- * to its header with size, type NONE, version and seq filled in, or NULL
- * when it was dropped.  Safe from any context.
+ * Reserve a record of @bytes (rounded up to 8); returns a pointer to its
+ * header with size, type NONE, version and seq filled in, or NULL when it
+ * does not fit.  Then, if @may_drop, it was dropped (its sequence number
+ * skipped and counted); otherwise nothing changed and the caller may try
+ * again once on_space says readers freed space.  *@seq_out (if not NULL)
+ * gets the record's or the dropped record's sequence number.  Safe from
+ * any context.
  */
 struct imgrement_record_header *imgrement_ring_reserve(struct imgrement_ring *ring,
-						       u32 bytes);
+						       u32 bytes, bool may_drop,
+						       u64 *seq_out);
 
 /*
  * Publish a reserved record as @type and wake readers as described above.
