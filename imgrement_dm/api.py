@@ -31,7 +31,7 @@ from imgrement_dm.errors import (
     TargetNotLoadedError,
 )
 from imgrement_dm.records import RecordReader
-from imgrement_dm.table import CAPTURE_MODES, TARGET_TYPE, ImgrementTable
+from imgrement_dm.table import CAPTURE_MODES, OVERFLOW_POLICIES, TARGET_TYPE, ImgrementTable
 from imgrement_dm.udevsync import NodeSync
 
 UUID_PREFIX = devices.UUID_PREFIX
@@ -55,6 +55,11 @@ class Status:
     buffer: int
     used: int
     log: bool
+    overflow: str  # drop or wait (see the target's top comment)
+    waiting: int  # bios waiting for space now
+    waited: int  # bios that ever waited
+    fallbacks: int  # stalls that fell back to dropping
+    lost_from: int | None  # first sequence number lost in wait mode
 
     @classmethod
     def parse(cls, line: str) -> Status:
@@ -69,6 +74,11 @@ class Status:
                 buffer=int(kv["buffer"]),
                 used=int(kv["used"]),
                 log=kv["log"] == "on",
+                overflow=kv["overflow"],
+                waiting=int(kv["waiting"]),
+                waited=int(kv["waited"]),
+                fallbacks=int(kv["fallbacks"]),
+                lost_from=None if kv["lost_from"] == "-" else int(kv["lost_from"]),
             )
         except (KeyError, ValueError):
             raise ImgrementError(
@@ -170,6 +180,10 @@ class TracedDevice:
         """What to copy from now on: ``meta``, ``writes`` or ``all``."""
         set_capture(self.name, mode)
 
+    def set_overflow(self, policy: str) -> None:
+        """When a record does not fit: ``drop`` it, or ``wait`` (lossless)."""
+        set_overflow(self.name, policy)
+
     def set_log(self, on: bool) -> None:
         """Also print each bio to the kernel log (rate-limited)."""
         _message(self.name, f"log {'on' if on else 'off'}")
@@ -198,17 +212,20 @@ class TracedDevice:
 
 
 def wrap(device: str, name: str = DEFAULT_NAME, *, capture: str | None = None,
-         buffer_kb: int | None = None, log: bool | None = None) -> TracedDevice:
+         buffer_kb: int | None = None, log: bool | None = None,
+         overflow: str | None = None, wait_ms: int | None = None) -> TracedDevice:
     """Stack an imgrement mapping on ``device``; /dev/mapper/NAME exists on return.
 
-    ``capture`` (meta, writes, all), ``buffer_kb`` and ``log`` go into the
-    table; left as None, the target's defaults apply (writes, 16 MiB, off).
+    ``capture`` (meta, writes, all), ``buffer_kb``, ``log``, ``overflow``
+    (drop, wait) and ``wait_ms`` go into the table; left as None, the
+    target's defaults apply (writes, 16 MiB, off, drop, 5000).
     """
     _require_root()
     check_name(name)
     try:
         options = ImgrementTable(device="0:0", length=0, capture=capture,
-                                 buffer_kb=buffer_kb, log=log)
+                                 buffer_kb=buffer_kb, log=log, overflow=overflow,
+                                 wait_ms=wait_ms)
     except ValueError as e:
         raise ImgrementError(f"{e}; see 'imgrement-dm wrap --help'") from None
     dev = devices.resolve(device)
@@ -339,10 +356,11 @@ def mark(name: str, label: str) -> int:
             f"a mark label needs 1 to {MARK_MAX} bytes and no NUL; got {len(raw)} bytes"
         )
     reply = _message(name, "mark " + _escape_arg(label)) or ""
-    if reply == "dropped":
+    if reply in ("dropped", "full"):
+        what = "dropped" if reply == "dropped" else "not made (lossless mode drops nothing)"
         raise ImgrementError(
-            f"the mark was dropped: the record buffer of {name!r} is full; read the "
-            "stream (imgrement-dm trace) so the buffer drains"
+            f"the mark was {what}: the record buffer of {name!r} is full; read the "
+            "stream (imgrement-dm trace) so the buffer drains, then mark again"
         )
     if not reply.startswith("seq "):
         raise ImgrementError(f"unexpected reply to mark: {reply!r}")
@@ -356,6 +374,16 @@ def set_capture(name: str, mode: str) -> None:
             f"capture mode {mode!r} is not one of {', '.join(CAPTURE_MODES)}"
         )
     _message(name, f"capture {mode}")
+
+
+def set_overflow(name: str, policy: str) -> None:
+    """Switch what ``name`` does when a record does not fit: drop it, or make the
+    bio wait for space (lossless); takes effect at once."""
+    if policy not in OVERFLOW_POLICIES:
+        raise ImgrementError(
+            f"overflow policy {policy!r} is not one of {', '.join(OVERFLOW_POLICIES)}"
+        )
+    _message(name, f"overflow {policy}")
 
 
 def _wait_transient_open(ctl: Control, name: str, info: DeviceInfo) -> DeviceInfo:

@@ -73,14 +73,21 @@ def main(ctx: click.Context, debug: bool) -> None:
               help="Record buffer size in KiB [target default: 16384].")
 @click.option("--log/--no-log", default=None,
               help="Also print each bio to the kernel log (rate-limited).")
+@click.option("--overflow", type=click.Choice(["drop", "wait"]), default=None,
+              help="When a record does not fit: drop it, or make the bio wait for the "
+                   "reader (lossless) [target default: drop].")
+@click.option("--wait-ms", type=click.IntRange(10, 60000), default=None,
+              help="With --overflow wait: how long I/O may wait for a stopped reader "
+                   "before records are dropped after all [target default: 5000].")
 @click.option("--json", "as_json", is_flag=True, help="As one JSON object.")
 def wrap(device: str, name: str, capture: str | None, buffer_kb: int | None,
-         log: bool | None, as_json: bool) -> None:
+         log: bool | None, overflow: str | None, wait_ms: int | None, as_json: bool) -> None:
     """Stack the imgrement target on DEVICE as /dev/mapper/NAME.
 
     Returns once /dev/mapper/NAME exists and udev is done with it.
     """
-    traced = api.wrap(device, name=name, capture=capture, buffer_kb=buffer_kb, log=log)
+    traced = api.wrap(device, name=name, capture=capture, buffer_kb=buffer_kb, log=log,
+                      overflow=overflow, wait_ms=wait_ms)
     if as_json:
         click.echo(format.dumps({"name": traced.name, "node": str(traced.node),
                                  "uuid": traced.uuid, "dev": f"{traced.major}:{traced.minor}",
@@ -150,6 +157,14 @@ def mark(name: str, label: str, as_json: bool) -> None:
 def capture(name: str, mode: str) -> None:
     """Switch what NAME copies (meta, writes or all); takes effect at once."""
     api.set_capture(name, mode)
+
+
+@main.command()
+@click.argument("name")
+@click.argument("policy", type=click.Choice(["drop", "wait"]))
+def overflow(name: str, policy: str) -> None:
+    """When a record of NAME does not fit: drop it, or make the bio wait (lossless)."""
+    api.set_overflow(name, policy)
 
 
 @contextlib.contextmanager
@@ -385,19 +400,25 @@ def _stop_at(until_mark: str | None, until_flush: int | None = None,
 @click.option("--duration", "-d", type=click.FloatRange(min=0, min_open=True),
               help="Stop after this many seconds.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress line.")
-def record(name: str, output: Path, duration: float | None, quiet: bool) -> None:
+@click.option("--allow-drops", is_flag=True,
+              help="Leave the device's overflow policy as it is (drop: never slow the disk).")
+def record(name: str, output: Path, duration: float | None, quiet: bool,
+           allow_drops: bool) -> None:
     """Record the stream of NAME into a durable capture file.
 
-    Runs until the device is unwrapped, --duration passes, or Ctrl-C, then
-    writes the trailer and renames FILE.part to FILE. A progress line on
-    stderr shows records, bytes, drops and the rate.
+    Lossless: a device wrapped with --overflow drop is switched to wait for
+    the recording's duration (and back after it), so a busy disk waits for
+    the recorder instead of losing writes. Runs until the device is
+    unwrapped, --duration passes, or Ctrl-C, then writes the trailer and
+    renames FILE.part to FILE. A progress line on stderr shows records,
+    bytes, drops and the rate.
     """
     check_writable(output)
     dev = api.TracedDevice.find(name)
     sectors = dev.table().length
     began = last = time.monotonic()
     with RecordReader.live(name) as reader, write_capture(output, name, sectors) as writer, \
-            _until_interrupted():
+            _lossless(name, not allow_drops), _until_interrupted():
         for wait in _waits(reader, duration):
             writer.add(reader.read_view(timeout=wait))
             if not quiet and time.monotonic() - last >= 1:
@@ -410,8 +431,25 @@ def record(name: str, output: Path, duration: float | None, quiet: bool) -> None
         click.echo(f"\rrecords {writer.records}, bytes {writer.bytes}, drops {writer.drops}: "
                    f"{output}", err=True)
     if writer.drops:
-        click.echo(f"imgrement-dm: warning: {writer.drops} record(s) were dropped; apply and "
-                   "replay will refuse this capture (use a larger --buffer-kb)", err=True)
+        why = ("use a larger --buffer-kb, or record without --allow-drops" if allow_drops else
+               "the recorder stalled longer than the device's wait_ms, or the device was "
+               "switched to drop")
+        click.echo(f"imgrement-dm: warning: {writer.drops} record(s) were dropped ({why}); "
+                   "apply and replay will refuse this capture", err=True)
+
+
+@contextlib.contextmanager
+def _lossless(name: str, wanted: bool) -> Iterator[None]:
+    """The device in wait mode while the block runs, if it was not, and back after."""
+    switch = wanted and api.status(name).overflow == "drop"
+    if switch:
+        api.set_overflow(name, "wait")
+    try:
+        yield
+    finally:
+        if switch:
+            with contextlib.suppress(ImgrementError):  # unwrapped meanwhile: nothing to undo
+                api.set_overflow(name, "drop")
 
 
 @main.command("apply")

@@ -47,6 +47,11 @@ def status_lines(name: str, st: Status) -> Iterator[str]:
     yield f"  records  {st.records}"
     yield f"  dropped  {st.dropped}"
     yield f"  buffer   {st.used} of {st.buffer} bytes in use"
+    yield f"  overflow {st.overflow}" + (
+        f" ({st.waiting} bios waiting now, {st.waited} ever, {st.fallbacks} fallback(s))"
+        if st.overflow == "wait" or st.waited else "")
+    if st.lost_from is not None:
+        yield f"  LOST     records from seq {st.lost_from} on: the capture is incomplete"
 
 
 TRACE_HEADER = (
@@ -94,6 +99,8 @@ def item_json(item: Item, *, with_payload: bool = False) -> dict[str, Any]:
         "comm": r.comm, "segments": [asdict(s) for s in r.segments],
         "payload_len": r.payload_len,
     }
+    if r.payload_lost:
+        out["payload_lost"] = True  # too large for the buffer: recorded without its data
     if with_payload and r.has_payload:
         out["payload"] = bytes(r.payload).hex()
     return out

@@ -119,6 +119,11 @@ class BioRecord:
     def has_payload(self) -> bool:
         return bool(self.rflags & layout.PAYLOAD_FLAG)
 
+    @property
+    def payload_lost(self) -> bool:
+        """The data was to be kept but could never fit the buffer (drop mode)."""
+        return bool(self.rflags & layout.NO_ROOM_FLAG)
+
     def _parts_end(self) -> int:
         """Where segments and payload end; StreamError if they overrun the record.
 

@@ -2,7 +2,8 @@
 
 Grammar (documented with the constructor in dm_target/dm-imgrement.c):
 ``<device> [<offset> [<#opts> <opt>...]]`` with the optional words
-``capture:meta|writes|all``, ``buffer_kb:N`` and ``log:on|off``.
+``capture:meta|writes|all``, ``buffer_kb:N``, ``log:on|off``,
+``overflow:drop|wait`` and ``wait_ms:N``.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from imgrement_dm.dm import Target
 
 TARGET_TYPE = "imgrement"
 CAPTURE_MODES = ("meta", "writes", "all")
+OVERFLOW_POLICIES = ("drop", "wait")
 MIN_BUFFER_KB = 64
 MAX_BUFFER_KB = 1024 * 1024
+MIN_WAIT_MS = 10
+MAX_WAIT_MS = 60000
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,8 @@ class ImgrementTable:
     capture: str | None = None
     buffer_kb: int | None = None
     log: bool | None = None
+    overflow: str | None = None
+    wait_ms: int | None = None
 
     def __post_init__(self) -> None:
         if self.capture is not None and self.capture not in CAPTURE_MODES:
@@ -37,6 +43,12 @@ class ImgrementTable:
             raise ValueError(
                 f"buffer size {self.buffer_kb} KiB is outside {MIN_BUFFER_KB}..{MAX_BUFFER_KB}"
             )
+        if self.overflow is not None and self.overflow not in OVERFLOW_POLICIES:
+            raise ValueError(
+                f"overflow policy {self.overflow!r} is not one of {', '.join(OVERFLOW_POLICIES)}"
+            )
+        if self.wait_ms is not None and not MIN_WAIT_MS <= self.wait_ms <= MAX_WAIT_MS:
+            raise ValueError(f"wait of {self.wait_ms} ms is outside {MIN_WAIT_MS}..{MAX_WAIT_MS}")
 
     def options(self) -> list[str]:
         opts = []
@@ -46,6 +58,10 @@ class ImgrementTable:
             opts.append(f"buffer_kb:{self.buffer_kb}")
         if self.log is not None:
             opts.append(f"log:{'on' if self.log else 'off'}")
+        if self.overflow is not None:
+            opts.append(f"overflow:{self.overflow}")
+        if self.wait_ms is not None:
+            opts.append(f"wait_ms:{self.wait_ms}")
         return opts
 
     def params(self) -> str:
@@ -77,6 +93,10 @@ class ImgrementTable:
                 fields["buffer_kb"] = int(value)
             elif key == "log":
                 fields["log"] = value == "on"
+            elif key == "overflow":
+                fields["overflow"] = value
+            elif key == "wait_ms":
+                fields["wait_ms"] = int(value)
             else:
                 raise ValueError(f"unknown {TARGET_TYPE} option {opt!r}")
         return cls(device=args[0], length=target.length, offset=offset, **fields)  # type: ignore[arg-type]

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from imgrement_dm.api import Status
 from imgrement_dm.dm import Target
+from imgrement_dm.errors import ImgrementError
 from imgrement_dm.sandbox import debugkernel, kernels
 from imgrement_dm.sandbox.vm import parse_size
 from imgrement_dm.table import ImgrementTable
@@ -17,6 +19,28 @@ def test_table_line_round_trip() -> None:
     t = ImgrementTable(device="254:0", length=524288, offset=0)
     assert t.target() == Target(0, 524288, "imgrement", "254:0 0")
     assert ImgrementTable.parse(t.target()) == t
+
+
+def test_table_options_round_trip() -> None:
+    t = ImgrementTable(device="254:0", length=8, capture="all", buffer_kb=64, log=True,
+                       overflow="wait", wait_ms=250)
+    assert t.params() == ("254:0 0 5 capture:all buffer_kb:64 log:on overflow:wait "
+                          "wait_ms:250")
+    assert ImgrementTable.parse(t.target()) == t
+    for bad in ({"overflow": "block"}, {"wait_ms": 9}, {"wait_ms": 60001}):
+        with pytest.raises(ValueError):
+            ImgrementTable(device="254:0", length=8, **bad)
+
+
+def test_status_line_of_the_target() -> None:
+    line = ("bios=10 bytes=40960 records=9 dropped=1 capture=writes buffer=65536 used=0 "
+            "log=off overflow=wait waiting=2 waited=7 fallbacks=1 lost_from=5")
+    st = Status.parse(line)
+    assert (st.overflow, st.waiting, st.waited, st.fallbacks, st.lost_from) == (
+        "wait", 2, 7, 1, 5)
+    assert Status.parse(line.replace("lost_from=5", "lost_from=-")).lost_from is None
+    with pytest.raises(ImgrementError, match="is the module older than this tool"):
+        Status.parse(line.split(" overflow")[0])
 
 
 def test_table_parse_refuses_other_targets() -> None:
