@@ -6,6 +6,7 @@ STRESS_SECONDS sets how long the long ones run (default 60).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -175,3 +176,76 @@ def test_concurrent_messages_keep_the_table_line_whole(disk: str) -> None:
             assert final[2:] == ["2", "capture:meta", "log:off"]
         finally:
             dev.unwrap()
+
+
+# Opens the stream, reads for a moment, closes it, again and again: the count
+# of readers goes to zero and back, which decides whether bios may wait.
+FLICKERING_READER = r"""
+import os, sys, time
+path = sys.argv[1]
+print("ready", flush=True)
+while True:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    end = time.monotonic() + 0.3
+    while time.monotonic() < end:
+        try:
+            if not os.read(fd, 1 << 20):
+                sys.exit(0)
+        except BlockingIOError:
+            time.sleep(0.01)
+    os.close(fd)
+    time.sleep(0.2)
+"""
+
+
+@pytest.mark.stress
+def test_wait_mode_while_everything_changes(disk: str) -> None:
+    """The lossless mode's paths at once: fio fills a 64 KiB buffer in wait
+    mode while a reader comes and goes (bios wait, then must move on when it
+    leaves), the policy flips between wait and drop by message, and the table
+    is suspended and resumed.  The disk never hangs (fio finishes with every
+    write done), nothing is left waiting, and the device goes away cleanly."""
+    dev = imgrement_dm.wrap(disk, buffer_kb=64, overflow="wait", wait_ms=200)
+    reader = None
+    stop = threading.Event()
+    try:
+        sh("udevadm", "settle")
+        path = Path("/sys/kernel/debug/imgrement") / dev.name / "records"
+        reader = subprocess.Popen([sys.executable, "-c", FLICKERING_READER, str(path)],
+                                  stdout=subprocess.PIPE, text=True)
+        assert reader.stdout is not None and reader.stdout.readline().strip() == "ready"
+
+        def churn() -> None:
+            i = 0
+            while not stop.is_set():
+                dev.set_overflow("drop" if i % 3 == 2 else "wait")
+                if i % 4 == 3:
+                    sh("dmsetup", "suspend", dev.name)
+                    sh("dmsetup", "resume", dev.name)
+                i += 1
+                time.sleep(0.3)
+
+        t = threading.Thread(target=churn)
+        t.start()
+        try:
+            fio = subprocess.run(
+                ["fio", "--name=churn", f"--filename={dev.node}", "--rw=randwrite",
+                 "--bsrange=4k-64k", "--direct=1", "--ioengine=libaio", "--iodepth=16",
+                 "--size=64M", "--time_based", f"--runtime={SECONDS}", "--output-format=json"],
+                capture_output=True, text=True, timeout=SECONDS * 3 + 300, check=False)
+        finally:
+            stop.set()
+            t.join(timeout=120)
+        assert fio.returncode == 0, fio.stderr
+        job = json.loads(fio.stdout[fio.stdout.index("{"):])["jobs"][0]
+        assert job["error"] == 0 and job["write"]["total_ios"] > 0
+        dev.set_overflow("wait")
+        st = dev.status()
+        assert st.waiting == 0, "bios left waiting after the load ended"
+        assert st.waited > 0, "nothing ever waited: the test proves nothing"
+    finally:
+        stop.set()
+        if reader is not None:
+            reader.kill()
+            reader.wait(timeout=30)
+        dev.unwrap()
