@@ -38,6 +38,23 @@ WORKLOADS: dict[str, list[str]] = {
     "seqwrite-1m": ["--rw=write", "--bs=1m", "--iodepth=4", "--io_size=1g"],
 }
 CONFIGS = ["raw", "linear", "meta", "writes", "all"]
+# The peers, side by side, on each kind of disk: write workloads (replay needs
+# writes) and a mixed one.  "blktrace" traces dm-linear into a tmpfs
+# directory; "meta" and "writes-drop" are imgrement drained by `trace -q -o`;
+# "writes-wait" is imgrement in wait mode drained by `record` (lossless);
+# "log-writes" is dm-log-writes (xfstests' replay tool).  The lossless two
+# write their log to a second disk of the same kind: dm-log-writes onto it
+# raw, `record` into a file on ext4 on a third.
+PEER_WORKLOADS: dict[str, list[str]] = {
+    "randwrite-4k-qd1": ["--rw=randwrite", "--bs=4k", "--iodepth=1"],
+    "randwrite-4k-qd32": ["--rw=randwrite", "--bs=4k", "--iodepth=32"],
+    "randwrite-4k-qd1-fsync8": ["--rw=randwrite", "--bs=4k", "--iodepth=1", "--fsync=8"],
+    "seqwrite-1m": ["--rw=write", "--bs=1m", "--iodepth=4", "--io_size=512m"],
+    "randrw-70-30-4k-qd16": ["--rw=randrw", "--rwmixread=70", "--bs=4k", "--iodepth=16"],
+}
+PEER_CONFIGS = ["linear", "blktrace", "meta", "writes-drop", "writes-wait", "log-writes"]
+PEER_REPS = int(os.environ.get("BENCH_PEER_REPS", "2"))
+PEER_FS = Path("/mnt/imgrement-bench")  # ext4 on the third disk of each kind
 RUNTIME = int(os.environ.get("BENCH_RUNTIME", "4"))
 REPS = int(os.environ.get("BENCH_REPS", "3"))
 SIZE = 200 << 20  # bytes of each disk the workloads use
@@ -61,7 +78,7 @@ def fio(path: str, workload: str, *extra: str) -> dict[str, Any]:
     out = sh("fio", "--name=bench", f"--filename={path}", "--direct=1",
              "--ioengine=libaio", "--time_based", f"--runtime={RUNTIME}",
              f"--size={SIZE}", "--randrepeat=0", "--norandommap", "--group_reporting",
-             "--output-format=json", *WORKLOADS[workload], *extra)
+             "--output-format=json", *{**WORKLOADS, **PEER_WORKLOADS}[workload], *extra)
     job = json.loads(out)["jobs"][0]
     side = job["write"] if "write" in workload else job["read"]
     pct = side["clat_ns"].get("percentile", {})
@@ -85,14 +102,14 @@ def _points_to(link: Path, target: str) -> bool:
         return False
 
 
-def _ready(pid: int) -> int:
+def _ready(pid: int, stream: str | None = None) -> int:
     """Wait until the consumer holds the stream open and has gone quiet.
 
     Starting Python and importing the CLI takes seconds of CPU under
     software emulation; fio must not run while that happens, or the start-up
     would be billed to tracing.  Returns the CPU ticks spent so far.
     """
-    stream = str(stream_path("bench"))
+    stream = stream or str(stream_path("bench"))
     fds = Path(f"/proc/{pid}/fd")
     deadline = time.monotonic() + 120
     while not any(_points_to(fd, stream) for fd in fds.iterdir()):
@@ -266,15 +283,122 @@ def contention(disk: str) -> dict[str, float]:
     return {"linear_seqwrite_1m_ratio_with_spinner": round(statistics.median(ratios), 3)}
 
 
+class Peer:
+    """One configuration of the peer comparison over one disk."""
+
+    def __init__(self, config: str, disk: str, log_disk: str) -> None:
+        self.config = config
+        self.log_disk = log_disk
+        self.consumer: subprocess.Popen[bytes] | None = None
+        self.traced: imgrement_dm.TracedDevice | None = None
+        self.out = (PEER_FS / "capture" if config.startswith("writes") or config == "meta"
+                    else STREAMS / "blktrace")
+        self.cpu_ready = 0
+        n = sh("blockdev", "--getsz", disk).strip()
+        if config in ("linear", "blktrace"):
+            subprocess.run(["dmsetup", "create", "benchlin", "--table",
+                            f"0 {n} linear {disk} 0"], check=True)
+            self.path = "/dev/mapper/benchlin"
+        elif config == "log-writes":
+            subprocess.run(["dmsetup", "create", "benchlw", "--table",
+                            f"0 {n} log-writes {disk} {log_disk}"], check=True)
+            self.path = "/dev/mapper/benchlw"
+        else:
+            self.traced = imgrement_dm.wrap(
+                disk, name="bench", capture="meta" if config == "meta" else "writes",
+                buffer_kb=64 * 1024, overflow="wait" if config == "writes-wait" else "drop")
+            self.path = str(self.traced.node)
+        sh("udevadm", "settle")
+
+    def start(self) -> None:
+        if self.config == "blktrace":
+            self.out.mkdir(exist_ok=True)
+            self.consumer = subprocess.Popen(
+                ["blktrace", "-d", self.path, "-D", str(self.out)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(2)  # its per-CPU threads set up the relay buffers
+        elif self.traced is not None:
+            self.traced.reset_stats()
+            cmd = (["imgrement-dm", "record", "bench", "-q", "-o", str(self.out)]
+                   if self.config == "writes-wait" else
+                   ["imgrement-dm", "trace", "bench", "-q", "-o", str(self.out)])
+            self.consumer = subprocess.Popen(cmd)
+            self.cpu_ready = _ready(self.consumer.pid)
+
+    def stop(self) -> dict[str, Any]:
+        got: dict[str, Any] = {}
+        if self.traced is not None:
+            st = self.traced.status()
+            got.update(dropped=st.dropped, waited=st.waited, records=st.records)
+        if self.consumer is not None:
+            time.sleep(0.5)
+            self.consumer.send_signal(signal.SIGINT)
+            _, _, usage = os.wait4(self.consumer.pid, 0)
+            self.consumer.returncode = 0
+            ticks = os.sysconf("SC_CLK_TCK")
+            got["consumer_cpu_s"] = round(usage.ru_utime + usage.ru_stime
+                                          - self.cpu_ready / ticks, 3)
+            self.consumer = None
+        if self.out.is_dir():
+            shutil.rmtree(self.out, ignore_errors=True)
+        self.out.unlink(missing_ok=True)
+        return got
+
+    def close(self) -> None:
+        if self.traced is not None:
+            self.traced.unwrap()
+        else:
+            name = "benchlw" if self.config == "log-writes" else "benchlin"
+            subprocess.run(["dmsetup", "remove", "--retry", name], check=True)
+        if self.config == "log-writes":
+            # the next log starts again at sector 0; a RAM disk frees its pages
+            subprocess.run(["blkdiscard", self.log_disk], check=False)
+
+
+def peers(disks: dict[str, tuple[str, str, str]]) -> list[dict[str, Any]]:
+    """Every peer configuration over each disk, one setup per run (dm-log-writes'
+    log starts afresh each time), the order rotated per repetition."""
+    runs = []
+    for disk_name, (disk, log_disk, fs_disk) in disks.items():
+        sh("mkfs.ext4", "-q", "-F", "-E", "nodiscard", fs_disk)
+        PEER_FS.mkdir(parents=True, exist_ok=True)
+        sh("mount", "-o", "discard", fs_disk, str(PEER_FS))  # freed files free RAM disks
+        try:
+            for rep in range(PEER_REPS):
+                k = rep % len(PEER_CONFIGS)
+                for config in PEER_CONFIGS[k:] + PEER_CONFIGS[:k]:
+                    for workload in PEER_WORKLOADS:
+                        peer = Peer(config, disk, log_disk)
+                        try:
+                            peer.start()
+                            result = fio(peer.path, workload)
+                            result.update(peer.stop())
+                        finally:
+                            peer.close()
+                        result.update(disk=disk_name, workload=workload, config=config, rep=rep)
+                        runs.append(result)
+                        print(f"peers  {disk_name:6} rep{rep} {config:11} {workload:24} "
+                              f"{result['iops']:10.0f} IOPS dropped "
+                              f"{result.get('dropped', '-')}", flush=True)
+        finally:
+            sh("umount", str(PEER_FS))
+    return runs
+
+
 def main() -> int:
     STREAMS.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["modprobe", "brd", "rd_nr=1", f"rd_size={(SIZE >> 10) + 4096}"],
-                   check=True)
+    # ram0: the disk (SIZE of it used); ram1: dm-log-writes' log and ram2 the
+    # file system for record's capture, whose pages exist only as they are
+    # written (4 s of 4 KiB writes at dm-linear's rate here: under 1 GiB) and
+    # are discarded after each run
+    subprocess.run(["modprobe", "brd", "rd_nr=3", f"rd_size={1536 << 10}"], check=True)
     disks = {"virtio": os.environ["IMGREMENT_SCRATCH_DISKS"].split()[0], "brd": "/dev/ram0"}
     ceilings = {"store": store_rate(), "contention": contention(disks["virtio"])}
     print(f"ceilings: {ceilings}", flush=True)
-    # For a quick look at a part (the report needs the whole): BENCH_ONLY=brd-randread-4k-qd32,...
-    only = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))
+    # For a quick look at a part (first argument, or BENCH_ONLY): brd-randread-4k-qd32,...;
+    # "peers" runs the peer comparison alone (the report then updates only its section)
+    only = set(filter(None, (sys.argv[1] if len(sys.argv) > 1
+                             else os.environ.get("BENCH_ONLY", "")).split(",")))
     runs = []
     pairs: list[dict[str, Any]] = []
     for disk_name, disk in disks.items():
@@ -310,9 +434,14 @@ def main() -> int:
     meta = {"kernel": os.uname().release, "runtime_s": RUNTIME, "reps": REPS,
             "size_bytes": SIZE, "cpus": os.cpu_count(),
             "ceilings": ceilings, "pairs": PAIRS, "pair_runtime_s": PAIR_RUNTIME,
+            "peer_reps": PEER_REPS,
             "clocksource": Path("/sys/devices/system/clocksource/clocksource0/"
                                 "current_clocksource").read_text().strip()}
-    raw = {"meta": meta, "runs": runs, "paired": pairs}
+    scratch = os.environ["IMGREMENT_SCRATCH_DISKS"].split()
+    peer_disks = {"brd": ("/dev/ram0", "/dev/ram1", "/dev/ram2"),
+                  "virtio": (scratch[0], scratch[1], scratch[2])}
+    peer_runs = peers(peer_disks) if not only or "peers" in only else []
+    raw = {"meta": meta, "runs": runs, "paired": pairs, "peers": peer_runs}
     (OUT / "bench-raw.json").write_text(json.dumps(raw, indent=1))
     subprocess.run(["rmmod", "brd"], check=False)
     return 0

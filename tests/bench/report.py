@@ -82,7 +82,36 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
                       "ratio": ratio[m].get(k), "paired": pair["median"] if pair else None,
                       "met": (judged or 0) >= g})
     return {"meta": raw["meta"], "ratio_to_linear": ratio, "dropped": dropped,
-            "absolute": absolute, "paired": paired, "goals": goals}
+            "absolute": absolute, "paired": paired, "goals": goals,
+            "peers": (peers := summarise_peers(raw.get("peers", []))),
+            "peer_goals": peer_goals(peers)}
+
+
+PEER_CONFIGS = ["blktrace", "meta", "writes-drop", "writes-wait", "log-writes"]
+
+
+def summarise_peers(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per workload and configuration: the median ratio to dm-linear in the same
+    repetition, the records dropped in all repetitions, the consumer's CPU."""
+    by = {(f"{r['disk']}-{r['workload']}", r["config"], r["rep"]): r for r in runs}
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for w in sorted({k for k, _, _ in by}):
+        metric = "bw_bytes" if "seqwrite" in w else "iops"
+        reps = sorted({rep for k, _, rep in by if k == w})
+        out[w] = {}
+        for c in PEER_CONFIGS:
+            rows = [(by[(w, c, rep)], by[(w, "linear", rep)]) for rep in reps
+                    if (w, c, rep) in by and (w, "linear", rep) in by]
+            if not rows:
+                continue
+            cpu: list[float] = [r["consumer_cpu_s"] for r, _ in rows if r.get("consumer_cpu_s")]
+            out[w][c] = {
+                "ratio": round(statistics.median(r[metric] / lin[metric] for r, lin in rows), 3),
+                "dropped": sum(r.get("dropped", 0) for r, _ in rows),
+                "waited": sum(r.get("waited", 0) for r, _ in rows),
+                "consumer_cpu_s": round(statistics.median(cpu), 3) if cpu else None,
+            }
+    return out
 
 
 def decoder_rate(stream: Path) -> dict[str, Any]:
@@ -169,6 +198,7 @@ def markdown(res: dict[str, Any]) -> str:
                 f"{a['lat_mean_us']:.0f} | {a['lat_p99_us']:.0f} | "
                 f"{a.get('consumer_cpu_s', '-')} |"
             )
+    lines += peer_lines(res)
     ceil = m.get("ceilings")
     if ceil:
         lin = res["absolute"]["linear"].get("virtio-seqwrite-1m", {}).get("bw_bytes", 0) / 1e6
@@ -199,10 +229,85 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+PEER_HEADING = "## The peers, side by side"
+
+
+def peer_lines(res: dict[str, Any]) -> list[str]:
+    """The peer table, for the page or for its section alone (BENCH_ONLY=peers)."""
+    peers = res.get("peers") or {}
+    if not peers:
+        return []
+    m = res["meta"]
+    lines = [
+        "", PEER_HEADING, "",
+        f"Kernel {m['kernel']}, {m.get('peer_reps', '?')} repetitions, {m['runtime_s']} s per "
+        "run, each configuration set up afresh for each run, the order rotated per "
+        "repetition; the median over repetitions of the ratio to dm-linear in the same "
+        "repetition (IOPS; throughput for seqwrite-1m), and the records dropped over all "
+        "repetitions. blktrace traces dm-linear into a tmpfs directory; meta and "
+        "writes-drop are imgrement drained by `trace -q -o` (drop mode); writes-wait is "
+        "imgrement in wait mode drained by `record` into a file on ext4 on a second disk of "
+        "the same kind (\"waited\": bios that waited for it); log-writes is "
+        "dm-log-writes logging to a second disk of the same kind.",
+        "",
+        "| disk-workload | " + " | ".join(PEER_CONFIGS) + " |",
+        "| --- |" + " --- |" * len(PEER_CONFIGS),
+    ]
+    for k, row in peers.items():
+        cells = []
+        for c in PEER_CONFIGS:
+            x = row.get(c)
+            if x is None:
+                cells.append("-")
+                continue
+            extra = ""
+            if c in ("meta", "writes-drop", "writes-wait"):
+                extra = f" ({x['dropped']} dropped"
+                extra += f", {x['waited']} waited)" if c == "writes-wait" else ")"
+            cells.append(f"{x['ratio']:.3f}{extra}")
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    goals = res.get("peer_goals") or []
+    if goals:
+        lines += ["", "| goal | disk-workload | wanted | got | met |",
+                  "| --- | --- | --- | --- | --- |"]
+        for g in goals:
+            lines.append(f"| {g['goal']} | {g['workload']} | {g['wanted']} | {g['got']} | "
+                         f"{'yes' if g['met'] else '**no**'} |")
+    return lines
+
+
+def peer_goals(peers: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """writes-wait: 0 dropped and at least 1.3x log-writes; meta at least blktrace."""
+    out = []
+    for k, row in peers.items():
+        ww, lw, meta, bt = (row.get(c) for c in ("writes-wait", "log-writes", "meta",
+                                                  "blktrace"))
+        if ww and lw:
+            out.append({"goal": "writes-wait >= 1.3 x log-writes, 0 dropped", "workload": k,
+                        "wanted": round(1.3 * lw["ratio"], 3),
+                        "got": f"{ww['ratio']} ({ww['dropped']} dropped)",
+                        "met": ww["ratio"] >= 1.3 * lw["ratio"] and ww["dropped"] == 0})
+        if meta and bt:
+            out.append({"goal": "meta >= blktrace", "workload": k, "wanted": bt["ratio"],
+                        "got": meta["ratio"], "met": meta["ratio"] >= bt["ratio"]})
+    return out
+
+
 def main(argv: list[str]) -> int:
     out = Path(argv[0])
     doc = Path(argv[1])
     raw = json.loads((out / "bench-raw.json").read_text())
+    if not raw["runs"]:
+        # BENCH_ONLY=peers: only the peers' section of the page is replaced
+        res = {"meta": raw["meta"], "peers": summarise_peers(raw.get("peers", []))}
+        res["peer_goals"] = peer_goals(res["peers"])
+        (out / "results-peers.json").write_text(json.dumps(res, indent=1) + "\n")
+        page = doc.read_text()
+        head, _, rest = page.partition("\n" + PEER_HEADING + "\n")
+        tail = rest[rest.index("\n## "):] if "\n## " in rest else ""
+        doc.write_text(head.rstrip("\n") + "\n" + "\n".join(peer_lines(res)) + "\n" + tail)
+        print(doc.read_text())
+        return 0
     res = summarise(raw)
     stream = out / "stream-meta-virtio.rec"
     if stream.exists():
