@@ -110,7 +110,7 @@ def test_record_loses_nothing_and_rebuilds_the_disk(loopdev: str, tmp_path: Path
     default policy (drop): record switches it to wait for its duration and
     back.  No record is lost, and the capture applied to the disk as it was
     gives the disk as it is, byte for byte."""
-    dev = imgrement_dm.wrap(loopdev, buffer_kb=64)  # over a new, all-zero file
+    dev = imgrement_dm.wrap(loopdev, buffer_kb=64, wait_ms=30000)  # over an all-zero file
     try:
         sh("udevadm", "settle")
         _drain(dev)
@@ -166,7 +166,9 @@ def test_a_slow_reader_in_wait_mode_loses_nothing(loopdev: str, tmp_path: Path) 
     that sleeps after every batch: nothing dropped, and the capture applied
     to the base equals the device's sha256."""
     seconds = int(os.environ.get("STRESS_SECONDS", "60"))
-    dev = imgrement_dm.wrap(loopdev, buffer_kb=1024, overflow="wait")
+    # wait_ms: the emulated debug kernel can keep the reader off the CPU for
+    # seconds; this test is about a slow reader, not a stopped one (below)
+    dev = imgrement_dm.wrap(loopdev, buffer_kb=1024, overflow="wait", wait_ms=30000)
     rec = None
     try:
         sh("udevadm", "settle")
@@ -184,9 +186,12 @@ def test_a_slow_reader_in_wait_mode_loses_nothing(loopdev: str, tmp_path: Path) 
         rec.send_signal(signal.SIGTERM)
         assert rec.wait(timeout=120 * SLOWDOWN) == 0
     finally:
-        if rec is not None and rec.poll() is None:
-            rec.kill()
-            rec.wait(timeout=30)
+        if rec is not None:
+            if rec.poll() is None:
+                rec.kill()
+                rec.wait(timeout=30)
+            if rec.stdout is not None:
+                rec.stdout.close()
         dev.unwrap()
     _applied_equals(loopdev, cap, want, tmp_path)
 
@@ -341,10 +346,13 @@ def test_a_stopped_reader_stalls_io_at_most_wait_ms(disk: str, tmp_path: Path) -
         assert drops and drops[0].first_seq == st.lost_from
         assert any(getattr(i, "seq", -1) == end for i in items)
     finally:
-        if reader is not None and reader.poll() is None:
-            reader.send_signal(signal.SIGCONT)
-            reader.kill()
-            reader.wait(timeout=30)
+        if reader is not None:
+            if reader.poll() is None:
+                reader.send_signal(signal.SIGCONT)
+                reader.kill()
+                reader.wait(timeout=30)
+            if reader.stdout is not None:
+                reader.stdout.close()
         if dev.name in [d.name for d in imgrement_dm.list_devices()]:
             dev.unwrap()
 
