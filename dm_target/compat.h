@@ -122,4 +122,29 @@ static inline void imgrement_vm_flags_clear(struct vm_area_struct *vma,
 #define imgrement_submit_remapped(bio) submit_bio_noacct(bio)
 #endif
 
+/*
+ * Before 5.19 "supports discard" was a queue flag, separate from the
+ * limits, and a device could set the flag with a discard granularity of 0:
+ * 5.10's loop driver does so for a file on overlayfs (whose superblock has
+ * no block size).  Stacked on it, device-mapper sets the flag on the mapped
+ * device too, and the first BLKDISCARD there hits the WARN_ON_ONCE in
+ * __blkdev_issue_discard ("discard_granularity is 0").  Such a device
+ * cannot be discarded through correctly, so the target takes no discards
+ * over it (they fail with EOPNOTSUPP, as on the device alone after the
+ * warning).  From 5.19 on, discard support is the limit itself.
+ */
+#if LINUX_VERSION_CODE < KERNEL_VERSION(5, 19, 0)
+static inline bool imgrement_discard_broken(struct block_device *bdev)
+{
+	struct request_queue *q = bdev_get_queue(bdev);
+
+	return blk_queue_discard(q) && !q->limits.discard_granularity;
+}
+#else
+static inline bool imgrement_discard_broken(struct block_device *bdev)
+{
+	return false;
+}
+#endif
+
 #endif /* IMGREMENT_COMPAT_H */

@@ -445,7 +445,8 @@ static int imgrement_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 	}
 
 	ti->num_flush_bios = 1;
-	ti->num_discard_bios = 1;
+	/* (see compat.h: 5.10's loop over overlayfs claims discard it cannot do) */
+	ti->num_discard_bios = imgrement_discard_broken(ic->dev->bdev) ? 0 : 1;
 	ti->num_secure_erase_bios = 1;
 	ti->num_write_zeroes_bios = 1;
 	ti->per_io_data_size = sizeof(struct imgrement_io);
