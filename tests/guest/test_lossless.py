@@ -140,7 +140,9 @@ def test_record_loses_nothing_and_rebuilds_the_disk(loopdev: str, tmp_path: Path
 
 
 # A deliberately slow consumer: it stores the stream as a capture file, but
-# sleeps 50 ms after each batch, so the buffer is full most of the time.
+# sleeps a second after each batch, so the buffer fills between its reads
+# even on the debug kernel, where fio manages a few hundred writes a second
+# (with 50 ms, there the reader kept up and nothing ever waited).
 SLOW_RECORDER = r"""
 import signal, sys, time
 from pathlib import Path
@@ -153,7 +155,7 @@ with RecordReader.live(name) as reader, write_capture(out, name, sectors) as w:
     print("ready", flush=True)
     while not stop:
         w.add(reader.read_view(timeout=0.2))
-        time.sleep(0.05)
+        time.sleep(1)
     while view := reader.read_view(timeout=0):
         w.add(view)
 """
@@ -163,8 +165,8 @@ with RecordReader.live(name) as reader, write_capture(out, name, sectors) as w:
 def test_a_slow_reader_in_wait_mode_loses_nothing(loopdev: str, tmp_path: Path) -> None:
     """The issue's measure of done: fio randwrite 4k at QD32 for a minute
     through a device in wait mode with a 1 MiB buffer, read by a consumer
-    that sleeps after every batch: nothing dropped, and the capture applied
-    to the base equals the device's sha256."""
+    that sleeps a second after every batch: bios waited, nothing dropped,
+    and the capture applied to the base equals the device's sha256."""
     seconds = int(os.environ.get("STRESS_SECONDS", "60"))
     # wait_ms: the emulated debug kernel can keep the reader off the CPU for
     # seconds; this test is about a slow reader, not a stopped one (below)
