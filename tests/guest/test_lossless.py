@@ -228,6 +228,18 @@ def test_the_same_load_in_drop_mode_drops(disk: str) -> None:
         dev.unwrap()
 
 
+def _write_and_read(dev: imgrement_dm.TracedDevice, offset: int, data: bytes,
+                    label: str) -> tuple[list[Item], list[BioRecord]]:
+    """One O_DIRECT write while a reader takes records; everything up to a mark
+    set after it, and this process's write records among them."""
+    with _reading(dev) as taken:
+        direct_write(dev.node, offset, data)
+        items = _until_mark(taken, _mark(dev, label))
+    writes = [i for i in items if isinstance(i, BioRecord) and i.pid == os.getpid()
+              and i.op_name == "write"]
+    return items, writes
+
+
 @pytest.mark.smoke
 def test_a_bio_larger_than_the_buffer_is_split_and_kept(disk: str) -> None:
     """1 MiB in one O_DIRECT write into a 64 KiB buffer: in wait mode dm
@@ -239,11 +251,7 @@ def test_a_bio_larger_than_the_buffer_is_split_and_kept(disk: str) -> None:
     try:
         sh("udevadm", "settle")
         _drain(dev)
-        with _reading(dev) as taken:
-            direct_write(dev.node, 1 << 20, data)
-            items = _until_mark(taken, _mark(dev, "end"))
-        writes = [i for i in items if isinstance(i, BioRecord) and i.pid == os.getpid()
-                  and i.op_name == "write"]
+        items, writes = _write_and_read(dev, 1 << 20, data, "end")
         assert not [i for i in items if isinstance(i, Drop)]
         assert all(w.size <= 16 << 10 for w in writes), [w.size for w in writes]
         assert sum(w.size for w in writes) == len(data)
@@ -257,11 +265,7 @@ def test_a_bio_larger_than_the_buffer_is_split_and_kept(disk: str) -> None:
         # drop mode does not split: each piece the queue limits make is larger than
         # the buffer, so it is recorded without its data (flagged), not dropped
         dev.set_overflow("drop")
-        with _reading(dev) as taken:
-            direct_write(dev.node, 1 << 20, data)
-            items = _until_mark(taken, _mark(dev, "end2"))
-        writes = [i for i in items if isinstance(i, BioRecord) and i.pid == os.getpid()
-                  and i.op_name == "write"]
+        items, writes = _write_and_read(dev, 1 << 20, data, "end2")
         assert not [i for i in items if isinstance(i, Drop)]
         assert sum(w.size for w in writes) == len(data)
         assert all(w.size > 64 << 10 for w in writes), [w.size for w in writes]
