@@ -275,7 +275,6 @@ def test_a_bio_larger_than_the_buffer_is_split_and_kept(disk: str) -> None:
         dev.unwrap()
 
 
-@pytest.mark.smoke
 def test_with_no_reader_wait_mode_never_waits(disk: str) -> None:
     """Nobody has the stream open: waiting would only hang the disk.  Writes
     go on at once; the records that do not fit are dropped, and status says
@@ -363,7 +362,6 @@ def test_a_stopped_reader_stalls_io_at_most_wait_ms(disk: str, tmp_path: Path) -
             dev.unwrap()
 
 
-@pytest.mark.smoke
 def test_overflow_by_message_table_and_cli(disk: str) -> None:
     r = cli("wrap", disk, "--overflow", "wait", "--wait-ms", "250")
     assert r.returncode == 0, r.stderr
@@ -387,7 +385,6 @@ def test_overflow_by_message_table_and_cli(disk: str) -> None:
         assert r.returncode == 2, r.stderr
 
 
-@pytest.mark.smoke
 def test_a_nowait_write_that_would_wait_gets_eagain(disk: str) -> None:
     """RWF_NOWAIT promises not to block: in wait mode, a write whose record
     does not fit fails at once with EAGAIN (and changes nothing) instead of
