@@ -7,6 +7,7 @@ serials ``imgrement-scratchN``, and a results folder shared read-write.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
@@ -146,7 +147,7 @@ def _boot(spec: GuestRun, drives: list[str], marker: Path) -> int:
         if spec.timeout is not None:
             def kill() -> None:
                 expired.set()
-                os.killpg(proc.pid, signal.SIGKILL)  # vng, virtme-run and QEMU alike
+                _kill_group(proc.pid)
             timer = threading.Timer(spec.timeout, kill)
             timer.daemon = True
             timer.start()
@@ -159,7 +160,7 @@ def _boot(spec: GuestRun, drives: list[str], marker: Path) -> int:
                 out.flush()
         except BaseException:
             # Ctrl-C reaches only us (the guest has its own session): take it down
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_group(proc.pid)
             raise
         finally:
             if timer is not None:
@@ -169,3 +170,9 @@ def _boot(spec: GuestRun, drives: list[str], marker: Path) -> int:
                          "and was killed\n")
         return 124
     return proc.returncode
+
+
+def _kill_group(pid: int) -> None:
+    """vng, virtme-run and QEMU alike (the guest's process group); gone already is fine."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
