@@ -248,8 +248,18 @@ def peer_lines(res: dict[str, Any]) -> list[str]:
         "writes-drop are imgrement drained by `trace -q -o` (drop mode); writes-wait is "
         "imgrement in wait mode drained by `record` into a file on ext4 on a second disk of "
         "the same kind (\"waited\": bios that waited for it); log-writes is "
-        "dm-log-writes logging to a second disk of the same kind.",
+        "dm-log-writes logging to a second disk of the same kind. For randrw, the ratio is "
+        "of read IOPS.",
         "",
+    ]
+    if m.get("peer_reps", 0) < 3:
+        lines += [
+            f"**{m.get('peer_reps')} repetition(s) only:** each ratio carries this machine's "
+            "run-to-run noise (two runs of the same thing differ by 10% and more here); the "
+            "drop counts are exact. `make bench` repeats each run three times.",
+            "",
+        ]
+    lines += [
         "| disk-workload | " + " | ".join(PEER_CONFIGS) + " |",
         "| --- |" + " --- |" * len(PEER_CONFIGS),
     ]
