@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
 import random
+import stat
 import subprocess
 import sys
 import time
@@ -53,6 +55,29 @@ def direct_read(path: str | Path, offset: int, size: int) -> bytes:
         return data
     finally:
         os.close(fd)
+
+
+def sha256(path: str | Path, size: int | None = None) -> str:
+    """sha256 of a device as it is on the disk (read with O_DIRECT) or of an image
+    file (tmpfs has no O_DIRECT): the whole of it, or its first ``size`` bytes."""
+    h = hashlib.sha256()
+    direct = os.O_DIRECT if stat.S_ISBLK(os.stat(path).st_mode) else 0
+    fd = os.open(path, os.O_RDONLY | direct)
+    try:
+        buf = mmap.mmap(-1, 1 << 20)
+        left = size
+        while left is None or left > 0:
+            n = os.readv(fd, [buf])
+            if not n:
+                break
+            take = n if left is None else min(n, left)
+            h.update(buf[:take])
+            if left is not None:
+                left -= take
+        buf.close()
+    finally:
+        os.close(fd)
+    return h.hexdigest()
 
 
 def cli(*args: str, user: int | None = None) -> subprocess.CompletedProcess[str]:

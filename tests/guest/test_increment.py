@@ -4,13 +4,10 @@ blkparse reads the exported trace."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import mmap
 import os
 import shutil
 import signal
-import stat
 import subprocess
 import time
 from pathlib import Path
@@ -20,23 +17,9 @@ import pytest
 from imgrement_dm import increment
 from imgrement_dm.formats.capture import CaptureReader
 from imgrement_dm.records import BioRecord
-from tests.guest.helpers import CLI, cli, sh
+from tests.guest.helpers import CLI, cli, sh, sha256
 
 SIZE = 64 << 20
-
-
-def _sha(path: Path | str) -> str:
-    """sha256 of a device (read with O_DIRECT: what is on it) or an image file."""
-    h = hashlib.sha256()
-    direct = os.O_DIRECT if stat.S_ISBLK(os.stat(path).st_mode) else 0
-    fd = os.open(path, os.O_RDONLY | direct)
-    try:
-        buf = mmap.mmap(-1, 1 << 20)
-        while n := os.readv(fd, [buf]):
-            h.update(buf[:n])
-    finally:
-        os.close(fd)
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +53,7 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
             sh("fsfreeze", "--freeze", str(mnt))  # no write can slip past the mark
             try:
                 assert cli("mark", "traced", label).returncode == 0
-                shas[label] = _sha(node)
+                shas[label] = sha256(node)
             finally:
                 sh("fsfreeze", "--unfreeze", str(mnt))
 
@@ -81,7 +64,7 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
         (mnt / "later.txt").write_text("after m1\n")
         checkpoint("m2")
         sh("umount", str(mnt))
-        shas["end"] = _sha(node)
+        shas["end"] = sha256(node)
         assert cli("unwrap", "traced").returncode == 0
         _, err = rec.communicate(timeout=120)
         assert rec.returncode == 0, err
@@ -104,7 +87,7 @@ def test_apply_reproduces_the_device_at_each_mark(session: dict[str, object],
     assert not Path(str(out) + ".part").exists()
     shas = session["shas"]
     assert isinstance(shas, dict)
-    assert _sha(out) == shas[point]
+    assert sha256(out) == shas[point]
     out.unlink()
 
 
@@ -130,22 +113,6 @@ def test_replay_to_a_mark_gives_a_clean_filesystem(session: dict[str, object]) -
     img.unlink()
 
 
-def _sha_head(dev: str, size: int) -> str:
-    """sha256 of the first ``size`` bytes of a device, read with O_DIRECT."""
-    h = hashlib.sha256()
-    fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
-    try:
-        buf = mmap.mmap(-1, 1 << 20)
-        left = size
-        while left:
-            n = os.readv(fd, [buf])
-            h.update(buf[: min(n, left)])
-            left -= min(n, left)
-    finally:
-        os.close(fd)
-    return h.hexdigest()
-
-
 def test_replay_onto_a_device_refuses_one_in_use(session: dict[str, object], disk2: str,
                                                  tmp_path: Path) -> None:
     """replay writes below whatever uses the disk: it refuses as wrap does (mounted,
@@ -165,7 +132,7 @@ def test_replay_onto_a_device_refuses_one_in_use(session: dict[str, object], dis
     finally:
         sh("umount", str(mnt))  # (which writes to the disk: compare from here on)
     sh("udevadm", "settle")
-    before = _sha_head(disk2, SIZE)
+    before = sha256(disk2, SIZE)
     assert cli("wrap", disk2, "--name", "held").returncode == 0
     try:
         r = cli("replay", cap, disk2, "--until-mark", "m1")
@@ -187,7 +154,7 @@ def test_replay_onto_a_device_refuses_one_in_use(session: dict[str, object], dis
         assert "is in use (the kernel refuses an exclusive open)" in r.stderr
     finally:
         holder.communicate("", timeout=30)
-    assert _sha_head(disk2, SIZE) == before  # every refusal left it as it was
+    assert sha256(disk2, SIZE) == before  # every refusal left it as it was
 
     small = tmp_path / "small.img"
     small.write_bytes(bytes(1 << 20))
@@ -202,7 +169,7 @@ def test_replay_onto_a_device_refuses_one_in_use(session: dict[str, object], dis
     sh("blkdiscard", "-z", "-l", str(SIZE), disk2)  # the base image was all zeros
     r = cli("replay", cap, disk2, "--until-mark", "m1")
     assert r.returncode == 0, r.stderr
-    assert _sha_head(disk2, SIZE) == shas["m1"]
+    assert sha256(disk2, SIZE) == shas["m1"]
 
 
 def test_diff_covers_every_changed_sector(session: dict[str, object]) -> None:

@@ -6,12 +6,10 @@ say from which record the capture is incomplete."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import mmap
 import os
 import signal
-import stat
 import subprocess
 import sys
 import threading
@@ -25,7 +23,7 @@ import pytest
 import imgrement_dm
 from imgrement_dm.errors import ImgrementError
 from imgrement_dm.records import BioRecord, Drop, Item, MarkRecord, RecordReader, _Gaps, decode
-from tests.guest.helpers import CLI, SLOWDOWN, cli, direct_read, direct_write, pattern, sh
+from tests.guest.helpers import CLI, SLOWDOWN, cli, direct_read, direct_write, pattern, sh, sha256
 
 SIZE = 32 << 20  # the part of the disk the workloads write
 
@@ -93,15 +91,6 @@ def _fio(node: Path, *extra: str, runtime: int = 15) -> dict[str, object]:
     return result
 
 
-def _sha(path: Path | str, size: int) -> str:
-    """sha256 of the first ``size`` bytes: of a device as it is on the disk
-    (O_DIRECT), or of an image file (tmpfs has no O_DIRECT)."""
-    if stat.S_ISBLK(os.stat(path).st_mode):
-        return hashlib.sha256(direct_read(path, 0, size)).hexdigest()
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read(size)).hexdigest()
-
-
 @pytest.mark.stress
 def test_record_loses_nothing_and_rebuilds_the_disk(loopdev: str, tmp_path: Path) -> None:
     """fio at queue depth 16 into a 64 KiB buffer (16 records of 4 KiB fill
@@ -128,7 +117,7 @@ def test_record_loses_nothing_and_rebuilds_the_disk(loopdev: str, tmp_path: Path
         during = dev.status()
         assert during.dropped == before.dropped and during.lost_from is None
         assert during.waited > before.waited, "the buffer never filled: the test proves nothing"
-        want = _sha(dev.node, SIZE)
+        want = sha256(dev.node, SIZE)
         rec.send_signal(signal.SIGINT)
         _, err = rec.communicate(timeout=120 * SLOWDOWN)
         assert rec.returncode == 0, err
@@ -184,7 +173,7 @@ def test_a_slow_reader_in_wait_mode_loses_nothing(loopdev: str, tmp_path: Path) 
         st = dev.status()
         assert st.dropped == before.dropped and st.lost_from is None and st.fallbacks == 0
         assert st.waited > before.waited, "the buffer never filled: the test proves nothing"
-        want = _sha(dev.node, SIZE)
+        want = sha256(dev.node, SIZE)
         rec.send_signal(signal.SIGTERM)
         assert rec.wait(timeout=120 * SLOWDOWN) == 0
     finally:
@@ -206,7 +195,7 @@ def _applied_equals(dev: str, cap: Path, want: str, tmp_path: Path) -> None:
     out = tmp_path / "applied.img"
     r = cli("apply", str(base), str(cap), "-o", str(out))
     assert r.returncode == 0, r.stderr  # apply refuses a capture with a single drop
-    assert _sha(out, SIZE) == want
+    assert sha256(out, SIZE) == want
 
 
 def sectors_of(dev: str) -> int:
