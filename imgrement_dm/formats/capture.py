@@ -136,6 +136,7 @@ class CaptureReader:
                 f"{path} is capture format {version} with record version {rec_version}; "
                 f"this tool reads {FORMAT_VERSION} / {layout.RECORD_VERSION}"
             )
+        self._size = os.fstat(self._f.fileno()).st_size
         self.device = name.rstrip(b"\0").decode("utf-8", "replace")
         self.sectors = sectors
         self.started_ns = started
@@ -158,8 +159,8 @@ class CaptureReader:
         )
 
     def _left(self) -> int:
-        """Bytes from here to the end of the file."""
-        return os.fstat(self._f.fileno()).st_size - self._f.tell()
+        """Bytes from here to the end of the file (a capture does not grow)."""
+        return self._size - self._f.tell()
 
     def items(self) -> Iterator[Item]:
         """Records and drops, in stream order; raises CaptureError on any damage."""
