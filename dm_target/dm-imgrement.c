@@ -1076,8 +1076,14 @@ static int __init dm_imgrement_init(void)
 {
 	int ret;
 
-	/* WQ_MEM_RECLAIM: waiting bios must move on under memory pressure too. */
-	imgrement_wq = alloc_workqueue("imgrement", WQ_MEM_RECLAIM, 0);
+	/*
+	 * WQ_MEM_RECLAIM: waiting bios must move on under memory pressure too.
+	 * WQ_UNBOUND: the work resubmits bios and need not run on the CPU that
+	 * queued it; saying so explicitly also matters because kernels from 6.17
+	 * on warn at allocation when a workqueue names neither WQ_UNBOUND nor
+	 * WQ_PERCPU (and older kernels lack WQ_PERCPU).
+	 */
+	imgrement_wq = alloc_workqueue("imgrement", WQ_UNBOUND | WQ_MEM_RECLAIM, 0);
 	if (!imgrement_wq)
 		return -ENOMEM;
 	imgrement_debugfs_init();
