@@ -392,6 +392,10 @@ class RecordReader:
         if magic[:15] != STREAM_MAGIC[:15]:
             os.close(fd)
             raise StreamError(f"{path} is not a saved imgrement record stream")
+        if len(magic) < len(STREAM_MAGIC):
+            os.close(fd)
+            raise StreamError(f"{path} is a saved record stream cut short inside its "
+                              f"{len(STREAM_MAGIC)}-byte header: it holds no records")
         if magic[15:] != STREAM_MAGIC[15:]:
             os.close(fd)
             raise StreamError(

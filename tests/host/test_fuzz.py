@@ -168,6 +168,16 @@ def test_a_huge_chunk_length_is_truncation_not_an_allocation(tmp_path: Path) -> 
 
 
 
+def test_a_saved_stream_cut_inside_its_header_is_named(tmp_path: Path) -> None:
+    """Found by the fuzzer (some seeds only): a saved stream cut to its first 15
+    bytes made the version check index past the end (IndexError)."""
+    path = tmp_path / "cut.rec"
+    path.write_bytes(STREAM_MAGIC[:-1])
+    with pytest.raises(StreamError, match="cut short inside its"), \
+            files.file_items(path) as items:
+        list(items)
+
+
 def test_a_bio_whose_parts_overrun_it_is_an_error_when_read() -> None:
     """Also found by the fuzzer: a flipped segment count made ``segments`` raise
     struct.error, and ``payload`` would have returned the next record's bytes."""
