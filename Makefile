@@ -21,7 +21,7 @@ RESULTS := build/test-results
 
 all: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py imgrement_dm/_ffi_build.py dm_target/imgrement_record.h \
+$(VENV)/.installed: pyproject.toml setup.py VERSION imgrement_dm/_ffi_build.py dm_target/imgrement_record.h \
 		scripts/install-host-deps
 	scripts/install-host-deps
 	$(PYTHON) -m venv $(VENV)
@@ -100,15 +100,15 @@ demo: all
 # upgrades), the CLI in its own venv, the udev rule and systemd unit (inert
 # until a policy exists: see udev/autowrap.conf.example).
 PREFIX ?= /usr/local
-TARGET_VERSION := $(shell sed -n 's/^PACKAGE_VERSION="\(.*\)"/\1/p' dm_target/dkms.conf)
+TARGET_VERSION := $(shell cat VERSION)
 SRCDIR := /usr/src/imgrement-$(TARGET_VERSION)
 APPDIR := /opt/imgrement-dm
 
 install:
 	scripts/install-host-deps --install
 	install -d $(SRCDIR)
-	install -m 644 dm_target/*.c dm_target/*.h dm_target/Kbuild dm_target/Makefile \
-		dm_target/dkms.conf $(SRCDIR)/
+	install -m 644 dm_target/*.c dm_target/*.h dm_target/Kbuild dm_target/Makefile $(SRCDIR)/
+	sed 's/#MODULE_VERSION#/$(TARGET_VERSION)/' dm_target/dkms.conf >$(SRCDIR)/dkms.conf
 	dkms add -m imgrement -v $(TARGET_VERSION) 2>/dev/null || true
 	dkms install -m imgrement -v $(TARGET_VERSION)
 	$(PYTHON) -m venv $(APPDIR)

@@ -5,6 +5,7 @@ removes the mapping over a block device through device-mapper ioctls, and
 gives both a command line (``imgrement-dm``) and a scripting API.
 """
 
+from imgrement_dm import resources as _resources
 from imgrement_dm.api import (
     Status,
     TracedDevice,
@@ -35,4 +36,4 @@ __all__ = [
     "unwrap",
     "wrap",
 ]
-__version__ = "0.1.0"
+__version__ = _resources.version()

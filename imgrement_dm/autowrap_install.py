@@ -9,7 +9,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from imgrement_dm import api
+from imgrement_dm import api, resources
 from imgrement_dm import autowrap as aw
 from imgrement_dm.errors import ImgrementError, NotRootError
 
@@ -20,12 +20,11 @@ UNIT_NAME = "imgrement-autowrap@.service"
 
 
 def _source(name: str) -> Path:
-    """udev/ in the checkout, or the copy 'make install' puts in /usr/share."""
-    for base in (Path(__file__).resolve().parents[1] / "udev",
-                 Path("/usr/share/imgrement-dm/udev")):
-        if (base / name).exists():
-            return base / name
-    raise aw.PolicyError(f"{name} is not installed with this package")
+    """The shipped copy of the rule or unit (see imgrement_dm.resources)."""
+    try:
+        return resources.data_file(name)
+    except resources.MissingResourceError as e:
+        raise aw.PolicyError(str(e)) from None
 
 
 def _bindir() -> str:

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import click
 
-from imgrement_dm import api, format, increment
+from imgrement_dm import api, format, increment, resources
 from imgrement_dm import autowrap as aw
 from imgrement_dm import autowrap_install as aw_install
 from imgrement_dm.errors import ImgrementError
@@ -55,7 +55,7 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
-@click.version_option(package_name="imgrement-dm")
+@click.version_option(version=resources.version(), prog_name="imgrement-dm")
 @click.pass_context
 def main(ctx: click.Context, debug: bool) -> None:
     """See, and keep, every I/O that reaches a disk."""
@@ -626,6 +626,16 @@ def autowrap_disable() -> None:
     """Remove the udev rule and the systemd unit, and reload udev."""
     for line in aw_install.disable():
         click.echo(line)
+
+
+@autowrap.command("example")
+def autowrap_example() -> None:
+    """Print the example policy (shipped with the package; for pip installs without /etc).
+
+    Save it as /etc/imgrement-dm/autowrap.conf and edit the [match] section:
+    imgrement-dm autowrap example | sudo tee /etc/imgrement-dm/autowrap.conf
+    """
+    click.echo(resources.data_file("autowrap.conf.example").read_text(), nl=False)
 
 
 @autowrap.command("status")

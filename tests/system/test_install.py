@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests import checkout
 from tests.system import machine
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,24 +24,13 @@ PAYLOAD = Path(__file__).resolve().parent / "payload"
 WHEELS = ["setuptools>=77", "wheel", "cffi>=1.15", "click>=8.0", "pyudev>=0.24"]
 
 
-def _sources(dest: Path) -> None:
-    """The checkout's files as a user would have them (tracked or new, not ignored)."""
-    names = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-co", "--exclude-standard",
-                            "-z"], capture_output=True, check=True).stdout.split(b"\0")
-    for name in filter(None, names):
-        src = ROOT / name.decode()
-        if src.is_file():
-            (dest / name.decode()).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name.decode())
-
-
 def test_make_install_and_uninstall_on_a_booted_debian_machine(tmp_path: Path) -> None:
     img = machine.image()
     payload = tmp_path / "payload"
     payload.mkdir()
     shutil.copy2(PAYLOAD / "run", payload / "run")
     shutil.copy2(PAYLOAD / "hotplug.py", payload / "hotplug.py")
-    _sources(payload / "src")
+    checkout.copy_to(payload / "src")
     subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--dest",
                     str(payload / "wheels"), "--only-binary=:all:", "--platform",
                     "manylinux2014_x86_64", "--python-version", "3.11", "--implementation",
