@@ -15,6 +15,9 @@ from imgrement_dm.errors import ImgrementError, NotRootError
 
 RULES = Path(os.environ.get("IMGREMENT_UDEV_RULES_DIR", "/etc/udev/rules.d"))
 UNITS = Path(os.environ.get("IMGREMENT_SYSTEMD_DIR", "/etc/systemd/system"))
+#: Where the Debian package puts them: present there, autowrap is on by policy
+#: alone, and disable masks the rule (a same-named link to /dev/null in RULES).
+PACKAGED_RULES = Path(os.environ.get("IMGREMENT_PACKAGED_RULES_DIR", "/usr/lib/udev/rules.d"))
 RULE_NAME = "60-imgrement-autowrap.rules"
 UNIT_NAME = "imgrement-autowrap@.service"
 
@@ -66,16 +69,38 @@ def _needs_root(what: str, e: OSError) -> ImgrementError:
     return ImgrementError(f"{what} failed: {e.filename}: {e.strerror}")
 
 
+def _packaged() -> Path | None:
+    """The rule the imgrement-dm Debian package installed, if it did."""
+    path = PACKAGED_RULES / RULE_NAME
+    return path if path.is_file() else None
+
+
+def _masked() -> bool:
+    link = RULES / RULE_NAME
+    return link.is_symlink() and os.readlink(link) == "/dev/null"
+
+
 def enable() -> Iterator[str]:
-    rule, unit = _source(RULE_NAME), unit_text()
-    try:
-        RULES.mkdir(parents=True, exist_ok=True)
-        UNITS.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(rule, RULES / RULE_NAME)
-        (UNITS / UNIT_NAME).write_text(unit)
-    except OSError as e:
-        raise _needs_root("installing the udev rule and unit", e) from None
-    yield f"installed {RULES / RULE_NAME} and {UNITS / UNIT_NAME}"
+    packaged = _packaged()
+    if packaged is not None:
+        if _masked():
+            try:
+                (RULES / RULE_NAME).unlink()
+            except OSError as e:
+                raise _needs_root("unmasking the packaged udev rule", e) from None
+            yield f"unmasked {packaged} (removed {RULES / RULE_NAME} -> /dev/null)"
+        else:
+            yield f"the packaged rule {packaged} and its unit are in place"
+    else:
+        rule, unit = _source(RULE_NAME), unit_text()
+        try:
+            RULES.mkdir(parents=True, exist_ok=True)
+            UNITS.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(rule, RULES / RULE_NAME)
+            (UNITS / UNIT_NAME).write_text(unit)
+        except OSError as e:
+            raise _needs_root("installing the udev rule and unit", e) from None
+        yield f"installed {RULES / RULE_NAME} and {UNITS / UNIT_NAME}"
     yield from _reload()
     conf = Path(os.environ.get("IMGREMENT_AUTOWRAP_CONF", aw.DEFAULT_CONF))
     if not conf.exists():
@@ -84,18 +109,35 @@ def enable() -> Iterator[str]:
 
 def disable() -> Iterator[str]:
     for path in (RULES / RULE_NAME, UNITS / UNIT_NAME):
-        if path.exists():
+        if path.exists() or path.is_symlink():
+            if path == RULES / RULE_NAME and _masked():
+                continue
             try:
                 path.unlink()
             except OSError as e:
                 raise _needs_root("removing the udev rule and unit", e) from None
             yield f"removed {path}"
+    packaged = _packaged()
+    if packaged is not None and not _masked():
+        try:
+            RULES.mkdir(parents=True, exist_ok=True)
+            (RULES / RULE_NAME).symlink_to("/dev/null")
+        except OSError as e:
+            raise _needs_root("masking the packaged udev rule", e) from None
+        yield f"masked {packaged} with {RULES / RULE_NAME} -> /dev/null"
     yield from _reload()
 
 
 def status() -> Iterator[str]:
-    enabled = (RULES / RULE_NAME).exists()
-    yield f"autowrap: {'enabled' if enabled else 'disabled'} ({RULES / RULE_NAME})"
+    packaged = _packaged()
+    if _masked():
+        yield f"autowrap: disabled ({RULES / RULE_NAME} masks {packaged or 'the rule'})"
+    elif (RULES / RULE_NAME).exists():
+        yield f"autowrap: enabled ({RULES / RULE_NAME})"
+    elif packaged is not None:
+        yield f"autowrap: enabled ({packaged}, from the package)"
+    else:
+        yield f"autowrap: disabled ({RULES / RULE_NAME} is not installed)"
     conf = Path(os.environ.get("IMGREMENT_AUTOWRAP_CONF", aw.DEFAULT_CONF))
     try:
         policy = aw.Policy.load(conf)

@@ -113,20 +113,30 @@ def test_hotplugged_disks_are_wrapped_by_policy(
 
 
 def test_udevadm_test_shows_the_rules_decision(tmp_path: Path, loopdev: str) -> None:
+    """The rule asks systemd for the service for a real disk, never for a loop
+    device, and for nothing at all until a policy exists (the Debian package
+    installs it unconditionally: it must be inert until the admin opts in)."""
     rules = Path("/etc/udev/rules.d") / RULE_NAME
+    policy = Path("/etc/imgrement-dm/autowrap.conf")  # the guest's /etc is an overlay
+    assert not policy.exists()
     rules.write_text(_source(RULE_NAME).read_text())
     subprocess.run(["modprobe", "scsi_debug", "dev_size_mb=16"], check=True)
+
+    def wants(dev: str) -> str:
+        out = subprocess.run(["udevadm", "test", "--action=add", f"/sys/class/block/{dev}"],
+                             capture_output=True, text=True, check=False)
+        return out.stdout + out.stderr
+
     try:
         sh("udevadm", "settle")
         (sd,) = _scsi_disks()
-        yes = subprocess.run(["udevadm", "test", "--action=add", f"/sys/class/block/{sd}"],
-                             capture_output=True, text=True, check=False)
-        assert f"SYSTEMD_WANTS=imgrement-autowrap@{sd}.service" in yes.stdout + yes.stderr
-        loop = Path(loopdev).name
-        no = subprocess.run(["udevadm", "test", "--action=add", f"/sys/class/block/{loop}"],
-                            capture_output=True, text=True, check=False)
-        assert "imgrement-autowrap@" not in no.stdout + no.stderr
+        assert "imgrement-autowrap@" not in wants(sd)
+        policy.parent.mkdir(exist_ok=True)
+        policy.write_text("[match]\nID_MODEL = scsi_debug\n")
+        assert f"SYSTEMD_WANTS=imgrement-autowrap@{sd}.service" in wants(sd)
+        assert "imgrement-autowrap@" not in wants(Path(loopdev).name)
     finally:
+        policy.unlink(missing_ok=True)
         rules.unlink()
         sh("udevadm", "settle")
         subprocess.run(["rmmod", "scsi_debug"], check=False)

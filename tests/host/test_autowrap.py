@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from imgrement_dm import autowrap as aw
+from imgrement_dm import autowrap_install as aw_install
 from imgrement_dm.autowrap_install import unit_text
 
 POLICY = aw.Policy(match={"ID_BUS": "usb", "ID_SERIAL": "WDC_*", "KERNEL": "sdz"})
@@ -80,3 +81,53 @@ def test_systemd_accepts_the_unit(tmp_path: Path) -> None:
     r = subprocess.run(["systemd-analyze", "verify", "imgrement-autowrap@sdb.service"],
                        capture_output=True, text=True, cwd=tmp_path, check=False)
     assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+@pytest.fixture
+def dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    """Rule, unit and packaged-rule folders in tmp_path; no daemon is reloaded."""
+    found = {k: tmp_path / k for k in ("etc-rules", "etc-units", "lib-rules")}
+    monkeypatch.setattr(aw_install, "RULES", found["etc-rules"])
+    monkeypatch.setattr(aw_install, "UNITS", found["etc-units"])
+    monkeypatch.setattr(aw_install, "PACKAGED_RULES", found["lib-rules"])
+    monkeypatch.setattr(aw_install, "_reload", lambda: iter(()))
+    monkeypatch.setattr("imgrement_dm.api.list_devices", list)
+    monkeypatch.setenv("IMGREMENT_AUTOWRAP_CONF", str(tmp_path / "none.conf"))
+    return found
+
+
+def _state() -> str:
+    return next(aw_install.status())
+
+
+def test_enable_and_disable_copy_the_rule_without_a_package(dirs: dict[str, Path]) -> None:
+    assert _state().startswith("autowrap: disabled")
+    out = list(aw_install.enable())
+    assert (dirs["etc-rules"] / aw_install.RULE_NAME).read_text() == \
+        aw_install._source(aw_install.RULE_NAME).read_text()
+    assert "@BINDIR@" not in (dirs["etc-units"] / aw_install.UNIT_NAME).read_text()
+    assert any("no policy" in line for line in out)
+    assert _state().startswith("autowrap: enabled")
+    list(aw_install.disable())
+    assert not any(dirs["etc-rules"].iterdir()) and not any(dirs["etc-units"].iterdir())
+    assert _state().startswith("autowrap: disabled")
+
+
+def test_a_packaged_rule_is_masked_and_unmasked(dirs: dict[str, Path]) -> None:
+    """With the Debian package, the rule lives in /usr/lib/udev/rules.d, owned by
+    dpkg: disable must not delete it but mask it, as udev documents."""
+    dirs["lib-rules"].mkdir()
+    packaged = dirs["lib-rules"] / aw_install.RULE_NAME
+    packaged.write_text("# packaged\n")
+    assert _state() == f"autowrap: enabled ({packaged}, from the package)"
+    list(aw_install.disable())
+    mask = dirs["etc-rules"] / aw_install.RULE_NAME
+    assert mask.is_symlink() and str(mask.readlink()) == "/dev/null"
+    assert packaged.read_text() == "# packaged\n"
+    assert _state().startswith("autowrap: disabled")
+    assert list(aw_install.disable()) == []  # twice: nothing to do, no error
+    assert mask.is_symlink()
+    list(aw_install.enable())
+    assert not mask.exists() and not mask.is_symlink()
+    assert not dirs["etc-units"].exists()  # the packaged unit serves
+    assert _state() == f"autowrap: enabled ({packaged}, from the package)"
