@@ -458,18 +458,36 @@ def _lossless(name: str, wanted: bool) -> Iterator[None]:
 @click.argument("capture_file", metavar="FILE", type=click.Path(path_type=Path))
 @click.option("--until-mark", help="Stop at the mark with this label.")
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False),
-              help="The image to write [default: BASE.applied].")
+              help="The image to write [default: BASE.applied, or BASE.applied.qcow2].")
+@click.option("--format", "fmt_name", type=click.Choice(["raw", "qcow2"]), default="raw",
+              show_default=True,
+              help="raw: a whole copy of BASE with the changes; qcow2: an overlay holding "
+                   "only the changed clusters, with BASE as its backing file.")
+@click.option("--backing", metavar="NAME",
+              help="qcow2: the backing file name to record [default: BASE's absolute path].")
 @click.option("--force", is_flag=True, help="Apply even if records were dropped.")
 def apply_cmd(base: Path, capture_file: Path, until_mark: str | None, output: Path | None,
-              force: bool) -> None:
+              fmt_name: str, backing: str | None, force: bool) -> None:
     """Apply the captured writes in FILE onto a copy of BASE.
 
     BASE is an image of the disk as it was when recording began. Writes,
     discards and write-zeroes are applied in completion order, up to the
-    mark if given; the result equals the disk at that point.
+    mark if given; the result equals the disk at that point. With --format
+    qcow2 the result is a qcow2 overlay on BASE that stores only the 64 KiB
+    clusters the capture changed (QEMU, qemu-img and libvirt read it).
     """
+    if backing is not None and fmt_name != "qcow2":
+        raise click.UsageError("--backing is for --format qcow2")
+    stop = _stop_at(until_mark)
+    if fmt_name == "qcow2":
+        out = output or base.with_name(base.name + ".applied.qcow2")
+        sel, stored = increment.apply_qcow2(base, capture_file, out, stop,
+                                            backing_name=backing, force=force)
+        click.echo(f"{out}: {len(sel.changes)} changes, {stored} clusters of 64 KiB stored, "
+                   f"backing file {backing or base.resolve()}")
+        return
     out = output or base.with_name(base.name + ".applied")
-    sel = increment.apply(base, capture_file, out, _stop_at(until_mark), force=force,
+    sel = increment.apply(base, capture_file, out, stop, force=force,
                           progress=_progress("apply"))
     click.echo(f"{out}: {len(sel.changes)} changes applied"
                + (f", {sel.failed} failed writes skipped" if sel.failed else ""))

@@ -17,10 +17,10 @@ from pathlib import Path
 
 from imgrement_dm import devices
 from imgrement_dm.errors import ImgrementError
-from imgrement_dm.formats import files
+from imgrement_dm.formats import files, qcow2
 from imgrement_dm.formats.capture import CaptureReader
 from imgrement_dm.layout import FLAGS
-from imgrement_dm.output import atomic_path, check_writable
+from imgrement_dm.output import atomic_output, atomic_path, check_writable
 from imgrement_dm.records import BioRecord, Drop, Item, MarkRecord
 
 _FUA = next(bit for bit, name in FLAGS.items() if name == "fua")
@@ -200,6 +200,30 @@ def apply(base: Path, capture: Path, out: Path, stop: StopAt = StopAt(), *,
             finally:
                 os.close(fd)
     return sel
+
+
+def apply_qcow2(base: Path, capture: Path, out: Path, stop: StopAt = StopAt(), *,
+                backing_name: str | None = None, force: bool = False) -> tuple[Selection, int]:
+    """The increment as a qcow2 overlay on ``base``; returns the selection and the
+    number of 64 KiB clusters stored (see imgrement_dm.formats.qcow2).
+
+    ``backing_name`` is the backing file the overlay names, by default
+    ``base`` as an absolute path; BASE itself is only read, never changed.
+    """
+    check_writable(out)
+    reader, sel = _load(capture, stop, force=force, command="apply")
+    with reader:
+        size = reader.sectors * 512
+        if base.stat().st_size < size:
+            raise _too_small(base, base.stat().st_size, size)
+        for r in sel.changes:
+            if r.sector * 512 + r.size > size:
+                raise IncrementError(f"record {r.seq} writes past the end of the traced "
+                                     f"device ({r.sector * 512 + r.size} > {size} bytes)")
+        name = backing_name or str(base.resolve())
+        with atomic_output(out) as f:
+            stored = qcow2.write(f, base, size, sel.changes, name)
+    return sel, stored
 
 
 def _open_target(target: Path, needed: int) -> int:
