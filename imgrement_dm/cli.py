@@ -515,18 +515,34 @@ def replay(capture_file: Path, target: Path, until_mark: str | None,
 @main.command()
 @click.argument("capture_file", metavar="FILE", type=click.Path(path_type=Path))
 @click.option("--until-mark", help="Only changes before the mark with this label.")
-@click.option("--json", "as_json", is_flag=True, help="As a JSON list of [start, sectors].")
+@click.option("--format", "fmt_name",
+              type=click.Choice(["sectors", "json", "bytes", "qemu-map"]), default="sectors",
+              show_default=True,
+              help="sectors: START+SECTORS lines; json: [[start, sectors], ...]; bytes: "
+                   "'OFFSET LENGTH' lines in bytes; qemu-map: the whole disk as "
+                   "qemu-img map --output=json lists it (depth 0 changed, 1 unchanged).")
+@click.option("--json", "as_json", is_flag=True, help="The same as --format json.")
 @click.option("--force", is_flag=True,
               help="List the extents of a capture that lost records (the map is incomplete).")
-def diff(capture_file: Path, until_mark: str | None, as_json: bool, force: bool) -> None:
+def diff(capture_file: Path, until_mark: str | None, fmt_name: str, as_json: bool,
+         force: bool) -> None:
     """The changed extents in FILE (what an incremental backup copies).
 
-    One line per extent, START+SECTORS in 512-byte sectors, merged and sorted.
-    A capture that lost records is refused: its map would miss blocks.
+    Merged and sorted, in 512-byte sectors unless --format bytes or
+    qemu-map. A capture that lost records is refused: its map would miss
+    blocks.
     """
     found = increment.extents(capture_file, _stop_at(until_mark), force=force)
-    if as_json:
+    fmt_name = "json" if as_json else fmt_name
+    if fmt_name == "json":
         click.echo(format.dumps([[a, n] for a, n in found.spans]))
+    elif fmt_name == "bytes":
+        for a, n in found.spans:
+            click.echo(f"{a * 512} {n * 512}")
+    elif fmt_name == "qemu-map":
+        with CaptureReader(capture_file) as reader:
+            size = reader.sectors * 512
+        click.echo(format.dumps(increment.qemu_map(found.spans, size)))
     else:
         for a, n in found.spans:
             click.echo(f"{a}+{n}")

@@ -307,3 +307,26 @@ def extents(capture: Path, stop: StopAt = StopAt(), *, force: bool = False) -> E
         else:
             merged.append([a, b])
     return Extents([(a, b - a) for a, b in merged], sel.drops, sel.without_data)
+
+
+def qemu_map(spans: list[tuple[int, int]], size: int) -> list[dict[str, object]]:
+    """The disk as ``qemu-img map --output=json`` shows an overlay holding the
+    changes: changed ranges at depth 0, the rest at depth 1 (the backing file).
+
+    Exact to the sector, where the qcow2 overlay itself is mapped in 64 KiB
+    clusters; tools that read qemu-img's map read this one.
+    """
+    out: list[dict[str, object]] = []
+
+    def entry(start: int, length: int, depth: int) -> None:
+        if length > 0:
+            out.append({"start": start, "length": length, "depth": depth, "present": True,
+                        "zero": False, "data": True})
+
+    at = 0
+    for a, n in spans:
+        entry(at, a * 512 - at, 1)
+        entry(a * 512, n * 512, 0)
+        at = (a + n) * 512
+    entry(at, size - at, 1)
+    return out

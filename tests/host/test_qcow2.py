@@ -113,3 +113,38 @@ def test_a_relative_backing_name_and_refusals(case: dict[str, Path]) -> None:
     assert r.exit_code == 11 and "smaller than the traced device" in r.output
     assert not (case["dir"] / "no.qcow2").exists()
     assert not list(case["dir"].glob("*.part"))
+
+
+def test_diff_maps_in_bytes_and_qemu_img_s_own_shape(case: dict[str, Path]) -> None:
+    runner = CliRunner()
+    r = runner.invoke(cli.main, ["diff", str(case["cap"]), "--format", "sectors"])
+    assert r.exit_code == 0, r.output
+    sectors = [tuple(int(x) for x in line.split("+")) for line in r.output.split()]
+    r = runner.invoke(cli.main, ["diff", str(case["cap"]), "--format", "bytes"])
+    assert r.exit_code == 0, r.output
+    lines = [tuple(int(x) for x in line.split()) for line in r.output.strip().split("\n")]
+    assert lines == [(a * 512, n * 512) for a, n in sectors]
+    assert lines[0] == (512, 4096)  # sectors 1..8, then 120..151 apart from it
+    assert lines[1] == (120 * 512, 16384)
+
+    r = runner.invoke(cli.main, ["diff", str(case["cap"]), "--format", "qemu-map"])
+    assert r.exit_code == 0, r.output
+    ours = json.loads(r.output)
+    at = 0
+    for e in ours:  # tiles the disk, alternating, in qemu-img's keys
+        assert set(e) == {"start", "length", "depth", "present", "zero", "data"}
+        assert e["start"] == at and e["length"] > 0
+        at += e["length"]
+    assert at == SIZE
+    changed = [(e["start"], e["length"]) for e in ours if e["depth"] == 0]
+    assert changed == lines
+
+    # the qcow2 overlay, mapped by qemu-img, holds every changed byte (in whole clusters)
+    over = case["dir"] / "over.qcow2"
+    assert runner.invoke(cli.main, ["apply", str(case["base"]), str(case["cap"]), "-o",
+                                    str(over), "--format", "qcow2"]).exit_code == 0
+    theirs = [(e["start"], e["start"] + e["length"])
+              for e in json.loads(_qemu_img("map", "--output=json", str(over)))
+              if e["depth"] == 0]
+    for start, length in changed:
+        assert any(a <= start and start + length <= b for a, b in theirs), (start, theirs)
