@@ -21,12 +21,13 @@ import click
 from imgrement_dm import api, format, increment, resources
 from imgrement_dm import autowrap as aw
 from imgrement_dm import autowrap_install as aw_install
+from imgrement_dm import crashcheck as crash
 from imgrement_dm.errors import ImgrementError
 from imgrement_dm.formats import export as export_fmt
 from imgrement_dm.formats import files
 from imgrement_dm.formats.capture import CaptureReader, write_capture
 from imgrement_dm.layout import OPS
-from imgrement_dm.output import atomic_output, check_writable
+from imgrement_dm.output import atomic_output, atomic_path, check_writable
 from imgrement_dm.records import STREAM_MAGIC, BioRecord, Drop, Item, RecordReader
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -465,9 +466,11 @@ def _lossless(name: str, wanted: bool) -> Iterator[None]:
                    "only the changed clusters, with BASE as its backing file.")
 @click.option("--backing", metavar="NAME",
               help="qcow2: the backing file name to record [default: BASE's absolute path].")
+@click.option("--state", "state_id", metavar="ID",
+              help="Build the crash state crashcheck reported as ID instead (raw only).")
 @click.option("--force", is_flag=True, help="Apply even if records were dropped.")
 def apply_cmd(base: Path, capture_file: Path, until_mark: str | None, output: Path | None,
-              fmt_name: str, backing: str | None, force: bool) -> None:
+              fmt_name: str, backing: str | None, state_id: str | None, force: bool) -> None:
     """Apply the captured writes in FILE onto a copy of BASE.
 
     BASE is an image of the disk as it was when recording began. Writes,
@@ -478,6 +481,18 @@ def apply_cmd(base: Path, capture_file: Path, until_mark: str | None, output: Pa
     """
     if backing is not None and fmt_name != "qcow2":
         raise click.UsageError("--backing is for --format qcow2")
+    if state_id is not None:
+        if until_mark is not None or fmt_name != "raw":
+            raise click.UsageError("--state builds one crash state: it takes neither "
+                                   "--until-mark nor --format qcow2")
+        out = output or base.with_name(base.name + ".state")
+        check_writable(out)
+        bounds, size = crash.load(capture_file)
+        state = crash.find(bounds, state_id)
+        with atomic_path(out) as part:
+            crash.build(state, base, part, size)
+        click.echo(f"{out}: {state.describe()}, {len(state.writes())} writes")
+        return
     stop = _stop_at(until_mark)
     if fmt_name == "qcow2":
         out = output or base.with_name(base.name + ".applied.qcow2")
@@ -491,6 +506,76 @@ def apply_cmd(base: Path, capture_file: Path, until_mark: str | None, output: Pa
                           progress=_progress("apply"))
     click.echo(f"{out}: {len(sel.changes)} changes applied"
                + (f", {sel.failed} failed writes skipped" if sel.failed else ""))
+
+
+@main.command()
+@click.argument("capture_file", metavar="CAPTURE", type=click.Path(path_type=Path))
+@click.argument("base", type=click.Path(path_type=Path, dir_okay=False, exists=True,
+                                        readable=True))
+@click.argument("check", nargs=-1, required=True)
+@click.option("--max-states", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Check at most this many distinct states (in the documented order).")
+@click.option("--exhaustive", type=click.IntRange(0, 12), default=6, show_default=True,
+              help="Every subset of the unflushed writes when there are at most this many; "
+                   "beyond, none, each alone and all but each.")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=os.cpu_count() or 1,
+              show_default="the CPUs", help="Checks run at once.")
+@click.option("--bisect", is_flag=True,
+              help="Only find the first boundary whose in-order state fails.")
+@click.option("--workdir", type=click.Path(path_type=Path, file_okay=False),
+              help="Where state images are made [default: a new folder in /var/tmp].")
+@click.option("--keep-failing", is_flag=True, help="Keep the images of failing states.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per state checked.")
+def crashcheck(capture_file: Path, base: Path, check: tuple[str, ...], max_states: int,
+               exhaustive: int, jobs: int, bisect: bool, workdir: Path | None,
+               keep_failing: bool, as_json: bool) -> None:
+    """Run CHECK on every disk state a power cut could have left.
+
+    BASE is the disk as it was when CAPTURE (a lossless capture) began. At
+    each flush, FUA write and mark, the state holds every durable write
+    plus, in turn, subsets of the writes not yet flushed (a volatile cache
+    may have kept any of them); see docs/crashcheck.md. CHECK runs with {}
+    replaced by a state image's path, e.g.:
+
+    \b
+    imgrement-dm crashcheck s.cap base.img -- e2fsck -fn {}
+
+    Exit 0 if every state passed, 1 if any failed; each failure is named by
+    its state id, which 'apply --state ID' rebuilds alone.
+    """
+    bounds, size = crash.load(capture_file)
+    if base.stat().st_size < size:
+        raise increment.too_small(base, base.stat().st_size, size)
+
+    def show(r: crash.Result) -> None:
+        if as_json:
+            click.echo(format.dumps({"state": r.state.id, "boundary": r.state.boundary.index,
+                                     "kind": r.state.boundary.kind,
+                                     "record": r.state.boundary.seq,
+                                     "kept": r.state.kept, "exit": r.code,
+                                     "passed": r.passed, "output": r.output[-2000:]}))
+        elif not r.passed:
+            last = r.output.splitlines()[-1] if r.output else ""
+            click.echo(f"FAIL {r.state.describe()}: exit {r.code}: {last}")
+
+    if bisect:
+        first = crash.bisect(bounds, base, size, check, workdir=workdir, report=show)
+        if first is None:
+            click.echo(f"{len(bounds)} boundaries: the last one passes, so bisect finds "
+                       "nothing", err=True)
+            return
+        click.echo(f"first failing boundary: {first.state.boundary.index} "
+                   f"{first.state.boundary.describe()} (state {first.state.id})", err=True)
+        sys.exit(1)
+    todo, enumerated = crash.unique_states(bounds, exhaustive=exhaustive, limit=max_states)
+    results = crash.check_all(todo, base, size, check, jobs=jobs, workdir=workdir,
+                              keep_failing=keep_failing, report=show)
+    failed = [r for r in results if not r.passed]
+    more = "" if len(todo) < max_states else f" (stopped at --max-states {max_states})"
+    click.echo(f"{len(bounds)} boundaries, {enumerated} states enumerated, {len(todo)} "
+               f"distinct checked{more}: {len(failed)} failed", err=True)
+    if failed:
+        sys.exit(1)
 
 
 @main.command()

@@ -23,8 +23,8 @@ from imgrement_dm.layout import FLAGS
 from imgrement_dm.output import atomic_output, atomic_path, check_writable
 from imgrement_dm.records import BioRecord, Drop, Item, MarkRecord
 
-_FUA = next(bit for bit, name in FLAGS.items() if name == "fua")
-_PREFLUSH = next(bit for bit, name in FLAGS.items() if name == "preflush")
+FUA_FLAG = next(bit for bit, name in FLAGS.items() if name == "fua")
+PREFLUSH_FLAG = next(bit for bit, name in FLAGS.items() if name == "preflush")
 CHANGING_OPS = {"write", "write-zeroes", "discard", "secure-erase"}
 ZERO = bytes(1 << 20)
 
@@ -92,12 +92,12 @@ def select(items: Iterable[Item], stop: StopAt, *,
             include = keep_without_data
         if include:
             changes.append(item)
-        if item.op_name == "flush" or item.flags & _PREFLUSH:
+        if item.op_name == "flush" or item.flags & PREFLUSH_FLAG:
             flushes += 1
             if stop.flush is not None and flushes == stop.flush:
                 reached = True
                 break
-        if item.op_name == "write" and item.flags & _FUA:
+        if item.op_name == "write" and item.flags & FUA_FLAG:
             fuas += 1
             if stop.fua is not None and fuas == stop.fua:
                 reached = True
@@ -137,7 +137,7 @@ def _load(capture: Path, stop: StopAt, *, force: bool,
     return reader, sel
 
 
-def _apply_to_fd(fd: int, changes: list[BioRecord], limit: int,
+def apply_to_fd(fd: int, changes: list[BioRecord], limit: int,
                  progress: Callable[[int, int], None] | None) -> None:
     for n, r in enumerate(changes):
         start = r.sector * 512
@@ -172,7 +172,7 @@ def _size_of(fd: int) -> int:
     return st.st_size
 
 
-def _too_small(what: Path, size: int, needed: int) -> IncrementError:
+def too_small(what: Path, size: int, needed: int) -> IncrementError:
     return IncrementError(
         f"{what} is {size} bytes, smaller than the traced device ({needed} bytes): it is "
         "not a copy of that disk"
@@ -191,12 +191,12 @@ def apply(base: Path, capture: Path, out: Path, stop: StopAt = StopAt(), *,
     reader, sel = _load(capture, stop, force=force, command="apply")
     with reader:
         if base.stat().st_size < reader.sectors * 512:
-            raise _too_small(base, base.stat().st_size, reader.sectors * 512)
+            raise too_small(base, base.stat().st_size, reader.sectors * 512)
         with atomic_path(out) as part:
             shutil.copyfile(base, part)
             fd = os.open(part, os.O_RDWR | os.O_CLOEXEC)
             try:
-                _apply_to_fd(fd, sel.changes, _size_of(fd), progress)
+                apply_to_fd(fd, sel.changes, _size_of(fd), progress)
             finally:
                 os.close(fd)
     return sel
@@ -215,7 +215,7 @@ def apply_qcow2(base: Path, capture: Path, out: Path, stop: StopAt = StopAt(), *
     with reader:
         size = reader.sectors * 512
         if base.stat().st_size < size:
-            raise _too_small(base, base.stat().st_size, size)
+            raise too_small(base, base.stat().st_size, size)
         for r in sel.changes:
             if r.sector * 512 + r.size > size:
                 raise IncrementError(f"record {r.seq} writes past the end of the traced "
@@ -247,7 +247,7 @@ def _open_target(target: Path, needed: int) -> int:
     size = _size_of(fd)
     if size < needed:
         os.close(fd)
-        raise _too_small(target, size, needed)
+        raise too_small(target, size, needed)
     return fd
 
 
@@ -262,7 +262,7 @@ def replay(capture: Path, target: Path, stop: StopAt = StopAt(), *, force: bool 
     with reader:
         fd = _open_target(target, reader.sectors * 512)
         try:
-            _apply_to_fd(fd, sel.changes, _size_of(fd), progress)
+            apply_to_fd(fd, sel.changes, _size_of(fd), progress)
             os.fsync(fd)
         finally:
             os.close(fd)

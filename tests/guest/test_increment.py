@@ -91,6 +91,36 @@ def test_apply_reproduces_the_device_at_each_mark(session: dict[str, object],
     out.unlink()
 
 
+@pytest.mark.parametrize("point", ["m1", "end"])
+def test_a_qcow2_increment_reads_as_the_device(session: dict[str, object], point: str) -> None:
+    """The overlay qemu-img reads (backing: the base) equals the device at the
+    point, and stores the changed clusters only: far less than the disk."""
+    d, base, cap = (Path(str(session[k])) for k in ("dir", "base", "cap"))
+    out = d / f"inc-{point}.qcow2"
+    raw = d / f"inc-{point}.raw"
+    args = ["apply", str(base), str(cap), "-o", str(out), "--format", "qcow2"]
+    if point != "end":
+        args += ["--until-mark", point]
+    r = cli(*args)
+    assert r.returncode == 0, r.stderr
+    sh("qemu-img", "check", str(out))
+    info = json.loads(sh("qemu-img", "info", "--output=json", str(out)))
+    assert info["backing-filename"] == str(base.resolve()) and info["virtual-size"] == SIZE
+    sh("qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(out), str(raw))
+    shas = session["shas"]
+    assert isinstance(shas, dict)
+    assert sha256(raw) == shas[point]
+    entries = json.loads(sh("qemu-img", "map", "--output=json", str(out)))
+    stored = sum(int(e["length"]) for e in entries if e["depth"] == 0)
+    assert 0 < stored < SIZE // 2
+    if point == "end":  # whole 64 KiB clusters around every changed sector, no more
+        spans = increment.extents(cap).spans
+        changed = sum(n for _, n in spans) * 512
+        assert changed <= stored <= changed + 2 * 65536 * len(spans)
+    out.unlink()
+    raw.unlink()
+
+
 def test_replay_to_a_mark_gives_a_clean_filesystem(session: dict[str, object]) -> None:
     d, base, cap = Path(str(session["dir"])), Path(str(session["base"])), session["cap"]
     img = d / "replayed.img"

@@ -1,0 +1,354 @@
+"""Every disk state a power cut could have left, built from a capture and checked.
+
+The model (docs/crashcheck.md has it whole, with its limits): the traced disk
+has a volatile write cache.  A write is *durable* once it is FUA, or once a
+flush that was submitted after the write completed has itself completed.  A
+crash at a *boundary* (the completion of a flush, of a FUA write, or a mark)
+leaves every durable write, and any subset of the writes that completed but
+were not yet durable (the *unflushed* ones): the cache may have written back
+some, all or none of them, in any order.  Writes still in flight at the
+boundary are taken as not persisted.
+
+States, in this order, for each boundary: ``all`` (every completed write: what
+in-order replay gives), then subsets of the unflushed writes: all of them
+when there are at most ``exhaustive`` (2**n states), else ``none``, each one
+alone, and all but each one (2n + 2).  A state's id, ``BOUNDARY:KEPT`` with
+KEPT ``all``, ``none`` or the kept writes' sequence numbers, rebuilds it
+(``imgrement-dm apply --state ID``).  States whose bytes are the same as an
+earlier one's are checked once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import itertools
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from imgrement_dm import increment
+from imgrement_dm.formats import files
+from imgrement_dm.formats.capture import CaptureReader
+from imgrement_dm.records import BioRecord, Drop, Item, MarkRecord
+
+FICLONE = 0x40049409
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """Where a crash is considered: just after this record completed."""
+
+    index: int
+    kind: str  # "flush", "fua" or "mark"
+    seq: int
+    label: str
+    completed: tuple[BioRecord, ...]  # every write completed by then, in completion order
+    unflushed: tuple[BioRecord, ...]  # those of them not yet durable
+
+    def describe(self) -> str:
+        what = {"flush": "flush", "fua": "FUA write", "mark": "mark"}[self.kind]
+        extra = f" {self.label!r}" if self.kind == "mark" else ""
+        return f"after {what}{extra} (record {self.seq})"
+
+
+@dataclass(frozen=True)
+class State:
+    boundary: Boundary
+    kept: tuple[int, ...] | None  # seqs of unflushed writes kept; None: all of them
+
+    @property
+    def id(self) -> str:
+        if self.kept is None:
+            return f"{self.boundary.index}:all"
+        return f"{self.boundary.index}:" + (",".join(map(str, self.kept)) or "none")
+
+    def writes(self) -> list[BioRecord]:
+        """The writes this state holds, in completion order."""
+        if self.kept is None:
+            return list(self.boundary.completed)
+        dropped = {w.seq for w in self.boundary.unflushed} - set(self.kept)
+        return [w for w in self.boundary.completed if w.seq not in dropped]
+
+    def describe(self) -> str:
+        n = len(self.boundary.unflushed)
+        kept = n if self.kept is None else len(self.kept)
+        return (f"state {self.id}: {self.boundary.describe()}, {kept} of {n} unflushed "
+                f"write(s) kept")
+
+
+class CrashCheckError(increment.IncrementError):
+    """The capture cannot be explored as asked."""
+
+
+def boundaries(items: Iterable[Item]) -> list[Boundary]:
+    """The crash points of a capture and what each leaves, by the model above."""
+    events: list[tuple[int, int, BioRecord | MarkRecord]] = []
+    for item in items:
+        if isinstance(item, Drop):
+            raise CrashCheckError(
+                f"the capture lost {item.count} record(s): its crash states would be "
+                "wrong. Record it losslessly ('record' waits for the reader by default)")
+        if isinstance(item, MarkRecord):
+            events.append((item.time_ns, item.seq, item))
+        else:
+            events.append((item.complete_ns, item.seq, item))
+    events.sort(key=lambda e: (e[0], e[1]))
+    completed: list[BioRecord] = []
+    durable: set[int] = set()
+    flush_submits: list[int] = []  # submit times of completed flushes
+    found: list[Boundary] = []
+
+    def boundary(kind: str, seq: int, label: str) -> None:
+        horizon = max(flush_submits, default=-1)
+        for w in completed:
+            if w.complete_ns <= horizon:
+                durable.add(w.seq)
+        unflushed = tuple(w for w in completed if w.seq not in durable)
+        found.append(Boundary(len(found), kind, seq, label, tuple(completed), unflushed))
+
+    for _, _, ev in events:
+        if isinstance(ev, MarkRecord):
+            boundary("mark", ev.seq, ev.label)
+            continue
+        if ev.status != 0:
+            continue  # refused by the device: changed nothing, persisted nothing
+        is_flush = ev.op_name == "flush" or bool(ev.flags & increment.PREFLUSH_FLAG)
+        if is_flush:
+            flush_submits.append(ev.submit_ns)
+        if ev.op_name in increment.CHANGING_OPS:
+            if ev.op_name == "write" and not ev.has_payload:
+                raise CrashCheckError(
+                    f"write {ev.seq} was recorded without its data (capture mode meta): "
+                    "record with capture writes or all")
+            completed.append(ev)
+            if ev.op_name == "write" and ev.flags & increment.FUA_FLAG:
+                durable.add(ev.seq)
+                boundary("fua", ev.seq, "")
+                continue
+        if is_flush:
+            boundary("flush", ev.seq, "")
+    return found
+
+
+def _subsets(unflushed: Sequence[BioRecord], exhaustive: int) -> Iterator[tuple[int, ...]]:
+    seqs = [w.seq for w in unflushed]
+    n = len(seqs)
+    if n <= exhaustive:
+        for k in range(n + 1):
+            yield from itertools.combinations(seqs, k)
+        return
+    yield ()
+    for s in seqs:
+        yield (s,)
+    for s in seqs:
+        yield tuple(x for x in seqs if x != s)
+
+
+def states(bounds: Sequence[Boundary], exhaustive: int = 6) -> Iterator[State]:
+    """Every state of every boundary, in the documented order (duplicates included)."""
+    for b in bounds:
+        yield State(b, None)
+        every = tuple(w.seq for w in b.unflushed)
+        for kept in _subsets(b.unflushed, exhaustive):
+            if kept != every:
+                yield State(b, kept)
+
+
+def content_key(writes: Sequence[BioRecord]) -> str:
+    """A digest of what ``writes`` leave on the disk: equal keys, equal images."""
+    blocks: dict[int, bytes] = {}
+    for w in writes:
+        data = bytes(w.payload) if w.op_name == "write" else bytes(w.size)
+        for i in range(w.size // 512):
+            blocks[w.sector + i] = data[i * 512:(i + 1) * 512]
+    h = hashlib.sha256()
+    for sector in sorted(blocks):
+        h.update(sector.to_bytes(8, "little"))
+        h.update(blocks[sector])
+    return h.hexdigest()
+
+
+def unique_states(bounds: Sequence[Boundary], *, exhaustive: int = 6,
+                  limit: int | None = None) -> tuple[list[State], int]:
+    """States deduplicated by content, at most ``limit``; and how many were enumerated."""
+    seen: set[str] = set()
+    out: list[State] = []
+    enumerated = 0
+    for st in states(bounds, exhaustive):
+        enumerated += 1
+        key = content_key(st.writes())
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(st)
+        if limit is not None and len(out) >= limit:
+            break
+    return out, enumerated
+
+
+def load(capture: Path) -> tuple[list[Boundary], int]:
+    """The capture's boundaries, and the traced device's size in bytes."""
+    files.require_capture(capture, "crashcheck")
+    with CaptureReader(capture) as check:
+        check.validate()
+    reader = CaptureReader(capture)
+    try:
+        return boundaries(reader.items()), reader.sectors * 512
+    finally:
+        reader.close()
+
+
+def find(bounds: Sequence[Boundary], state_id: str) -> State:
+    """The state named ``BOUNDARY:KEPT``, as crashcheck reported it."""
+    b_text, _, kept_text = state_id.partition(":")
+    if not b_text.isdigit() or not kept_text:
+        raise CrashCheckError(f"{state_id!r} is not a state id: crashcheck names them "
+                              "BOUNDARY:all, BOUNDARY:none or BOUNDARY:SEQ,SEQ,...")
+    index = int(b_text)
+    if index >= len(bounds):
+        raise CrashCheckError(f"the capture has {len(bounds)} boundaries; there is no "
+                              f"boundary {index}")
+    b = bounds[index]
+    if kept_text == "all":
+        return State(b, None)
+    kept = () if kept_text == "none" else tuple(int(x) for x in kept_text.split(","))
+    unknown = set(kept) - {w.seq for w in b.unflushed}
+    if unknown:
+        raise CrashCheckError(f"write(s) {sorted(unknown)} are not among boundary {index}'s "
+                              f"unflushed writes {[w.seq for w in b.unflushed]}")
+    return State(b, tuple(sorted(kept)))
+
+
+def clone(base: Path, dest: Path) -> None:
+    """``dest``: a copy of ``base`` that costs what it must: a reflink where the
+    file system shares extents (btrfs, xfs), else a sparse copy (holes stay holes)."""
+    with base.open("rb") as src, dest.open("wb") as out:
+        try:
+            fcntl.ioctl(out.fileno(), FICLONE, src.fileno())
+            return
+        except OSError:
+            pass
+        size = os.fstat(src.fileno()).st_size
+        at = 0
+        while at < size:
+            try:
+                start = os.lseek(src.fileno(), at, os.SEEK_DATA)
+            except OSError:
+                break  # no data past here
+            end = os.lseek(src.fileno(), start, os.SEEK_HOLE)
+            while start < end:
+                n = os.copy_file_range(src.fileno(), out.fileno(), end - start, start, start)
+                if n <= 0:
+                    raise OSError(f"copy_file_range stopped at {start} of {base}")
+                start += n
+            at = end
+        out.truncate(size)
+
+
+def build(state: State, base: Path, dest: Path, size: int) -> None:
+    """The state's image at ``dest``: a cheap copy of ``base`` with its writes."""
+    if base.stat().st_size < size:
+        raise increment.too_small(base, base.stat().st_size, size)
+    clone(base, dest)
+    fd = os.open(dest, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        increment.apply_to_fd(fd, state.writes(), size, None)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Result:
+    state: State
+    code: int
+    output: str = field(repr=False)
+
+    @property
+    def passed(self) -> bool:
+        return self.code == 0
+
+
+def run_check(state: State, base: Path, size: int, check: Sequence[str], workdir: Path,
+              keep: bool) -> Result:
+    """Build the state, run CHECK on it ({} is its path, also in $IMGREMENT_STATE, and
+    its id in $IMGREMENT_STATE_ID), and remove it unless it failed and is to be kept."""
+    img = workdir / f"state-{state.id.replace(':', '-').replace(',', '_')}.img"
+    build(state, base, img, size)
+    argv = [a.replace("{}", str(img)) for a in check]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False,
+                              stdin=subprocess.DEVNULL,
+                              env={**os.environ, "IMGREMENT_STATE": str(img),
+                                   "IMGREMENT_STATE_ID": state.id})
+    except OSError as e:
+        img.unlink(missing_ok=True)
+        raise CrashCheckError(f"cannot run the check {argv[0]!r}: {e.strerror}") from None
+    result = Result(state, proc.returncode, (proc.stdout + proc.stderr).strip())
+    if result.passed or not keep:
+        img.unlink(missing_ok=True)
+    return result
+
+
+@contextlib.contextmanager
+def _workdir(where: Path | None) -> Iterator[Path]:
+    if where is not None:
+        where.mkdir(parents=True, exist_ok=True)
+        yield where
+        return
+    d = Path(tempfile.mkdtemp(prefix="imgrement-crashcheck-", dir="/var/tmp"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def check_all(todo: Sequence[State], base: Path, size: int, check: Sequence[str], *,
+              jobs: int, workdir: Path | None = None, keep_failing: bool = False,
+              report: Callable[[Result], None] | None = None) -> list[Result]:
+    """Run CHECK on every state, ``jobs`` at a time; results in state order."""
+    with _workdir(workdir) as wd, ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(run_check, st, base, size, check, wd, keep_failing)
+                   for st in todo]
+        results = []
+        for f in futures:
+            r = f.result()
+            if report:
+                report(r)
+            results.append(r)
+        return results
+
+
+def bisect(bounds: Sequence[Boundary], base: Path, size: int, check: Sequence[str], *,
+           workdir: Path | None = None,
+           report: Callable[[Result], None] | None = None) -> Result | None:
+    """The first boundary whose in-order state fails, in about log2(n) checks;
+    None if the last one passes.  Assumes that once failing, later ones fail too
+    (true of damage that persists; a check that flips back may mislead it)."""
+    with _workdir(workdir) as wd:
+        def test(i: int) -> Result:
+            r = run_check(State(bounds[i], None), base, size, check, wd, keep=False)
+            if report:
+                report(r)
+            return r
+
+        if not bounds:
+            return None
+        last = test(len(bounds) - 1)
+        if last.passed:
+            return None
+        lo, hi, first = 0, len(bounds) - 1, last
+        while lo < hi:
+            mid = (lo + hi) // 2
+            r = test(mid)
+            if r.passed:
+                lo = mid + 1
+            else:
+                hi, first = mid, r
+        return first
