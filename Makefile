@@ -92,9 +92,32 @@ bench: all
 bench-peers:
 	$(MAKE) bench BENCH_ONLY=peers
 
+# Debian packages (imgrement-dkms, imgrement-dm) in build/deb/, built with
+# Debian's own tooling from a copy of the tree (tracked files and new ones),
+# the changelog written from VERSION; lintian must pass.  Needs root for apt
+# (the build dependencies), like the other targets.  PATH is Debian's own, so
+# that pybuild finds Debian's python3 and not one a user put first in PATH.
+DEB_VERSION := $(shell cat VERSION)
+deb:
+	scripts/install-host-deps --deb
+	rm -rf build/deb && mkdir -p build/deb/imgrement-dm-$(DEB_VERSION)
+	git ls-files -co --exclude-standard -z | \
+		tar --null -T - -c | tar -x -C build/deb/imgrement-dm-$(DEB_VERSION)
+	scripts/deb-changelog $(DEB_VERSION) >build/deb/imgrement-dm-$(DEB_VERSION)/debian/changelog
+	cd build/deb/imgrement-dm-$(DEB_VERSION) && \
+		env PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b
+	lintian --fail-on error,warning \
+		build/deb/*.changes
+
 demo: all
 	$(BIN)/imgrement-dm sandbox --kernel $(KERNEL) --disk 256M --results build/demo \
 		-- scripts/demo-guest
+
+# crashcheck in the sandbox: the unsafe rename pattern found, the fsync'd one
+# passing (docs/crashcheck.md).
+demo-crash: all
+	$(BIN)/imgrement-dm sandbox --kernel $(KERNEL) --disk 64M --results build/demo \
+		-- scripts/demo-crash-guest
 
 # Install on a real machine (root): the module through DKMS (rebuilt on kernel
 # upgrades), the CLI in its own venv, the udev rule and systemd unit (inert
@@ -139,4 +162,4 @@ clean:
 distclean: clean
 	rm -rf $(VENV)
 
-.PHONY: all lint test test-host test-system test-guest test-debug bench bench-peers demo install uninstall clean distclean
+.PHONY: deb demo-crash all lint test test-host test-system test-guest test-debug bench bench-peers demo install uninstall clean distclean
