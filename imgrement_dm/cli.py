@@ -523,7 +523,7 @@ def apply_cmd(base: Path, capture_file: Path, until_mark: str | None, output: Pa
 @click.option("--bisect", is_flag=True,
               help="Only find the first boundary whose in-order state fails.")
 @click.option("--workdir", type=click.Path(path_type=Path, file_okay=False),
-              help="Where state images are made [default: a new folder in /var/tmp].")
+              help="Where state images are made [default: a new folder beside BASE].")
 @click.option("--keep-failing", is_flag=True, help="Keep the images of failing states.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per state checked.")
 def crashcheck(capture_file: Path, base: Path, check: tuple[str, ...], max_states: int,

@@ -228,7 +228,8 @@ def find(bounds: Sequence[Boundary], state_id: str) -> State:
 
 def clone(base: Path, dest: Path) -> None:
     """``dest``: a copy of ``base`` that costs what it must: a reflink where the
-    file system shares extents (btrfs, xfs), else a sparse copy (holes stay holes)."""
+    file system shares extents (btrfs, xfs), else a sparse copy (holes stay holes),
+    in the kernel (copy_file_range) when both are on one file system."""
     with base.open("rb") as src, dest.open("wb") as out:
         try:
             fcntl.ioctl(out.fileno(), FICLONE, src.fileno())
@@ -236,6 +237,7 @@ def clone(base: Path, dest: Path) -> None:
         except OSError:
             pass
         size = os.fstat(src.fileno()).st_size
+        in_kernel = True
         at = 0
         while at < size:
             try:
@@ -244,9 +246,18 @@ def clone(base: Path, dest: Path) -> None:
                 break  # no data past here
             end = os.lseek(src.fileno(), start, os.SEEK_HOLE)
             while start < end:
-                n = os.copy_file_range(src.fileno(), out.fileno(), end - start, start, start)
+                n = 0
+                if in_kernel:
+                    try:
+                        n = os.copy_file_range(src.fileno(), out.fileno(), end - start,
+                                               start, start)
+                    except OSError:  # EXDEV across file systems, EINVAL, ENOSYS, ...
+                        in_kernel = False
+                if not in_kernel:
+                    chunk = os.pread(src.fileno(), min(end - start, 1 << 20), start)
+                    n = os.pwrite(out.fileno(), chunk, start) if chunk else 0
                 if n <= 0:
-                    raise OSError(f"copy_file_range stopped at {start} of {base}")
+                    raise OSError(f"copying {base} stopped at byte {start}")
                 start += n
             at = end
         out.truncate(size)
@@ -297,12 +308,17 @@ def run_check(state: State, base: Path, size: int, check: Sequence[str], workdir
 
 
 @contextlib.contextmanager
-def _workdir(where: Path | None) -> Iterator[Path]:
+def _workdir(where: Path | None, base: Path) -> Iterator[Path]:
+    """``where``, or a new folder beside BASE (the same file system: reflinks can
+    share its extents), or in /var/tmp when BASE's folder is not writable."""
     if where is not None:
         where.mkdir(parents=True, exist_ok=True)
         yield where
         return
-    d = Path(tempfile.mkdtemp(prefix="imgrement-crashcheck-", dir="/var/tmp"))
+    try:
+        d = Path(tempfile.mkdtemp(prefix=".imgrement-crashcheck-", dir=base.parent))
+    except OSError:
+        d = Path(tempfile.mkdtemp(prefix="imgrement-crashcheck-", dir="/var/tmp"))
     try:
         yield d
     finally:
@@ -313,7 +329,7 @@ def check_all(todo: Sequence[State], base: Path, size: int, check: Sequence[str]
               jobs: int, workdir: Path | None = None, keep_failing: bool = False,
               report: Callable[[Result], None] | None = None) -> list[Result]:
     """Run CHECK on every state, ``jobs`` at a time; results in state order."""
-    with _workdir(workdir) as wd, ThreadPoolExecutor(max_workers=jobs) as pool:
+    with _workdir(workdir, base) as wd, ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = [pool.submit(run_check, st, base, size, check, wd, keep_failing)
                    for st in todo]
         results = []
@@ -331,7 +347,7 @@ def bisect(bounds: Sequence[Boundary], base: Path, size: int, check: Sequence[st
     """The first boundary whose in-order state fails, in about log2(n) checks;
     None if the last one passes.  Assumes that once failing, later ones fail too
     (true of damage that persists; a check that flips back may mislead it)."""
-    with _workdir(workdir) as wd:
+    with _workdir(workdir, base) as wd:
         def test(i: int) -> Result:
             r = run_check(State(bounds[i], None), base, size, check, wd, keep=False)
             if report:

@@ -8,6 +8,7 @@ The guest suite runs crashcheck on captures made through the target
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -140,3 +141,23 @@ def test_a_capture_with_drops_is_refused(tmp_path: Path, base: Path) -> None:
         w.add(_w(5, 0, 9, 40, 41))
     r = CliRunner().invoke(cli.main, ["crashcheck", str(gap), str(base), "--", "true"])
     assert r.exit_code == 11 and "lost 4 record(s)" in r.output, r.output
+
+
+def test_clone_is_sparse_and_works_across_file_systems(tmp_path: Path) -> None:
+    """Seen failing in the guest: BASE in /tmp and states in /var/tmp are on two file
+    systems, where copy_file_range says EXDEV; the copy must fall back, not fail."""
+    shm = Path("/dev/shm") / f"imgrement-test-{os.getpid()}.img"
+    try:
+        with shm.open("wb") as f:
+            f.truncate(8 << 20)
+            f.seek(3 << 20)
+            f.write(b"data" * 1024)
+        for dest in (tmp_path / "across.img", Path("/dev/shm") / f"{shm.name}.same"):
+            try:
+                crash.clone(shm, dest)
+                assert dest.read_bytes() == shm.read_bytes()
+                assert dest.stat().st_blocks * 512 < 1 << 20  # holes stayed holes
+            finally:
+                dest.unlink(missing_ok=True)
+    finally:
+        shm.unlink(missing_ok=True)
