@@ -34,17 +34,28 @@ PACKAGES = [
     "systemd-sysv", "udev", "linux-image-amd64", "linux-headers-amd64", "initramfs-tools",
     "dkms", "python3", "python3-venv", "python3-dev", "gcc", "make", "libc6-dev",
     "linux-libc-dev", "kmod", "dmsetup", "e2fsprogs", "util-linux", "procps",
+    # what the imgrement-dm .deb depends on, preinstalled: the machine has no
+    # network, and purge must leave the machine as it was before install
+    "python3-cffi-backend", "python3-click", "python3-pyudev", "man-db",
 ]
+#: The kernel upgrade the .deb test installs: bookworm-backports' newer line.
+#: Fetched (not installed) while the image is made, with every package it
+#: needs, into UPGRADE_DEBS inside the image.
+UPGRADE = ["linux-image-amd64", "linux-headers-amd64"]
+UPGRADE_SUITE = f"{SUITE}-backports"
+UPGRADE_DEBS = "/var/local/kernel-upgrade"
 
 RUNNER = """#!/bin/sh
-# Run the payload disk's 'run' once as root; keep its output on the results disk.
+# Run the payload disk's 'run' as root at every boot; put its output and
+# whatever it left in /root/out on the results disk, as a tar.
 P=/dev/disk/by-id/virtio-payload
 R=/dev/disk/by-id/virtio-results
 [ -b "$P" ] || exit 0
 mkdir -p /root/payload && tar -xf "$P" -C /root/payload
-cd /root/payload && sh ./run >/root/payload.log 2>&1
-echo "PAYLOAD-EXIT $?" >>/root/payload.log
-dd if=/root/payload.log of="$R" conv=fsync,notrunc status=none
+rm -rf /root/out && mkdir -p /root/out
+cd /root/payload && sh ./run >/root/out/payload.log 2>&1
+echo "PAYLOAD-EXIT $?" >>/root/out/payload.log
+tar -C /root/out -cf - . | dd of="$R" conv=fsync,notrunc status=none
 systemctl --no-block poweroff
 """
 
@@ -64,7 +75,7 @@ WantedBy=multi-user.target
 """
 
 #: Everything that decides the image's contents; a change makes a new image.
-RECIPE = "\n".join([SUITE, *PACKAGES, RUNNER, UNIT])
+RECIPE = "\n".join([SUITE, *PACKAGES, *UPGRADE, UPGRADE_SUITE, RUNNER, UNIT])
 
 
 @dataclass(frozen=True)
@@ -92,11 +103,20 @@ def image() -> Image:
         'chmod 755 "$1/usr/local/sbin/run-payload"; '
         f'printf %s {_q(UNIT)} > "$1/etc/systemd/system/payload-runner.service"; '
         'chroot "$1" systemctl enable payload-runner.service; '
-        'chroot "$1" passwd -d root'
+        'chroot "$1" passwd -d root; '
+        # under emulation: initramfs for the machine's own devices only, and no
+        # man-db index rebuild after every package (man still finds pages)
+        'echo MODULES=dep > "$1/etc/initramfs-tools/conf.d/imgrement-machine"; '
+        'rm -f "$1/var/lib/man-db/auto-update"; '
+        f'chroot "$1" apt-get install -y -q --download-only -t {UPGRADE_SUITE} '
+        f'{" ".join(UPGRADE)}; '
+        f'mkdir -p "$1{UPGRADE_DEBS}"; '
+        f'mv "$1"/var/cache/apt/archives/*.deb "$1{UPGRADE_DEBS}/"'
     )
+    mirror = kernels.debian_mirror()
     cmd = ["mmdebstrap", "--variant=apt", "--include=" + ",".join(PACKAGES),
            f"--customize-hook={hook}", SUITE, str(tree),
-           f"deb {kernels.debian_mirror()} {SUITE} main"]
+           f"deb {mirror} {SUITE} main", f"deb {mirror} {UPGRADE_SUITE} main"]
     _check(cmd, base / "mmdebstrap.log")
     boot = tree / "boot"
     vmlinuz = sorted(boot.glob("vmlinuz-*"))
@@ -128,21 +148,39 @@ class Run:
     output: str  # what the payload's run script printed
     exit_code: int | None  # None: the machine never reported one
     console: str
+    out: Path  # what the payload left in /root/out (payload.log included)
 
 
-def boot(img: Image, payload: Path, work: Path, *, timeout: float = 1800) -> Run:
-    """Boot the machine once with ``payload`` (a directory holding ``run``)."""
+#: The payload's exit code for "boot me again, on the kernel I left in /root/out".
+REBOOT = 100
+
+
+def boot(img: Image, payload: Path, work: Path, *, timeout: float = 1800,
+         kernel: Path | None = None, initrd: Path | None = None,
+         keep_disk: bool = False) -> Run:
+    """Boot the machine once with ``payload`` (a directory holding ``run``).
+
+    ``kernel``/``initrd`` boot another kernel than the image's (one the
+    payload installed and handed out); ``keep_disk`` keeps the machine's
+    disk (a qcow2 overlay over the image) for the next boot, else each boot
+    starts from the image as made.
+    """
     work.mkdir(parents=True, exist_ok=True)
     overlay = work / "overlay.qcow2"
-    overlay.unlink(missing_ok=True)
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw",
-                    "-b", str(img.disk), str(overlay)], check=True)
+    if not (keep_disk and overlay.exists()):
+        overlay.unlink(missing_ok=True)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw",
+                        "-b", str(img.disk), str(overlay)], check=True)
     tar = work / "payload.tar"
     with tarfile.open(tar, "w") as t:
         t.add(payload, arcname=".")
     results = work / "results.img"
+    results.unlink(missing_ok=True)
     with results.open("wb") as f:
-        f.truncate(16 << 20)
+        f.truncate(512 << 20)  # sparse: room for a kernel and its initrd
+    scratch = work / "scratch.img"
+    with scratch.open("wb") as f:
+        f.truncate(64 << 20)
     console = work / "console.log"
     # KVM does not work on the machines this was written on; IMGREMENT_KVM=1 where it does
     accel = "kvm" if os.environ.get("IMGREMENT_KVM") == "1" else "tcg"
@@ -150,24 +188,34 @@ def boot(img: Image, payload: Path, work: Path, *, timeout: float = 1800) -> Run
         "qemu-system-x86_64", "-machine", "q35", "-accel", accel, "-cpu", "max",
         "-smp", "2", "-m", "2G", "-display", "none", "-no-reboot", "-nic", "none",
         "-serial", f"file:{console}", "-monitor", "none",
-        "-kernel", str(img.kernel), "-initrd", str(img.initrd),
+        "-kernel", str(kernel or img.kernel), "-initrd", str(initrd or img.initrd),
         "-append", "root=LABEL=root rw console=ttyS0 panic=-1 systemd.show_status=1",
         "-drive", f"file={overlay},if=virtio,format=qcow2",
         "-drive", f"file={tar},if=none,id=payload,format=raw,readonly=on",
         "-device", "virtio-blk-pci,drive=payload,serial=payload",
         "-drive", f"file={results},if=none,id=results,format=raw",
         "-device", "virtio-blk-pci,drive=results,serial=results",
+        "-drive", f"file={scratch},if=none,id=scratch,format=raw",
+        "-device", "virtio-blk-pci,drive=scratch,serial=scratch",
     ]
     began = time.monotonic()
     with contextlib.suppress(subprocess.TimeoutExpired):  # then no PAYLOAD-EXIT line
         subprocess.run(cmd, check=False, timeout=timeout, stdin=subprocess.DEVNULL)
     took = time.monotonic() - began
-    out = results.read_bytes().rstrip(b"\0").decode(errors="replace")
+    out = work / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    with contextlib.suppress(tarfile.TarError), tarfile.open(results) as t:
+        t.extractall(out, filter="data")
+    log = out / "payload.log"
+    text = log.read_text(errors="replace") if log.exists() else ""
     code = None
-    tail = out.rstrip().rsplit("\n", 1)[-1]
+    tail = text.rstrip().rsplit("\n", 1)[-1]
     if tail.startswith("PAYLOAD-EXIT "):
         code = int(tail.split()[1])
-    text = console.read_text(errors="replace") if console.exists() else ""
-    overlay.unlink(missing_ok=True)
-    return Run(out + f"\n(machine ran {took:.0f} s)\n", code, text)
-
+    con = console.read_text(errors="replace") if console.exists() else ""
+    results.unlink(missing_ok=True)
+    scratch.unlink(missing_ok=True)
+    if not keep_disk:
+        overlay.unlink(missing_ok=True)
+    return Run(text + f"\n(machine ran {took:.0f} s)\n", code, con, out)
