@@ -80,7 +80,7 @@ struct dm_target_spec {
 
 struct dm_target_deps {
     uint32_t count;
-    uint64_t dev[];
+    unsigned long long dev[];  /* __u64 in the kernel header */
     ...;
 };
 

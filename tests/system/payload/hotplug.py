@@ -1,11 +1,13 @@
 """The installed autowrap path, inside the booted Debian machine.
 
-Runs with the installed venv's Python after 'make install' and with a policy
+Runs with the installed Python (make install's venv, or the Debian package's
+python3) and with a policy
 that wraps scsi_debug disks: udev rule -> systemd template unit ->
 'imgrement-dm autowrap handle' -> a traced device whose records carry the
 exact bytes written; a disk the policy does not name is left alone with the
 reason in the unit's journal; deleting the wrapped disk under I/O stops the
-unit and its ExecStop releases the mapping.  Raises on the first failure.
+unit and its ExecStop releases the mapping.  With --inert (no policy at
+all): a hot-added disk starts no unit.  Raises on the first failure.
 """
 
 from __future__ import annotations
@@ -52,6 +54,24 @@ def disks() -> set[str]:
 def unit_state(unit: str) -> str:
     r = subprocess.run(["systemctl", "is-active", unit], capture_output=True, text=True)
     return r.stdout.strip()
+
+
+def inert() -> None:
+    """No policy: a hot-added disk starts no unit and is not wrapped."""
+    sh("modprobe", "scsi_debug", "add_host=0", "dev_size_mb=32")
+    before = disks()
+    (SCSI_DEBUG / "add_host").write_text("1\n")
+    wait(lambda: disks() - before, "the hot-added scsi_debug disk")
+    (new,) = disks() - before
+    sh("udevadm", "settle")
+    time.sleep(3)
+    units = sh("systemctl", "list-units", "--all", "--no-legend", "imgrement-autowrap@*")
+    assert units.strip() == "", units
+    assert traced() == [], traced()
+    print(f"ok: /dev/{new} hot-added with no policy: no unit started, nothing wrapped")
+    (SCSI_DEBUG / "add_host").write_text("-1\n")
+    wait(lambda: new not in disks(), f"/dev/{new} to go")
+    sh("rmmod", "scsi_debug")
 
 
 def main() -> None:
@@ -122,4 +142,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    inert() if sys.argv[1:] == ["--inert"] else main()
