@@ -74,8 +74,32 @@ StandardOutput=journal+console
 WantedBy=multi-user.target
 """
 
+
+def _q(text: str) -> str:
+    return "'" + text.replace("'", "'\\''") + "'"
+
+
+#: mmdebstrap's customize hook ($1: the new root).
+HOOK = (
+    'set -e; echo "LABEL=root / ext4 defaults 0 1" > "$1/etc/fstab"; '
+    'echo machine > "$1/etc/hostname"; '
+    f'printf %s {_q(RUNNER)} > "$1/usr/local/sbin/run-payload"; '
+    'chmod 755 "$1/usr/local/sbin/run-payload"; '
+    f'printf %s {_q(UNIT)} > "$1/etc/systemd/system/payload-runner.service"; '
+    'chroot "$1" systemctl enable payload-runner.service; '
+    'chroot "$1" passwd -d root; '
+    # under emulation: initramfs for the machine's own devices only, and no
+    # man-db index rebuild after every package (man still finds pages)
+    'echo MODULES=dep > "$1/etc/initramfs-tools/conf.d/imgrement-machine"; '
+    'rm -f "$1/var/lib/man-db/auto-update"; '
+    f'chroot "$1" apt-get install -y -q --download-only -t {UPGRADE_SUITE} '
+    f'{" ".join(UPGRADE)}; '
+    f'mkdir -p "$1{UPGRADE_DEBS}"; '
+    f'mv "$1"/var/cache/apt/archives/*.deb "$1{UPGRADE_DEBS}/"'
+)
+
 #: Everything that decides the image's contents; a change makes a new image.
-RECIPE = "\n".join([SUITE, *PACKAGES, *UPGRADE, UPGRADE_SUITE, RUNNER, UNIT])
+RECIPE = "\n".join([SUITE, *PACKAGES, UPGRADE_SUITE, HOOK])
 
 
 @dataclass(frozen=True)
@@ -96,23 +120,7 @@ def image() -> Image:
         shutil.rmtree(old, ignore_errors=True)
     base.mkdir(parents=True)
     tree = base / "tree"
-    hook = (
-        'set -e; echo "LABEL=root / ext4 defaults 0 1" > "$1/etc/fstab"; '
-        'echo machine > "$1/etc/hostname"; '
-        f'printf %s {_q(RUNNER)} > "$1/usr/local/sbin/run-payload"; '
-        'chmod 755 "$1/usr/local/sbin/run-payload"; '
-        f'printf %s {_q(UNIT)} > "$1/etc/systemd/system/payload-runner.service"; '
-        'chroot "$1" systemctl enable payload-runner.service; '
-        'chroot "$1" passwd -d root; '
-        # under emulation: initramfs for the machine's own devices only, and no
-        # man-db index rebuild after every package (man still finds pages)
-        'echo MODULES=dep > "$1/etc/initramfs-tools/conf.d/imgrement-machine"; '
-        'rm -f "$1/var/lib/man-db/auto-update"; '
-        f'chroot "$1" apt-get install -y -q --download-only -t {UPGRADE_SUITE} '
-        f'{" ".join(UPGRADE)}; '
-        f'mkdir -p "$1{UPGRADE_DEBS}"; '
-        f'mv "$1"/var/cache/apt/archives/*.deb "$1{UPGRADE_DEBS}/"'
-    )
+    hook = HOOK
     mirror = kernels.debian_mirror()
     cmd = ["mmdebstrap", "--variant=apt", "--include=" + ",".join(PACKAGES),
            f"--customize-hook={hook}", SUITE, str(tree),
@@ -129,10 +137,6 @@ def image() -> Image:
     shutil.rmtree(tree)
     (base / "ready").write_text(key + "\n")
     return done
-
-
-def _q(text: str) -> str:
-    return "'" + text.replace("'", "'\\''") + "'"
 
 
 def _check(cmd: list[str], log: Path) -> None:
