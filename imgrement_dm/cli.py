@@ -496,10 +496,10 @@ def apply_cmd(base: Path, capture_file: Path, until_mark: str | None, output: Pa
     stop = _stop_at(until_mark)
     if fmt_name == "qcow2":
         out = output or base.with_name(base.name + ".applied.qcow2")
-        sel, stored = increment.apply_qcow2(base, capture_file, out, stop,
-                                            backing_name=backing, force=force)
+        sel, stored, zeroed = increment.apply_qcow2(base, capture_file, out, stop,
+                                                    backing_name=backing, force=force)
         click.echo(f"{out}: {len(sel.changes)} changes, {stored} clusters of 64 KiB stored, "
-                   f"backing file {backing or base.resolve()}")
+                   f"{zeroed} marked zero, backing file {backing or base.resolve()}")
         return
     out = output or base.with_name(base.name + ".applied")
     sel = increment.apply(base, capture_file, out, stop, force=force,

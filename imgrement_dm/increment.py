@@ -203,9 +203,11 @@ def apply(base: Path, capture: Path, out: Path, stop: StopAt = StopAt(), *,
 
 
 def apply_qcow2(base: Path, capture: Path, out: Path, stop: StopAt = StopAt(), *,
-                backing_name: str | None = None, force: bool = False) -> tuple[Selection, int]:
-    """The increment as a qcow2 overlay on ``base``; returns the selection and the
-    number of 64 KiB clusters stored (see imgrement_dm.formats.qcow2).
+                backing_name: str | None = None,
+                force: bool = False) -> tuple[Selection, int, int]:
+    """The increment as a qcow2 overlay on ``base``; returns the selection, the
+    number of 64 KiB clusters stored and of those marked zero
+    (see imgrement_dm.formats.qcow2).
 
     ``backing_name`` is the backing file the overlay names, by default
     ``base`` as an absolute path; BASE itself is only read, never changed.
@@ -222,8 +224,8 @@ def apply_qcow2(base: Path, capture: Path, out: Path, stop: StopAt = StopAt(), *
                                      f"device ({r.sector * 512 + r.size} > {size} bytes)")
         name = backing_name or str(base.resolve())
         with atomic_output(out) as f:
-            stored = qcow2.write(f, base, size, sel.changes, name)
-    return sel, stored
+            stored, zeroed = qcow2.write(f, base, size, sel.changes, name)
+    return sel, stored, zeroed
 
 
 def _open_target(target: Path, needed: int) -> int:

@@ -14,12 +14,14 @@ table's size known in advance:
     refcount blocks    16-bit refcounts (refcount_order 4), one per cluster
     L1 table           one 8-byte entry per 512 MiB of the disk
     L2 tables          one per 512 MiB region the capture touched
-    data clusters      each changed 64 KiB cluster, whole
+    data clusters      each changed 64 KiB cluster that is not all zeros, whole
 
 A changed cluster holds BASE's bytes with the capture's writes (and zeroed
 ranges: write-zeroes and discards) applied in completion order, as
-``apply`` does to a raw copy.  Every allocated cluster has refcount 1, and
-L1/L2 entries carry the COPIED flag, as QEMU itself writes them.
+``apply`` does to a raw copy; one that ends all zeros (mkfs discards the
+whole disk) is only marked so in its L2 entry and stores nothing.  Every
+allocated cluster has refcount 1, and L1/L2 entries carry the COPIED flag, as
+QEMU itself writes them.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ L2_ENTRIES = CLUSTER // 8
 REFCOUNT_ORDER = 4  # 16-bit refcounts
 REFCOUNTS_PER_BLOCK = CLUSTER * 8 // (1 << REFCOUNT_ORDER)
 COPIED = 1 << 63
+ZERO_CLUSTER = 1  # L2 entry, version 3: reads as zeros, nothing allocated
 _HEADER = struct.Struct(">4sIQIIQIIQQIIQQQQII")
 _EXT = struct.Struct(">II")
 BACKING_FORMAT_EXT = 0xE2792ACA
@@ -54,8 +57,10 @@ def _clusters_of(change: BioRecord) -> range:
 
 
 def write(out: BinaryIO, base: Path, size: int, changes: Sequence[BioRecord],
-          backing_name: str) -> int:
-    """Write the overlay to ``out``; returns the number of data clusters.
+          backing_name: str) -> tuple[int, int]:
+    """Write the overlay to ``out``; returns how many clusters it stores data for
+    and how many it marks as reading zero (changed to all zeros: discarded,
+    zeroed, or written with zeros; they cost an L2 entry, not a cluster).
 
     ``size`` is the virtual disk size in bytes; ``backing_name`` is what the
     image records as its backing file (QEMU resolves a relative one against
@@ -65,9 +70,22 @@ def write(out: BinaryIO, base: Path, size: int, changes: Sequence[BioRecord],
     for i, c in enumerate(changes):
         for cl in _clusters_of(c):
             touched[cl].append(i)
-    data = sorted(touched)
+    fd = os.open(base, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        zero = {cl for cl in touched
+                if not any(_cluster(fd, cl, [changes[i] for i in touched[cl]]))}
+        data = sorted(set(touched) - zero)
+        _write(out, fd, size, changes, touched, data, zero, backing_name)
+    finally:
+        os.close(fd)
+    return len(data), len(zero)
+
+
+def _write(out: BinaryIO, fd: int, size: int, changes: Sequence[BioRecord],
+           touched: dict[int, list[int]], data: list[int], zero: set[int],
+           backing_name: str) -> None:
     l1_size = max(1, _ceil(size, CLUSTER * L2_ENTRIES))
-    l2_regions = sorted({cl // L2_ENTRIES for cl in data})
+    l2_regions = sorted({cl // L2_ENTRIES for cl in [*data, *zero]})
     l1_clusters = _ceil(l1_size * 8, CLUSTER)
 
     # the refcount structures count themselves: grow them to a fixed point
@@ -114,19 +132,17 @@ def write(out: BinaryIO, base: Path, size: int, changes: Sequence[BioRecord],
         i = region_index[cl // L2_ENTRIES]
         struct.pack_into(">Q", l2, i * CLUSTER + (cl % L2_ENTRIES) * 8,
                          ((data_at + n) * CLUSTER) | COPIED)
+    for cl in zero:
+        i = region_index[cl // L2_ENTRIES]
+        struct.pack_into(">Q", l2, i * CLUSTER + (cl % L2_ENTRIES) * 8, ZERO_CLUSTER)
 
     out.write(cluster0)
     out.write(rt)
     out.write(rb)
     out.write(l1)
     out.write(l2)
-    fd = os.open(base, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        for cl in data:
-            out.write(_cluster(fd, cl, [changes[i] for i in touched[cl]]))
-    finally:
-        os.close(fd)
-    return len(data)
+    for cl in data:
+        out.write(_cluster(fd, cl, [changes[i] for i in touched[cl]]))
 
 
 def _cluster(base_fd: int, cl: int, changes: list[BioRecord]) -> bytes:

@@ -141,12 +141,13 @@ def test_the_rename_pattern(tmp_path: Path, fsync: bool) -> None:
         assert "0 failed" in r.stderr
         return
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
-    failed = [line for line in r.stdout.splitlines() if '"passed": false' in line]
-    assert failed
-    assert all("neither old nor new: 0 bytes" in line for line in failed), failed
+    states = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    failed = [s for s in states if not s["passed"]]
+    assert failed, states
+    assert all("neither old nor new: 0 bytes" in s["output"] for s in failed), failed
 
     # the first failing state, rebuilt alone, shows the same
-    first = json.loads(failed[0])["state"]
+    first = failed[0]["state"]
     img = tmp_path / "state.img"
     rebuilt = cli("apply", str(base), str(cap), "--state", first, "-o", str(img))
     assert rebuilt.returncode == 0, rebuilt.stderr

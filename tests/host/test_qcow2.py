@@ -51,6 +51,11 @@ def case(tmp_path: Path) -> dict[str, Path]:
         # later in completion order, same place: must win
         streams.bio(5, sector=1, op=W, payload=b"\x33" * 512, complete_ns=15),
         streams.bio(6, sector=(SIZE // 512) - 8, op=W, payload=b"\x44" * 4096, complete_ns=16),
+        # whole clusters made zero (as mkfs's discard of the disk): marked, not stored,
+        # over zeros (100 MiB) and over the base's data (3 MiB + 128 KiB)
+        streams.bio(7, sector=(100 * MIB) // 512, op=DISCARD, size=MIB, complete_ns=17),
+        streams.bio(8, sector=(3 * MIB + 131072) // 512, op=ZEROES, size=65536,
+                    complete_ns=18),
     ]
     cap = tmp_path / "s.cap"
     with write_capture(cap, "traced", SIZE // 512) as w:
@@ -71,7 +76,7 @@ def test_the_overlay_reads_as_the_raw_result_and_stores_only_changed_clusters(
     assert r.exit_code == 0, r.output
     # clusters: 0 and 1 (the write at byte 61440 straddles them), 48 and 49 (70 KiB of
     # zeroes from 3 MiB + 3.5 KiB), 8240 (515 MiB: a write and a discard) and the last
-    assert "7 changes, 6 clusters of 64 KiB stored" in r.output, r.output
+    assert "9 changes, 6 clusters of 64 KiB stored, 17 marked zero" in r.output, r.output
 
     _qemu_img("check", str(over))
     info = json.loads(_qemu_img("info", "--output=json", str(over)))
@@ -85,6 +90,9 @@ def test_the_overlay_reads_as_the_raw_result_and_stores_only_changed_clusters(
 
     allocated = [e for e in json.loads(_qemu_img("map", "--output=json", str(over)))
                  if e["depth"] == 0 and e["data"]]
+    zeroed = [(e["start"], e["length"]) for e in json.loads(_qemu_img(
+        "map", "--output=json", str(over))) if e["depth"] == 0 and e["zero"]]
+    assert zeroed == [(50 * qcow2.CLUSTER, qcow2.CLUSTER), (100 * MIB, MIB)]
     assert [(e["start"], e["length"]) for e in allocated] == [
         (0, 2 * qcow2.CLUSTER), (48 * qcow2.CLUSTER, 2 * qcow2.CLUSTER),
         (8240 * qcow2.CLUSTER, qcow2.CLUSTER), (SIZE - qcow2.CLUSTER, qcow2.CLUSTER)]
