@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.guest.helpers import CLI, cli, sh
+from tests.guest.helpers import CLI, cli, sh, start_record
 
 SIZE = 32 << 20
 OLD = b"old content\n" * 300
@@ -72,9 +72,7 @@ def _recorded(d: Path, prepare: Callable[[Path], None], workload: Callable[[Path
     try:
         assert cli("wrap", loop).returncode == 0
         sh("udevadm", "settle")
-        rec = subprocess.Popen([*CLI, "record", "traced", "-o", str(cap), "-q"],
-                               stderr=subprocess.PIPE, text=True)
-        time.sleep(3)
+        rec = start_record("traced", cap)
         sh("mount", "-o", mount_opts, "/dev/mapper/traced", str(mnt))
         try:
             workload(mnt)

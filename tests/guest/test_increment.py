@@ -18,7 +18,7 @@ import pytest
 from imgrement_dm import increment
 from imgrement_dm.formats.capture import CaptureReader
 from imgrement_dm.records import BioRecord
-from tests.guest.helpers import CLI, cli, sh, sha256
+from tests.guest.helpers import CLI, cli, sh, sha256, start_record
 
 SIZE = 64 << 20
 
@@ -40,9 +40,7 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
         r = cli("wrap", loop)
         assert r.returncode == 0, r.stderr
         sh("udevadm", "settle")
-        rec = subprocess.Popen([*CLI, "record", "traced", "-o", str(cap), "-q"],
-                               stderr=subprocess.PIPE, text=True)
-        time.sleep(3)
+        rec = start_record("traced", cap)
         node = "/dev/mapper/traced"
         sh("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", node)
         mnt = d / "mnt"
