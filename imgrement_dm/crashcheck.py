@@ -78,6 +78,8 @@ class State:
 
     def describe(self) -> str:
         n = len(self.boundary.unflushed)
+        if n == 0:
+            return f"state {self.id}: {self.boundary.describe()}, every write durable"
         kept = n if self.kept is None else len(self.kept)
         return (f"state {self.id}: {self.boundary.describe()}, {kept} of {n} unflushed "
                 f"write(s) kept")
