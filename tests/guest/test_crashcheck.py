@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 import subprocess
@@ -23,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from imgrement_dm.formats.capture import CaptureReader
+from imgrement_dm.records import BioRecord
 from tests.guest.helpers import CLI, cli, sh, start_record
 
 SIZE = 32 << 20
@@ -152,3 +155,53 @@ def test_the_rename_pattern(tmp_path: Path, fsync: bool) -> None:
     again = subprocess.run([sys.executable, str(check), str(img)], capture_output=True,
                            text=True, check=False)
     assert again.returncode == 1 and "neither old nor new: 0 bytes" in again.stdout
+
+
+def test_the_state_count_of_a_known_capture_made_through_the_target(
+        tmp_path: Path, loopdev: str) -> None:
+    """The host test's eight records, made for real: two direct writes, a flush
+    (fsync of the device), two writes, a mark, a FUA write (O_DIRECT with
+    RWF_DSYNC), a flush.  The enumeration rules give 4 boundaries, 10 states,
+    8 distinct, with the ids the host test names (tests/host/test_crashcheck.py)."""
+    base = tmp_path / "base.img"
+    sh("cp", "--sparse=always", str(Path(sh("losetup", "-nO", "BACK-FILE", loopdev).strip())),
+       str(base))
+    cap = tmp_path / "s.cap"
+    assert cli("wrap", loopdev).returncode == 0
+    try:
+        sh("udevadm", "settle")
+        rec = start_record("traced", cap)
+        buf = mmap.mmap(-1, 4096)  # O_DIRECT wants an aligned buffer
+        fd = os.open("/dev/mapper/traced", os.O_RDWR | os.O_DIRECT)
+        try:
+            def write(sector: int, fill: int, flags: int = 0) -> None:
+                buf[:] = bytes([fill]) * 4096
+                assert os.pwritev(fd, [buf], sector * 512, flags) == 4096
+
+            write(0, 1)
+            write(8, 2)
+            os.fsync(fd)
+            write(16, 3)
+            write(24, 4)
+            assert cli("mark", "traced", "m").returncode == 0
+            write(32, 5, os.RWF_DSYNC)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        assert cli("unwrap", "traced").returncode == 0
+        _, err = rec.communicate(timeout=120)
+        assert rec.returncode == 0, err
+    finally:
+        subprocess.run(["dmsetup", "remove", "traced"], capture_output=True, check=False)
+    r = _crashcheck(base, cap, "true")
+    assert r.returncode == 0, r.stderr
+    assert "4 boundaries, 10 states enumerated, 8 distinct checked: 0 failed" in r.stderr
+    states = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    kinds = {s["boundary"]: s["kind"] for s in states}
+    assert kinds == {0: "flush", 1: "mark", 2: "fua", 3: "flush"}, kinds
+    with CaptureReader(cap) as reader:
+        by_sector = {i.sector: i.seq for i in reader.items()
+                     if isinstance(i, BioRecord) and i.op_name == "write"}
+    s3, s4 = by_sector[16], by_sector[24]
+    assert [s["state"] for s in states] == ["0:all", "1:all", f"1:{s3}", f"1:{s4}", "2:all",
+                                           "2:none", f"2:{s3}", f"2:{s4}"]
