@@ -94,8 +94,10 @@ HOOK = (
     # man-db index rebuild after every package (man still finds pages)
     'echo MODULES=dep > "$1/etc/initramfs-tools/conf.d/imgrement-machine"; '
     'rm -f "$1/var/lib/man-db/auto-update"; '
-    f'chroot "$1" apt-get install -y -q --download-only -t {UPGRADE_SUITE} '
-    f'{" ".join(UPGRADE)}; '
+    # PKG/suite takes only these from backports (-t would prefer backports for
+    # every dependency too: 140 packages, most of the upgrade's time)
+    'chroot "$1" apt-get install -y -q --download-only '
+    + " ".join(f"{p}/{UPGRADE_SUITE}" for p in UPGRADE) + '; '
     f'mkdir -p "$1{UPGRADE_DEBS}"; '
     f'mv "$1"/var/cache/apt/archives/*.deb "$1{UPGRADE_DEBS}/"'
 )
