@@ -96,6 +96,7 @@ HOOK = (
     'rm -f "$1/var/lib/man-db/auto-update"; '
     # PKG/suite takes only these from backports (-t would prefer backports for
     # every dependency too: 140 packages, most of the upgrade's time)
+    'rm -f "$1"/var/cache/apt/archives/*.deb; '  # the base system's own, still there
     'chroot "$1" apt-get install -y -q --download-only '
     + " ".join(f"{p}/{UPGRADE_SUITE}" for p in UPGRADE) + '; '
     f'mkdir -p "$1{UPGRADE_DEBS}"; '
