@@ -56,13 +56,43 @@ def unit_state(unit: str) -> str:
     return r.stdout.strip()
 
 
-def inert() -> None:
-    """No policy: a hot-added disk starts no unit and is not wrapped."""
+def hot_add() -> str:
+    """Load scsi_debug with no host, add one: the new disk's kernel name."""
     sh("modprobe", "scsi_debug", "add_host=0", "dev_size_mb=32")
     before = disks()
     (SCSI_DEBUG / "add_host").write_text("1\n")
     wait(lambda: disks() - before, "the hot-added scsi_debug disk")
     (new,) = disks() - before
+    return new
+
+
+def traced_write(dev: api.TracedDevice, offset: int, data: bytes) -> BioRecord:
+    """One O_DIRECT write of ``data`` (4096 bytes) through ``dev``, and its record,
+    read up to a mark set after it; the only record of this process's I/O."""
+    with dev.records() as reader:
+        reader.read(timeout=1)
+        aligned = mmap.mmap(-1, 4096)  # O_DIRECT wants a page-aligned buffer
+        aligned.write(data)
+        fd = os.open(dev.node, os.O_WRONLY | os.O_DIRECT)
+        try:
+            os.pwrite(fd, aligned, offset)
+        finally:
+            os.close(fd)
+            aligned.close()
+        seq = dev.mark("end")
+        items: list[object] = []
+        end = time.monotonic() + 30
+        while not any(isinstance(i, MarkRecord) and i.seq == seq for i in items):
+            assert time.monotonic() < end, "the mark never arrived"
+            items += reader.read(timeout=1)
+    mine = [i for i in items if isinstance(i, BioRecord) and i.pid == os.getpid()]
+    assert len(mine) == 1, mine
+    return mine[0]
+
+
+def inert() -> None:
+    """No policy: a hot-added disk starts no unit and is not wrapped."""
+    new = hot_add()
     sh("udevadm", "settle")
     time.sleep(3)
     units = sh("systemctl", "list-units", "--all", "--no-legend", "imgrement-autowrap@*")
@@ -75,11 +105,7 @@ def inert() -> None:
 
 
 def main() -> None:
-    sh("modprobe", "scsi_debug", "add_host=0", "dev_size_mb=32")
-    before = disks()
-    (SCSI_DEBUG / "add_host").write_text("1\n")
-    wait(lambda: disks() - before, "the hot-added scsi_debug disk")
-    (new,) = disks() - before
+    new = hot_add()
     unit = f"imgrement-autowrap@{new}.service"
     wait(lambda: traced(), f"{unit} to wrap /dev/{new}")
     (name,) = traced()
@@ -90,25 +116,7 @@ def main() -> None:
 
     dev = api.TracedDevice.find(name)
     data = bytes(range(256)) * 16
-    with dev.records() as reader:
-        reader.read(timeout=1)
-        aligned = mmap.mmap(-1, 4096)  # O_DIRECT wants a page-aligned buffer
-        aligned.write(data)
-        fd = os.open(dev.node, os.O_WRONLY | os.O_DIRECT)
-        try:
-            os.pwrite(fd, aligned, 8 * 4096)
-        finally:
-            os.close(fd)
-            aligned.close()
-        seq = dev.mark("end")
-        items: list[object] = []
-        end = time.monotonic() + 30
-        while not any(isinstance(i, MarkRecord) and i.seq == seq for i in items):
-            assert time.monotonic() < end, "the mark never arrived"
-            items += reader.read(timeout=1)
-    mine = [i for i in items if isinstance(i, BioRecord) and i.pid == os.getpid()]
-    assert len(mine) == 1, mine
-    w = mine[0]
+    w = traced_write(dev, 8 * 4096, data)
     assert (w.op_name, w.sector, w.size) == ("write", 64, 4096), (w.op_name, w.sector, w.size)
     assert bytes(w.payload) == data
     print("ok: records flow: one write, sector 64, 4096 bytes, payload byte for byte")
