@@ -19,6 +19,7 @@ from imgrement_dm.api import (
 )
 from imgrement_dm.errors import ImgrementError
 from imgrement_dm.records import BioRecord, Drop, MarkRecord, RecordReader
+from imgrement_dm.recording import Recorded, record
 
 __all__ = [
     "BioRecord",
@@ -26,10 +27,12 @@ __all__ = [
     "ImgrementError",
     "MarkRecord",
     "RecordReader",
+    "Recorded",
     "Status",
     "TracedDevice",
     "list_devices",
     "mark",
+    "record",
     "set_capture",
     "set_overflow",
     "status",

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from imgrement_dm import api, devices
-from imgrement_dm.errors import ImgrementError
+from imgrement_dm.errors import ImgrementError, PolicyError
 
 DEFAULT_CONF = Path("/etc/imgrement-dm/autowrap.conf")
 #: kernel name -> the traced device made for it, so the mapping can be found
@@ -42,12 +42,6 @@ NEVER_FS = {
     "ddf_raid_member": "a RAID member",
     "isw_raid_member": "a RAID member",
 }
-
-
-class PolicyError(ImgrementError):
-    """The autowrap policy file is missing or invalid."""
-
-    exit_code = 12
 
 
 @dataclass(frozen=True)
@@ -140,7 +134,11 @@ def _props_of(devnode: str) -> tuple[dict[str, str], Path]:
 
 def handle(devnode: str, policy: Policy) -> Decision:
     """Apply the policy to ``devnode`` (called by the service and the watcher)."""
-    props, sysfs = _props_of(devnode)
+    try:
+        props, sysfs = _props_of(devnode)
+    except ImgrementError as e:  # gone again before we looked (hot-add, hot-remove)
+        _log(f"not wrapping {devnode}: {e}")
+        return Decision(False, str(e))
     decision = decide(props, policy, sysfs=sysfs)
     if not decision.wrap:
         _log(f"not wrapping {devnode}: {decision.reason}")
@@ -155,6 +153,35 @@ def handle(devnode: str, policy: Policy) -> Decision:
     (STATE_DIR / os.path.basename(devnode)).write_text(decision.name + "\n")
     _log(f"wrapped {devnode} as /dev/mapper/{decision.name} ({decision.reason})")
     return decision
+
+
+@dataclass(frozen=True)
+class Wrapped:
+    """One disk the watcher or the service wrapped, from the state folder."""
+
+    devnode: str
+    name: str
+    present: bool  # the mapping still exists
+
+
+def wrapped() -> list[Wrapped]:
+    """The disks autowrap wrapped and has not released (its own record of them,
+    not every device whose name starts with traced-)."""
+    try:
+        states = sorted(STATE_DIR.iterdir())
+    except FileNotFoundError:
+        return []
+    if not states:
+        return []
+    live = {d.name for d in api.list_devices()}
+    out = []
+    for state in states:
+        try:
+            name = state.read_text().strip()
+        except OSError:
+            continue  # released while we looked
+        out.append(Wrapped(f"/dev/{state.name}", name, name in live))
+    return out
 
 
 def release(devnode: str) -> str | None:
@@ -184,7 +211,11 @@ def watch(policy: Policy, *, ready: Any = None) -> None:
     if ready is not None:
         ready()
     for device in iter(monitor.poll, None):
-        if device.action == "add" and device.device_node:
-            handle(device.device_node, policy)
-        elif device.action == "remove" and device.device_node:
-            release(device.device_node)
+        try:
+            if device.action == "add" and device.device_node:
+                handle(device.device_node, policy)
+            elif device.action == "remove" and device.device_node:
+                release(device.device_node)
+        except Exception as e:  # one disk's trouble must not stop the watcher
+            _log(f"{device.action} of {device.device_node}: {type(e).__name__}: {e}; "
+                 "going on")

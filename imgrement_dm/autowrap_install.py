@@ -9,9 +9,14 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from imgrement_dm import api, resources
 from imgrement_dm import autowrap as aw
-from imgrement_dm.errors import ImgrementError, NotRootError
+from imgrement_dm import resources
+from imgrement_dm.errors import (
+    ImgrementError,
+    MissingResourceError,
+    NotRootError,
+    PolicyError,
+)
 
 RULES = Path(os.environ.get("IMGREMENT_UDEV_RULES_DIR", "/etc/udev/rules.d"))
 UNITS = Path(os.environ.get("IMGREMENT_SYSTEMD_DIR", "/etc/systemd/system"))
@@ -26,8 +31,8 @@ def _source(name: str) -> Path:
     """The shipped copy of the rule or unit (see imgrement_dm.resources)."""
     try:
         return resources.data_file(name)
-    except resources.MissingResourceError as e:
-        raise aw.PolicyError(str(e)) from None
+    except MissingResourceError as e:
+        raise PolicyError(str(e)) from None
 
 
 def _bindir() -> str:
@@ -143,8 +148,8 @@ def status() -> Iterator[str]:
         policy = aw.Policy.load(conf)
         rules = ", ".join(f"{k} = {v}" for k, v in policy.match.items())
         yield f"policy: {conf}: {rules}"
-    except aw.PolicyError as e:
+    except PolicyError as e:
         yield f"policy: {e}"
-    for d in api.list_devices():
-        if d.name.startswith("traced-"):
-            yield f"wrapped: /dev/mapper/{d.name}"
+    for w in aw.wrapped():
+        gone = "" if w.present else " (the mapping is gone: removed by hand?)"
+        yield f"wrapped: {w.devnode} as /dev/mapper/{w.name}{gone}"

@@ -18,17 +18,17 @@ from typing import Any, TypeVar
 
 import click
 
-from imgrement_dm import api, format, increment, resources
+from imgrement_dm import api, increment, recording, render, resources
 from imgrement_dm import autowrap as aw
 from imgrement_dm import autowrap_install as aw_install
 from imgrement_dm import crashcheck as crash
-from imgrement_dm.errors import ImgrementError
+from imgrement_dm.errors import ImgrementError, IncrementError
 from imgrement_dm.formats import export as export_fmt
 from imgrement_dm.formats import files
-from imgrement_dm.formats.capture import CaptureReader, write_capture
+from imgrement_dm.formats.capture import CaptureReader
 from imgrement_dm.layout import OPS
 from imgrement_dm.output import atomic_output, atomic_path, check_writable
-from imgrement_dm.records import STREAM_MAGIC, BioRecord, Drop, Item, RecordReader
+from imgrement_dm.records import BioRecord, Drop, Item, RecordReader
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -90,7 +90,7 @@ def wrap(device: str, name: str, capture: str | None, buffer_kb: int | None,
     traced = api.wrap(device, name=name, capture=capture, buffer_kb=buffer_kb, log=log,
                       overflow=overflow, wait_ms=wait_ms)
     if as_json:
-        click.echo(format.dumps({"name": traced.name, "node": str(traced.node),
+        click.echo(render.dumps({"name": traced.name, "node": str(traced.node),
                                  "uuid": traced.uuid, "dev": f"{traced.major}:{traced.minor}",
                                  "device": device}))
         return
@@ -125,7 +125,7 @@ def list_cmd(all_devices: bool, as_json: bool) -> None:
                 "status": [t.line() for t in d.status],
             }))
         return
-    for line in format.device_rows(found):
+    for line in render.device_rows(found):
         click.echo(line)
 
 
@@ -136,9 +136,9 @@ def status(name: str, as_json: bool) -> None:
     """Counters and settings of the traced device NAME."""
     st = api.status(name)
     if as_json:
-        click.echo(format.dumps({"name": name, **st.__dict__}))
+        click.echo(render.dumps({"name": name, **st.__dict__}))
         return
-    for line in format.status_lines(name, st):
+    for line in render.status_lines(name, st):
         click.echo(line)
 
 
@@ -149,7 +149,7 @@ def status(name: str, as_json: bool) -> None:
 def mark(name: str, label: str, as_json: bool) -> None:
     """Put a mark LABEL into the record stream of NAME; prints its sequence number."""
     seq = api.mark(name, label)
-    click.echo(format.dumps({"name": name, "label": label, "seq": seq}) if as_json else seq)
+    click.echo(render.dumps({"name": name, "label": label, "seq": seq}) if as_json else seq)
 
 
 @main.command()
@@ -198,28 +198,6 @@ def _until_interrupted() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
-def _waits(reader: RecordReader, duration: float | None) -> Iterator[float]:
-    """Read timeouts (1 s at most) until the stream ends or ``duration`` passes."""
-    deadline = None if duration is None else time.monotonic() + duration
-    while not reader.eof:
-        if deadline is None:
-            yield 1.0
-            continue
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return
-        yield min(left, 1.0)
-
-
-def _items(source: Iterator[Item] | RecordReader, *, duration: float | None) -> Iterator[Item]:
-    """Items of a file, or of a live stream until it ends or ``duration`` passes."""
-    if not isinstance(source, RecordReader):
-        yield from source
-        return
-    for wait in _waits(source, duration):
-        yield from source.read(timeout=wait)
-
-
 def _sector_range(text: str | None) -> tuple[int, int] | None:
     if text is None:
         return None
@@ -227,15 +205,6 @@ def _sector_range(text: str | None) -> tuple[int, int] | None:
     if not sep or not lo.isdigit() or not hi.isdigit() or int(lo) > int(hi):
         raise click.BadParameter(f"{text!r} is not a range START-END of sectors, e.g. 0-2047")
     return int(lo), int(hi)
-
-
-def _store_raw(reader: RecordReader, save: Any, duration: float | None) -> None:
-    save.write(STREAM_MAGIC)
-    for wait in _waits(reader, duration):
-        # Whole records (the kernel never splits one), stored as they
-        # are: checking each header here in Python cost a CPU under load.
-        # They are checked when the file is read back.
-        save.write(reader.read_view(timeout=wait))
 
 
 @main.command()
@@ -280,7 +249,7 @@ def trace(name: str | None, from_file: Path | None, as_json: bool, hexdump: bool
             if save is not None and isinstance(source, RecordReader):
                 if quiet and not (ops or rng or count):
                     # Only storing: whole records copied through unchecked.
-                    _store_raw(source, save, duration)
+                    recording.store_raw(source, save, duration)
                     return
                 source.save_to(save)
             _show(source, as_json=as_json, hexdump=hexdump, quiet=quiet, ops=ops, rng=rng,
@@ -294,8 +263,8 @@ def _show(source: Iterator[Item] | RecordReader, *, as_json: bool, hexdump: bool
     t0 = time.clock_gettime_ns(time.CLOCK_MONOTONIC) if live else None
     shown = 0
     if not as_json and not quiet:
-        click.echo(format.TRACE_HEADER)
-    for item in _items(source, duration=duration):
+        click.echo(render.TRACE_HEADER)
+    for item in recording.items(source, duration=duration):
         if isinstance(item, BioRecord):
             if ops and item.op_name not in ops:
                 continue
@@ -308,9 +277,9 @@ def _show(source: Iterator[Item] | RecordReader, *, as_json: bool, hexdump: bool
             shown += 1
         if not quiet:
             if as_json:
-                click.echo(format.dumps(format.item_json(item, with_payload=hexdump)))
+                click.echo(render.dumps(render.item_json(item, with_payload=hexdump)))
             else:
-                click.echo(format.trace_line(item, t0 or 0, hexdump=hexdump))
+                click.echo(render.trace_line(item, t0 or 0, hexdump=hexdump))
         if count is not None and shown >= count:
             break
 
@@ -329,14 +298,14 @@ def stats(name: str | None, from_file: Path | None, duration: float | None,
 
     From a file, or live until the device goes, --duration, or Ctrl-C.
     """
-    st = format.Stats()
+    st = render.Stats()
     with _reader(name, from_file) as source, _until_interrupted():
-        for item in _items(source, duration=duration):
+        for item in recording.items(source, duration=duration):
             st.add(item)
     if as_json:
-        click.echo(format.dumps(st.as_json()))
+        click.echo(render.dumps(st.as_json()))
         return
-    for line in format.stats_lines(st):
+    for line in render.stats_lines(st):
         click.echo(line)
 
 
@@ -414,43 +383,26 @@ def record(name: str, output: Path, duration: float | None, quiet: bool,
     renames FILE.part to FILE. A progress line on stderr shows records,
     bytes, drops and the rate.
     """
-    check_writable(output)
-    dev = api.TracedDevice.find(name)
-    sectors = dev.table().length
-    began = last = time.monotonic()
-    with RecordReader.live(name) as reader, write_capture(output, name, sectors) as writer, \
-            _lossless(name, not allow_drops), _until_interrupted():
-        for wait in _waits(reader, duration):
-            writer.add(reader.read_view(timeout=wait))
-            if not quiet and time.monotonic() - last >= 1:
-                last = time.monotonic()
-                rate = writer.records / max(last - began, 1e-9)
-                click.echo(f"\rrecords {writer.records}, bytes {writer.bytes}, "
-                           f"drops {writer.drops}, {rate:.0f} records/s   ",
-                           err=True, nl=False)
+    def show(r: recording.Recorded) -> None:
+        rate = r.records / max(r.seconds, 1e-9)
+        click.echo(f"\rrecords {r.records}, bytes {r.bytes}, drops {r.drops}, "
+                   f"{rate:.0f} records/s   ", err=True, nl=False)
+
+    done = None
+    with _until_interrupted():  # SIGTERM as Ctrl-C: record() ends cleanly on either
+        done = recording.record(name, output, duration=duration, allow_drops=allow_drops,
+                                progress=None if quiet else show)
+    if done is None:  # interrupted before the recording began: nothing was written
+        sys.exit(130)
     if not quiet:
-        click.echo(f"\rrecords {writer.records}, bytes {writer.bytes}, drops {writer.drops}: "
+        click.echo(f"\rrecords {done.records}, bytes {done.bytes}, drops {done.drops}: "
                    f"{output}", err=True)
-    if writer.drops:
+    if done.drops:
         why = ("use a larger --buffer-kb, or record without --allow-drops" if allow_drops else
                "the recorder stalled longer than the device's wait_ms, or the device was "
                "switched to drop")
-        click.echo(f"imgrement-dm: warning: {writer.drops} record(s) were dropped ({why}); "
+        click.echo(f"imgrement-dm: warning: {done.drops} record(s) were dropped ({why}); "
                    "apply and replay will refuse this capture", err=True)
-
-
-@contextlib.contextmanager
-def _lossless(name: str, wanted: bool) -> Iterator[None]:
-    """The device in wait mode while the block runs, if it was not, and back after."""
-    switch = wanted and api.status(name).overflow == "drop"
-    if switch:
-        api.set_overflow(name, "wait")
-    try:
-        yield
-    finally:
-        if switch:
-            with contextlib.suppress(ImgrementError):  # unwrapped meanwhile: nothing to undo
-                api.set_overflow(name, "drop")
 
 
 @main.command("apply")
@@ -549,7 +501,7 @@ def crashcheck(capture_file: Path, base: Path, check: tuple[str, ...], max_state
 
     def show(r: crash.Result) -> None:
         if as_json:
-            click.echo(format.dumps({"state": r.state.id, "boundary": r.state.boundary.index,
+            click.echo(render.dumps({"state": r.state.id, "boundary": r.state.boundary.index,
                                      "kind": r.state.boundary.kind,
                                      "record": r.state.boundary.seq,
                                      "kept": r.state.kept, "exit": r.code,
@@ -620,14 +572,14 @@ def diff(capture_file: Path, until_mark: str | None, fmt_name: str, as_json: boo
     found = increment.extents(capture_file, _stop_at(until_mark), force=force)
     fmt_name = "json" if as_json else fmt_name
     if fmt_name == "json":
-        click.echo(format.dumps([[a, n] for a, n in found.spans]))
+        click.echo(render.dumps([[a, n] for a, n in found.spans]))
     elif fmt_name == "bytes":
         for a, n in found.spans:
             click.echo(f"{a * 512} {n * 512}")
     elif fmt_name == "qemu-map":
         with CaptureReader(capture_file) as reader:
             size = reader.sectors * 512
-        click.echo(format.dumps(increment.qemu_map(found.spans, size)))
+        click.echo(render.dumps(increment.qemu_map(found.spans, size)))
     else:
         for a, n in found.spans:
             click.echo(f"{a}+{n}")
@@ -662,7 +614,7 @@ def export(capture_file: Path, fmt_name: str, output: Path, device: str, payload
         missing = sum(isinstance(i, BioRecord) and i.op_name == "write"
                       and not i.has_payload for i in items)
         if missing or info.drops:
-            raise increment.IncrementError(
+            raise IncrementError(
                 f"{capture_file} lacks data ({missing} writes without payload, "
                 f"{info.drops} drops): a log-writes log must hold every write"
             )

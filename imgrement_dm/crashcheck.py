@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imgrement_dm import increment
+from imgrement_dm.errors import CrashCheckError
 from imgrement_dm.formats import files
 from imgrement_dm.formats.capture import CaptureReader
 from imgrement_dm.records import BioRecord, Drop, Item, MarkRecord
@@ -83,10 +84,6 @@ class State:
         kept = n if self.kept is None else len(self.kept)
         return (f"state {self.id}: {self.boundary.describe()}, {kept} of {n} unflushed "
                 f"write(s) kept")
-
-
-class CrashCheckError(increment.IncrementError):
-    """The capture cannot be explored as asked."""
 
 
 def boundaries(items: Iterable[Item]) -> list[Boundary]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imgrement_dm import devices
-from imgrement_dm.errors import ImgrementError
+from imgrement_dm.errors import IncrementError
 from imgrement_dm.formats import files, qcow2
 from imgrement_dm.formats.capture import CaptureReader
 from imgrement_dm.layout import FLAGS
@@ -27,12 +27,6 @@ FUA_FLAG = next(bit for bit, name in FLAGS.items() if name == "fua")
 PREFLUSH_FLAG = next(bit for bit, name in FLAGS.items() if name == "preflush")
 CHANGING_OPS = {"write", "write-zeroes", "discard", "secure-erase"}
 ZERO = bytes(1 << 20)
-
-
-class IncrementError(ImgrementError):
-    """The capture cannot be used as asked."""
-
-    exit_code = 11
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from imgrement_dm.errors import ImgrementError
+from imgrement_dm.errors import OutputError
 
 _HINTS = {
     errno.ENOENT: "the directory does not exist: create it or choose another path",
@@ -35,12 +35,6 @@ _HINTS = {
     errno.EFBIG: "the file is too large for this file system: write elsewhere",
     errno.ENAMETOOLONG: "the name is too long: choose a shorter one",
 }
-
-
-class OutputError(ImgrementError):
-    """An output file cannot be written where the user asked."""
-
-    exit_code = 13
 
 
 def output_error(path: Path, err: OSError) -> OutputError:

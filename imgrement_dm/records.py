@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeVar, Union
 
 from imgrement_dm import layout
-from imgrement_dm.errors import ImgrementError
+from imgrement_dm.errors import StreamError
 from imgrement_dm.window import UNSUPPORTED, MappedStream
 
 DEBUGFS = Path("/sys/kernel/debug")
@@ -35,12 +35,6 @@ _HDR = layout.HEADER
 _BIO = layout.BIO
 _SEG = layout.SEGMENT
 _MARK = layout.MARK
-
-
-class StreamError(ImgrementError):
-    """The record stream cannot be opened or is not a valid stream."""
-
-    exit_code = 9
 
 
 @dataclass(frozen=True)

@@ -11,14 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from imgrement_dm.errors import ImgrementError
+from imgrement_dm.errors import MissingResourceError
 
 PACKAGE = Path(__file__).resolve().parent
 CHECKOUT = PACKAGE.parent
-
-
-class MissingResourceError(ImgrementError):
-    """A file the package should carry is nowhere to be found."""
 
 
 def _candidates(name: str) -> list[Path]:

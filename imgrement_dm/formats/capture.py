@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from imgrement_dm import layout
-from imgrement_dm.errors import ImgrementError
+from imgrement_dm.errors import CaptureError, StreamError
 from imgrement_dm.output import atomic_output
-from imgrement_dm.records import Drop, Item, Record, StreamError, _Gaps, decode, scan
+from imgrement_dm.records import Drop, Item, Record, _Gaps, decode, scan
 
 MAGIC = b"IMGRCAP1"
 FORMAT_VERSION = 1
@@ -36,12 +36,6 @@ _HEADER = struct.Struct("<8sIIQQ32sI")  # magic, version, record version, sector
 _HEADER_SIZE = 96  # the struct, then zeros (room to grow)
 _CHUNK = struct.Struct("<4sIII")  # tag, payload bytes, records, crc32(payload)
 _TRAILER = struct.Struct("<4sQQqI")  # tag, records, drops, last seq (-1: none), crc32
-
-
-class CaptureError(ImgrementError):
-    """A capture file is missing, truncated, corrupted or not a capture."""
-
-    exit_code = 9
 
 
 @dataclass(frozen=True)

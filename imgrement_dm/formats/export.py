@@ -17,8 +17,7 @@ import struct
 from collections.abc import Iterable
 from typing import BinaryIO
 
-from imgrement_dm import format as fmt
-from imgrement_dm import layout
+from imgrement_dm import layout, render
 from imgrement_dm._kernel_ffi import lib
 from imgrement_dm.records import BioRecord, Drop, Item, MarkRecord
 
@@ -136,6 +135,6 @@ def log_writes(items: Iterable[Item], out: BinaryIO) -> int:
 def jsonl(items: Iterable[Item], out: BinaryIO, *, with_payload: bool = False) -> int:
     n = 0
     for item in items:
-        out.write(fmt.dumps(fmt.item_json(item, with_payload=with_payload)).encode() + b"\n")
+        out.write(render.dumps(render.item_json(item, with_payload=with_payload)).encode() + b"\n")
         n += 1
     return n

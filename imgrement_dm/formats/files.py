@@ -15,9 +15,10 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
+from imgrement_dm.errors import CaptureError, StreamError
 from imgrement_dm.formats.capture import MAGIC as CAPTURE_MAGIC
-from imgrement_dm.formats.capture import CaptureError, CaptureReader
-from imgrement_dm.records import STREAM_MAGIC, Item, RecordReader, StreamError
+from imgrement_dm.formats.capture import CaptureReader
+from imgrement_dm.records import STREAM_MAGIC, Item, RecordReader
 
 CAPTURE = "capture"
 STREAM = "stream"

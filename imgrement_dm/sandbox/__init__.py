@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from imgrement_dm.sandbox.kernels import DEFAULT_KERNEL, SUITES, SandboxError, build_module, prepare
+from imgrement_dm.errors import SandboxError
+from imgrement_dm.sandbox.kernels import DEFAULT_KERNEL, SUITES, build_module, prepare
 from imgrement_dm.sandbox.vm import GuestRun, parse_size, run
 
 __all__ = ["DEFAULT_KERNEL", "SUITES", "SandboxError", "parse_size", "run_command", "target_source"]

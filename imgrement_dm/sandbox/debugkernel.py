@@ -21,9 +21,9 @@ import shutil
 from importlib import resources
 from pathlib import Path
 
+from imgrement_dm.errors import SandboxError
 from imgrement_dm.sandbox.kernels import (
     Kernel,
-    SandboxError,
     _locked,
     _run,
     _say,

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from imgrement_dm.errors import ImgrementError
+from imgrement_dm.errors import SandboxError
 
 #: Kernel series we support, by the Debian suite that ships it.
 SUITES: dict[str, str] = {
@@ -34,12 +34,6 @@ DEFAULT_KERNEL = "6.1"
 #: The kernel built with KASAN, lockdep and friends (debugkernel.py).
 DEBUG_KERNEL = "debug"
 ARCH = "amd64"
-
-
-class SandboxError(ImgrementError):
-    """The sandbox could not be prepared or run."""
-
-    exit_code = 10
 
 
 @dataclass(frozen=True)

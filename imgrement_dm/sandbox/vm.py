@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from imgrement_dm.sandbox.kernels import Kernel, SandboxError
+from imgrement_dm.errors import SandboxError
+from imgrement_dm.sandbox.kernels import Kernel
 
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 

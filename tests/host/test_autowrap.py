@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from imgrement_dm import autowrap as aw
 from imgrement_dm import autowrap_install as aw_install
 from imgrement_dm.autowrap_install import unit_text
+from imgrement_dm.errors import PolicyError
 
 POLICY = aw.Policy(match={"ID_BUS": "usb", "ID_SERIAL": "WDC_*", "KERNEL": "sdz"})
 
@@ -62,13 +64,13 @@ def test_names_are_deterministic_and_valid() -> None:
 
 def test_policy_file(tmp_path: Path) -> None:
     conf = tmp_path / "autowrap.conf"
-    with pytest.raises(aw.PolicyError, match="no autowrap policy"):
+    with pytest.raises(PolicyError, match="no autowrap policy"):
         aw.Policy.load(conf)
     conf.write_text("[options]\ncapture = all\n")
-    with pytest.raises(aw.PolicyError, match="has no \\[match\\] rules"):
+    with pytest.raises(PolicyError, match="has no \\[match\\] rules"):
         aw.Policy.load(conf)
     conf.write_text("[match]\nID_MODEL = scsi_debug\n[options]\ncapture = bogus\n")
-    with pytest.raises(aw.PolicyError, match="capture must be"):
+    with pytest.raises(PolicyError, match="capture must be"):
         aw.Policy.load(conf)
     conf.write_text("[match]\nID_MODEL = scsi_debug\n[options]\ncapture = all\nbuffer_kb = 4096\n")
     assert aw.Policy.load(conf) == aw.Policy({"ID_MODEL": "scsi_debug"}, "all", 4096)
@@ -92,6 +94,7 @@ def dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
     monkeypatch.setattr(aw_install, "PACKAGED_RULES", found["lib-rules"])
     monkeypatch.setattr(aw_install, "_reload", lambda: iter(()))
     monkeypatch.setattr("imgrement_dm.api.list_devices", list)
+    monkeypatch.setattr(aw, "STATE_DIR", tmp_path / "state")
     monkeypatch.setenv("IMGREMENT_AUTOWRAP_CONF", str(tmp_path / "none.conf"))
     return found
 
@@ -131,3 +134,19 @@ def test_a_packaged_rule_is_masked_and_unmasked(dirs: dict[str, Path]) -> None:
     assert not mask.exists() and not mask.is_symlink()
     assert not dirs["etc-units"].exists()  # the packaged unit serves
     assert _state() == f"autowrap: enabled ({packaged}, from the package)"
+
+
+def test_status_lists_what_autowrap_wrapped_not_every_traced_name(
+    dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert not [line for line in aw_install.status() if line.startswith("wrapped:")]
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "sdc").write_text("traced-SER1\n")
+    (state / "sdd").write_text("traced-SER2\n")
+    live = [SimpleNamespace(name="traced-SER1"), SimpleNamespace(name="traced-byhand")]
+    monkeypatch.setattr("imgrement_dm.api.list_devices", lambda: live)
+    assert [line for line in aw_install.status() if line.startswith("wrapped:")] == [
+        "wrapped: /dev/sdc as /dev/mapper/traced-SER1",
+        "wrapped: /dev/sdd as /dev/mapper/traced-SER2 (the mapping is gone: removed by hand?)",
+    ]

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from imgrement_dm import increment
+from imgrement_dm.errors import CaptureError, IncrementError
 from imgrement_dm.formats import export
-from imgrement_dm.formats.capture import CaptureError, CaptureReader, write_capture
+from imgrement_dm.formats.capture import CaptureReader, write_capture
 from imgrement_dm.records import BioRecord, Drop, MarkRecord
 from tests.host import streams
 
@@ -83,7 +84,7 @@ def test_capture_round_trip_and_apply(tmp_path: Path) -> None:
     assert data[100 * 512 : 100 * 512 + 4096] == b"C" * 4096  # the FUA write itself
     assert data[2 * 512 : 4 * 512] == b"B" * 1024  # submitted before it
     assert data[200 * 512 : 216 * 512] == b"\xee" * 8192  # after it: not replayed
-    with pytest.raises(increment.IncrementError, match="has no mark 'nope'"):
+    with pytest.raises(IncrementError, match="has no mark 'nope'"):
         increment.apply(base, cap, out, increment.StopAt(mark="nope"))
 
 
@@ -116,7 +117,7 @@ def test_drops_refuse_apply_unless_forced(tmp_path: Path) -> None:
     assert Drop(1, 2) in items
     base = tmp_path / "b.img"
     base.write_bytes(bytes(2048 * 512))
-    with pytest.raises(increment.IncrementError, match="lost 2 record"):
+    with pytest.raises(IncrementError, match="lost 2 record"):
         increment.apply(base, cap, tmp_path / "o.img")
     increment.apply(base, cap, tmp_path / "o.img", force=True)
 
@@ -125,7 +126,7 @@ def test_meta_captures_cannot_be_applied(tmp_path: Path) -> None:
     cap = _capture(tmp_path, [streams.bio(0, op=W, size=4096, segments=[(4096, 0, 0)])])
     base = tmp_path / "b.img"
     base.write_bytes(bytes(2048 * 512))
-    with pytest.raises(increment.IncrementError, match="without their data"):
+    with pytest.raises(IncrementError, match="without their data"):
         increment.apply(base, cap, tmp_path / "o.img")
 
 

@@ -79,3 +79,42 @@ def test_good_names(name: str) -> None:
 def test_bad_names(name: str) -> None:
     with pytest.raises(InvalidNameError, match="invalid device name"):
         dm.check_name(name)
+
+
+def test_the_table_reason_is_this_devices_line_not_the_last_one() -> None:
+    """Two tables refused at once: each device gets its own line of the log."""
+    lines = [
+        "device-mapper: table: 253:0: imgrement: Invalid capture mode",
+        "device-mapper: ioctl: error adding target to table",
+        "device-mapper: table: 253:10: linear: Device lookup failed (-ENXIO)",
+        "device-mapper: table: 253:1: imgrement: Buffer size out of range",
+        "device-mapper: ioctl: error adding target to table",
+    ]
+    assert dm.table_reason(lines, 253, 0) == lines[0]
+    assert dm.table_reason(lines, 253, 1) == lines[3]
+    assert dm.table_reason(lines, 253, 10) == lines[2]  # not 253:1's line
+    assert dm.table_reason(lines, 253, 2) is None
+
+
+def test_errors_are_also_the_builtin_a_script_expects() -> None:
+    import errno
+
+    from imgrement_dm import errors
+
+    e = errors.DeviceMapperError("DM_TABLE_LOAD", errno.EINVAL, "why")
+    assert isinstance(e, OSError) and e.errno == errno.EINVAL
+    assert str(e) == "device-mapper DM_TABLE_LOAD failed: EINVAL (Invalid argument): why"
+    assert isinstance(errors.NoSuchMappingError("x"), LookupError)
+    assert isinstance(errors.NotRootError("x"), PermissionError)
+    assert isinstance(errors.DeviceNotFoundError("x"), FileNotFoundError)
+    assert isinstance(errors.NameTakenError("x"), FileExistsError)
+    assert isinstance(errors.UdevTimeoutError("x"), TimeoutError)
+    assert isinstance(errors.InvalidNameError("x"), ValueError)
+    # every exit-code error is in errors.py, so the list there is the whole list
+    import imgrement_dm.cli  # noqa: F401  (imports every module that raises)
+
+    todo: list[type[errors.ImgrementError]] = [errors.ImgrementError]
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        assert cls.__module__ == "imgrement_dm.errors", cls

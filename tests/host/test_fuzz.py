@@ -19,9 +19,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from imgrement_dm import layout
+from imgrement_dm.errors import CaptureError, StreamError
 from imgrement_dm.formats import files
-from imgrement_dm.formats.capture import CaptureError, CaptureReader, write_capture
-from imgrement_dm.records import STREAM_MAGIC, BioRecord, StreamError, decode, scan
+from imgrement_dm.formats.capture import CaptureReader, write_capture
+from imgrement_dm.records import STREAM_MAGIC, BioRecord, decode, scan
 from tests.host import streams
 
 #: Far more than any reader needs for inputs of a few KiB, far less than a

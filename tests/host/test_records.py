@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from imgrement_dm import format as fmt
-from imgrement_dm import layout
+from imgrement_dm import layout, render
+from imgrement_dm.errors import StreamError
 from imgrement_dm.records import (
     STREAM_MAGIC,
     BioRecord,
@@ -17,7 +17,6 @@ from imgrement_dm.records import (
     MarkRecord,
     RecordReader,
     Segment,
-    StreamError,
     decode,
 )
 from tests.host import streams
@@ -131,18 +130,18 @@ def test_trace_line_and_json() -> None:
     (r,), _ = decode(streams.bio(3, sector=2048, op=1, flags=1 | 4,
                                  segments=[(4096, 0, 2048)], payload=b"\xab" * 4096,
                                  submit_ns=1_000_000_000, complete_ns=1_000_250_000))
-    line = fmt.trace_line(r, t0=0)
+    line = render.trace_line(r, t0=0)
     assert line.split() == ["3", "1.000000", "fio", "42", "W", "FS", "2048", "+", "8",
                             "1", "250.0", "ok"]
-    assert "ab ab ab" in fmt.trace_line(r, t0=0, hexdump=True)
-    j = fmt.item_json(r)
+    assert "ab ab ab" in render.trace_line(r, t0=0, hexdump=True)
+    j = render.item_json(r)
     assert j["op"] == "write" and j["flags"] == ["fua", "sync"] and "payload" not in j
-    assert fmt.item_json(r, with_payload=True)["payload"] == "ab" * 4096
-    assert "3 record(s) dropped (seq 4..6)" in fmt.trace_line(Drop(4, 3), 0)
+    assert render.item_json(r, with_payload=True)["payload"] == "ab" * 4096
+    assert "3 record(s) dropped (seq 4..6)" in render.trace_line(Drop(4, 3), 0)
 
 
 def test_stats_histograms() -> None:
-    st = fmt.Stats()
+    st = render.Stats()
     raw = b"".join(streams.bio(i, op=i % 2, size=4096 << (i % 3), submit_ns=0,
                                complete_ns=1000 * (1 << i)) for i in range(6))
     for r in decode(raw)[0]:
@@ -153,7 +152,7 @@ def test_stats_histograms() -> None:
     assert j["ops"]["read"]["count"] == 3 and j["ops"]["write"]["count"] == 3
     assert j["ops"]["read"]["latency_us_log2"] == {"1": 1, "4": 1, "16": 1}
     assert j["ops"]["write"]["size_bytes_log2"] == {"4096": 1, "8192": 1, "16384": 1}
-    text = "\n".join(fmt.stats_lines(st))
+    text = "\n".join(render.stats_lines(st))
     assert "usecs" in text and "|****" in text
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from imgrement_dm.api import Status
 from imgrement_dm.dm import Target
-from imgrement_dm.errors import ImgrementError
+from imgrement_dm.errors import ImgrementError, SandboxError
 from imgrement_dm.sandbox import debugkernel, kernels
 from imgrement_dm.sandbox.vm import parse_size
 from imgrement_dm.table import ImgrementTable
@@ -57,14 +57,14 @@ def test_parse_size(text: str, size: int) -> None:
 
 @pytest.mark.parametrize("text", ["0", "M", "12X", "-1G", "1000"])
 def test_parse_size_refuses(text: str) -> None:
-    with pytest.raises(kernels.SandboxError, match="invalid disk size"):
+    with pytest.raises(SandboxError, match="invalid disk size"):
         parse_size(text)
 
 
 def test_kernel_names() -> None:
     assert kernels.resolve_series("6.1") == "6.1"
     assert kernels.resolve_series("trixie") == "6.12"
-    with pytest.raises(kernels.SandboxError, match=r"unknown kernel '4\.19'"):
+    with pytest.raises(SandboxError, match=r"unknown kernel '4\.19'"):
         kernels.resolve_series("4.19")
     assert kernels.resolve_series("debug") == "debug"
 
