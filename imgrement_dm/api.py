@@ -32,7 +32,6 @@ from imgrement_dm.errors import (
 )
 from imgrement_dm.records import RecordReader
 from imgrement_dm.table import CAPTURE_MODES, OVERFLOW_POLICIES, TARGET_TYPE, ImgrementTable
-from imgrement_dm.udevsync import NodeSync
 
 UUID_PREFIX = devices.UUID_PREFIX
 MARK_MAX = layout.MARK_MAX
@@ -241,26 +240,20 @@ def wrap(device: str, name: str = DEFAULT_NAME, *, capture: str | None = None,
         _ensure_target(ctl)
         table = replace(options, device=dev.devno, length=dev.sectors)
         dm_uuid = UUID_PREFIX + uuid.uuid4().hex
-        with NodeSync() as sync:
-            info = ctl.create(name, dm_uuid, event_nr=sync.cookie)
-            try:
-                ctl.load_table(name, [table.target()])
-                ctl.resume(name, event_nr=sync.cookie)
-                sync.node_created(name, info.major, info.minor)
-            except BaseException:
-                _remove_quietly(ctl, name, info.major, info.minor)
-                raise
+        info = ctl.create(name, dm_uuid)
+        try:
+            ctl.load_table(name, [table.target()])
+            ctl.resume(name)  # returns when udev is done with the node
+        except BaseException:
+            _remove_quietly(ctl, name)
+            raise
     return TracedDevice(name, dm_uuid, info.major, info.minor, device)
 
 
-def _remove_quietly(ctl: Control, name: str, major: int, minor: int) -> None:
+def _remove_quietly(ctl: Control, name: str) -> None:
     """Undo a half-made wrap; the original error is the one worth reporting."""
-    try:
-        with NodeSync(timeout=10) as sync:
-            ctl.remove(name, event_nr=sync.cookie)
-            sync.node_removed(name, major, minor)
-    except ImgrementError:
-        pass
+    with contextlib.suppress(ImgrementError):
+        ctl.remove(name, timeout=10)
 
 
 def unwrap(name: str, *, deferred: bool = False) -> None:
@@ -276,19 +269,15 @@ def unwrap(name: str, *, deferred: bool = False) -> None:
                 f"/dev/mapper/{name} is open ({info.open_count} user(s)); unmount or close "
                 "it first, or pass --deferred to remove it when the last user closes it"
             )
-        with NodeSync() as sync:
-            _remove_retrying(ctl, name, deferred=deferred, event_nr=sync.cookie)
-            if deferred and info.open_count:
-                return
-            sync.node_removed(name, info.major, info.minor)
+        _remove_retrying(ctl, name, deferred=deferred)
 
 
-def _remove_retrying(ctl: Control, name: str, *, deferred: bool, event_nr: int) -> None:
+def _remove_retrying(ctl: Control, name: str, *, deferred: bool) -> None:
     """DM_DEV_REMOVE, retried while a short-lived opener (udev) holds the device."""
     deadline = time.monotonic() + TRANSIENT_OPEN_WAIT
     while True:
         try:
-            ctl.remove(name, deferred=deferred, event_nr=event_nr)
+            ctl.remove(name, deferred=deferred)
             return
         except DeviceMapperError as e:
             if e.errno != errno.EBUSY or time.monotonic() > deadline:

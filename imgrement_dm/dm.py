@@ -4,7 +4,10 @@ Every command goes through :meth:`Control._ioctl`, which fills the
 ``struct dm_ioctl`` header (its layout comes from ``<linux/dm-ioctl.h>`` via
 cffi), grows the buffer when the kernel sets ``DM_BUFFER_FULL_FLAG``, and
 turns errno into a typed exception.  The methods above it only build payloads
-and parse replies; they know nothing of udev or of our target.
+and parse replies; they know nothing of our target.  The commands that make
+or remove a node (resume, remove) wait for it themselves (udev or, without
+udev, our own mknod), so /dev/mapper/NAME is there, or gone, when they
+return: no caller needs ``udevadm settle``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from imgrement_dm import kmsg
+from imgrement_dm import kmsg, udevsync
 from imgrement_dm._kernel_ffi import ffi, lib
 from imgrement_dm.errors import (
     DeviceMapperError,
@@ -73,6 +76,11 @@ class DeviceInfo:
     @property
     def read_only(self) -> bool:
         return bool(self.flags & lib.DM_READONLY_FLAG)
+
+    @property
+    def uevent_generated(self) -> bool:
+        """Did the ioctl that returned this send a uevent (so udev will act)?"""
+        return bool(self.flags & lib.DM_UEVENT_GENERATED_FLAG)
 
 
 @dataclass(frozen=True)
@@ -149,6 +157,7 @@ class Control:
     """
 
     def __init__(self, path: str = CONTROL_PATH) -> None:
+        self._use_udev: bool | None = None
         try:
             self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -174,6 +183,13 @@ class Control:
         except BaseException:
             os.close(self._fd)
             raise
+
+    @property
+    def use_udev(self) -> bool:
+        """Does udev make our nodes (asked once per Control)?"""
+        if self._use_udev is None:
+            self._use_udev = udevsync.udev_running()
+        return self._use_udev
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -281,10 +297,11 @@ class Control:
         reply = self._ioctl("DM_LIST_DEVICES", buffer_size=INITIAL_BUFFER)
         return list(_parse_name_list(reply.data))
 
-    def create(self, name: str, uuid: str = "", *, event_nr: int = 0) -> DeviceInfo:
-        """DM_DEV_CREATE: a new device with no table."""
+    def create(self, name: str, uuid: str = "") -> DeviceInfo:
+        """DM_DEV_CREATE: a new device with no table (no node until resume)."""
         check_name(name)
-        return self._info(self._ioctl("DM_DEV_CREATE", name=name, uuid=uuid, event_nr=event_nr))
+        return self._info(self._ioctl("DM_DEV_CREATE", name=name, uuid=uuid,
+                                      event_nr=udevsync.cookie(self.use_udev)))
 
     def load_table(self, name: str, targets: list[Target], *, read_only: bool = False) -> None:
         """DM_TABLE_LOAD: put ``targets`` into the inactive slot of ``name``."""
@@ -315,10 +332,16 @@ class Control:
                     payload=bytes(payload),
                 )
             except DeviceMapperError as e:
-                # The target's own reason (ti->error) only reaches the kernel log.
-                reasons = [m for m in log.read_new() if "device-mapper: table:" in m]
-                if reasons:
-                    raise DeviceMapperError(e.command, e.errno, reasons[-1]) from None
+                # The target's own reason (ti->error) only reaches the kernel log,
+                # in a line that names the device by number.
+                lines = log.read_new()
+                try:
+                    dev = self.info(name)
+                except ImgrementError:
+                    raise e from None
+                reason = table_reason(lines, dev.major, dev.minor)
+                if reason:
+                    raise DeviceMapperError(e.command, e.errno or errno.EIO, reason) from None
                 raise
 
     def clear_table(self, name: str) -> None:
@@ -330,16 +353,31 @@ class Control:
         flags = lib.DM_SUSPEND_FLAG | (lib.DM_NOFLUSH_FLAG if noflush else 0)
         return self._info(self._ioctl("DM_DEV_SUSPEND", name=name, flags=flags))
 
-    def resume(self, name: str, *, event_nr: int = 0) -> DeviceInfo:
-        """DM_DEV_SUSPEND without the flag: swap in the inactive table and resume."""
-        return self._info(self._ioctl("DM_DEV_SUSPEND", name=name, event_nr=event_nr))
+    def resume(self, name: str, *, timeout: float = udevsync.DEFAULT_TIMEOUT) -> DeviceInfo:
+        """DM_DEV_SUSPEND without the flag: swap in the inactive table and resume.
 
-    def remove(self, name: str, *, deferred: bool = False, event_nr: int = 0) -> DeviceInfo:
-        """DM_DEV_REMOVE; with ``deferred`` the kernel removes it at last close."""
+        Returns once /dev/mapper/NAME is the device's node.  Resuming a device
+        that was not suspended sends no uevent, and then returns at once.
+        """
+        with udevsync.NodeSync(use_udev=self.use_udev, timeout=timeout) as sync:
+            info = self._info(self._ioctl("DM_DEV_SUSPEND", name=name, event_nr=sync.cookie))
+            sync.node_created(name, info.major, info.minor, uevent=info.uevent_generated)
+        return info
+
+    def remove(self, name: str, *, deferred: bool = False,
+               timeout: float = udevsync.DEFAULT_TIMEOUT) -> DeviceInfo:
+        """DM_DEV_REMOVE; with ``deferred`` the kernel removes it at last close.
+
+        Returns once /dev/mapper/NAME is gone, or at once when the removal was
+        deferred (the reply then says no uevent was sent).
+        """
         flags = lib.DM_DEFERRED_REMOVE if deferred else 0
-        return self._info(
-            self._ioctl("DM_DEV_REMOVE", name=name, flags=flags, event_nr=event_nr)
-        )
+        with udevsync.NodeSync(use_udev=self.use_udev, timeout=timeout) as sync:
+            info = self._info(
+                self._ioctl("DM_DEV_REMOVE", name=name, flags=flags, event_nr=sync.cookie)
+            )
+            sync.node_removed(name, info.major, info.minor, uevent=info.uevent_generated)
+        return info
 
     def info(self, name: str) -> DeviceInfo:
         """DM_DEV_STATUS: the header facts of ``name``."""
@@ -386,6 +424,18 @@ class Control:
         """DM_LIST_VERSIONS: every target type the kernel has loaded."""
         reply = self._ioctl("DM_LIST_VERSIONS", buffer_size=INITIAL_BUFFER)
         return dict(_parse_versions(reply.data))
+
+
+def table_reason(lines: list[str], major: int, minor: int) -> str | None:
+    """The kernel's reason for refusing a table of device major:minor.
+
+    dm-table logs ``device-mapper: table: MAJ:MIN: <type>: <reason>``; a line
+    for another device (a table refused at the same moment elsewhere) is
+    not this device's reason.
+    """
+    prefix = f"device-mapper: table: {major}:{minor}: "
+    mine = [line for line in lines if line.startswith(prefix)]
+    return mine[-1] if mine else None
 
 
 def _parse_name_list(data: bytes) -> Iterator[tuple[str, int, int]]:

@@ -7,6 +7,12 @@ has nothing to do) and watch the udev monitor, started *before* the ioctl so
 the event cannot be missed, for our device number.  Without udev we tell
 the rules to stay out of it and make or remove the node ourselves, as libdm
 does.
+
+The kernel says in each reply whether the ioctl sent a uevent at all
+(DM_UEVENT_GENERATED_FLAG): resuming a device that was not suspended, or a
+deferred remove of a device still open, sends none, and then there is
+nothing to wait for.  :class:`imgrement_dm.dm.Control` does all of this
+itself, so no caller can forget it.
 """
 
 from __future__ import annotations
@@ -52,6 +58,18 @@ def udev_running() -> bool:
         sock.close()
 
 
+def cookie(use_udev: bool) -> int:
+    """The event_nr to pass: who makes the node, in libdm's flag bits."""
+    if use_udev:
+        return DM_UDEV_PRIMARY_SOURCE_FLAG << 16
+    return (
+        DM_UDEV_DISABLE_DM_RULES_FLAG
+        | DM_UDEV_DISABLE_SUBSYSTEM_RULES_FLAG
+        | DM_UDEV_DISABLE_DISK_RULES_FLAG
+        | DM_UDEV_DISABLE_OTHER_RULES_FLAG
+    ) << 16
+
+
 class NodeSync:
     """Create before a uevent-generating ioctl; then wait for its effect.
 
@@ -62,20 +80,13 @@ class NodeSync:
         self.use_udev = udev_running() if use_udev is None else use_udev
         self.timeout = timeout
         self._monitor: Any = None
+        self.cookie = cookie(self.use_udev)
         if self.use_udev:
             import pyudev
 
             self._monitor = pyudev.Monitor.from_netlink(pyudev.Context())
             self._monitor.filter_by("block")
             self._monitor.start()
-            self.cookie = DM_UDEV_PRIMARY_SOURCE_FLAG << 16
-        else:
-            self.cookie = (
-                DM_UDEV_DISABLE_DM_RULES_FLAG
-                | DM_UDEV_DISABLE_SUBSYSTEM_RULES_FLAG
-                | DM_UDEV_DISABLE_DISK_RULES_FLAG
-                | DM_UDEV_DISABLE_OTHER_RULES_FLAG
-            ) << 16
 
     def __enter__(self) -> NodeSync:
         return self
@@ -108,23 +119,40 @@ class NodeSync:
             if device.action in actions and device.device_number == devnum:
                 return
 
-    def node_created(self, name: str, major: int, minor: int) -> Path:
-        """Wait until /dev/mapper/NAME is the node of (major, minor)."""
+    def node_created(self, name: str, major: int, minor: int, *, uevent: bool = True) -> Path:
+        """Wait until /dev/mapper/NAME is the node of (major, minor).
+
+        ``uevent`` False: the ioctl sent none (the device was live already),
+        so the node is checked at once instead of waiting for udev.
+        """
         node = MAPPER_DIR / name
         if self.use_udev:
-            self._wait_event(major, minor, ("change",))
+            if uevent:
+                self._wait_event(major, minor, ("change",))
         else:
             MAPPER_DIR.mkdir(mode=0o755, exist_ok=True)
             if not node.exists():
                 os.mknod(node, 0o600 | stat.S_IFBLK, os.makedev(major, minor))
-        st = os.stat(node)
+        try:
+            st = os.stat(node)
+        except FileNotFoundError:
+            raise UdevTimeoutError(
+                f"{node} does not exist after udev finished with {major}:{minor}; "
+                "check the device-mapper udev rules (dmsetup udevflags, 'udevadm monitor')"
+            ) from None
         if not stat.S_ISBLK(st.st_mode) or st.st_rdev != os.makedev(major, minor):
             raise UdevTimeoutError(f"{node} exists but is not device {major}:{minor}")
         return node
 
-    def node_removed(self, name: str, major: int, minor: int) -> None:
-        """Wait until /dev/mapper/NAME is gone after a remove."""
+    def node_removed(self, name: str, major: int, minor: int, *, uevent: bool = True) -> None:
+        """Wait until /dev/mapper/NAME is gone after a remove.
+
+        ``uevent`` False: nothing was removed yet (a deferred remove of an
+        open device), so the node stays and there is nothing to wait for.
+        """
         node = MAPPER_DIR / name
+        if not uevent:
+            return
         if self.use_udev:
             self._wait_event(major, minor, ("remove",))
         elif node.is_block_device():

@@ -112,6 +112,53 @@ def test_hotplugged_disks_are_wrapped_by_policy(
     assert f"released /dev/mapper/{name}" in log.read_text()
 
 
+def _status(log: Path) -> list[str]:
+    """autowrap status's wrapped: lines, with the watcher's state folder."""
+    env = {**os.environ, "IMGREMENT_AUTOWRAP_STATE": str(log.parent / "state"),
+           "IMGREMENT_AUTOWRAP_CONF": str(log.parent / "autowrap.conf")}
+    r = subprocess.run([*CLI, "autowrap", "status"], capture_output=True, text=True,
+                       env=env, check=False)
+    assert r.returncode == 0, r.stderr
+    return [line for line in r.stdout.splitlines() if line.startswith("wrapped:")]
+
+
+def test_the_watcher_survives_disks_that_vanish_at_once(
+    watcher: tuple[subprocess.Popen[str], Path], disk2: str
+) -> None:
+    """Disks added and deleted in a tight loop: the watcher meets disks gone
+    between the event and its lookup (and mappings over vanished disks), logs
+    each and goes on. Afterwards it is alive, no mapping is left, and it still
+    wraps the next disk; status lists what it wrapped, not a traced- name
+    made by hand."""
+    proc, log = watcher
+    add_host = SCSI_DEBUG / "add_host"
+    for _ in range(12):
+        add_host.write_text("1\n")
+        add_host.write_text("-1\n")
+    sh("udevadm", "settle")
+    _wait(lambda: not [n for n in dm_devices() if n.startswith("traced-")],
+          "the mappings of vanished disks to go", 60)
+    assert proc.poll() is None, log.read_text()
+    assert "Traceback" not in log.read_text()
+    assert _status(log) == []
+
+    before = _scsi_disks()
+    add_host.write_text("1\n")
+    _wait(lambda: _scsi_disks() - before, "the new scsi_debug disk")
+    (new,) = _scsi_disks() - before
+    _wait(lambda: f"wrapped /dev/{new} as" in log.read_text(), "the wrap", 30)
+    (name,) = [n for n in dm_devices() if n.startswith("traced-")]
+    by_hand = imgrement_dm.wrap(disk2, name="traced-byhand")
+    try:
+        assert _status(log) == [f"wrapped: /dev/{new} as /dev/mapper/{name}"]
+    finally:
+        by_hand.unwrap()
+    add_host.write_text("-1\n")
+    _wait(lambda: name not in dm_devices(), "the mapping to go", 30)
+    assert _status(log) == []
+    assert proc.poll() is None
+
+
 def test_udevadm_test_shows_the_rules_decision(tmp_path: Path, loopdev: str) -> None:
     """The rule asks systemd for the service for a real disk, never for a loop
     device, and for nothing at all until a policy exists (the Debian package

@@ -24,7 +24,6 @@ from tests.guest.helpers import CLI, cli, direct_read, direct_write, dm_devices,
 def wrapped(disk: str) -> Iterator[str]:
     r = cli("wrap", disk, "--capture", "all", "--buffer-kb", "32768")
     assert r.returncode == 0, r.stderr
-    sh("udevadm", "settle")
     yield "traced"
     if "traced" in dm_devices():
         assert cli("unwrap", "traced").returncode == 0

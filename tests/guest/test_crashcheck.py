@@ -73,7 +73,6 @@ def _recorded(d: Path, prepare: Callable[[Path], None], workload: Callable[[Path
     loop = sh("losetup", "--find", "--show", str(img)).strip()
     try:
         assert cli("wrap", loop).returncode == 0
-        sh("udevadm", "settle")
         rec = start_record("traced", cap)
         sh("mount", "-o", mount_opts, "/dev/mapper/traced", str(mnt))
         try:
@@ -169,7 +168,6 @@ def test_the_state_count_of_a_known_capture_made_through_the_target(
     cap = tmp_path / "s.cap"
     assert cli("wrap", loopdev).returncode == 0
     try:
-        sh("udevadm", "settle")
         rec = start_record("traced", cap)
         buf = mmap.mmap(-1, 4096)  # O_DIRECT wants an aligned buffer
         fd = os.open("/dev/mapper/traced", os.O_RDWR | os.O_DIRECT)

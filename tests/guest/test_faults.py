@@ -63,7 +63,6 @@ def _drain_checking_order(reader: RecordReader, stop: threading.Event,
 @pytest.mark.parametrize("mode", ["meta", "writes", "all"])
 def test_fio_verify_under_suspend_reload_and_capture_switches(disk: str, mode: str) -> None:
     dev = imgrement_dm.wrap(disk, capture=mode)
-    sh("udevadm", "settle")
     reader = dev.records(first_seq=0)
     got: list[Item] = []
     stop = threading.Event()
@@ -151,7 +150,6 @@ def _io_errno(path: str | Path, write: bool) -> int:
 
 def test_errors_below_reach_the_submitter_and_the_records(error_device: str) -> None:
     with imgrement_dm.wrap(error_device, capture="all") as dev:
-        sh("udevadm", "settle")
         with dev.records() as reader:
             reader.read(timeout=1)
             assert _io_errno(dev.node, write=True) == errno.EIO
@@ -168,7 +166,6 @@ def test_a_failed_read_leaves_zeros_where_its_data_would_be(error_device: str) -
     wrapped, that space held earlier records' data, and the format promises
     zeros there, not old bytes."""
     with imgrement_dm.wrap(error_device, capture="all", buffer_kb=64) as dev:
-        sh("udevadm", "settle")
         fd = os.open(stream_path(dev.name), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         out = os.open(dev.node, os.O_RDWR | os.O_DIRECT)
         raw = b""
@@ -225,7 +222,6 @@ def test_flakey_below(disk2: str, feature: str, write_errno: int, status: int) -
     sh("udevadm", "settle")
     try:
         with imgrement_dm.wrap("/dev/mapper/flaky") as dev:
-            sh("udevadm", "settle")
             with dev.records() as reader:
                 reader.read(timeout=1)
                 assert _io_errno(dev.node, write=True) == write_errno
@@ -250,7 +246,6 @@ def test_surprise_removal_under_fio() -> None:
         name = os.path.basename(disks[0])
         scsi_dev = Path(disks[0]).parents[1]
         dev = imgrement_dm.wrap(f"/dev/{name}")
-        sh("udevadm", "settle")
         fio = subprocess.Popen(
             ["fio", "--name=gone", f"--filename={dev.node}", "--rw=randwrite", "--bs=4k",
              "--direct=1", "--ioengine=libaio", "--iodepth=4", "--time_based",
@@ -282,7 +277,6 @@ def test_memory_pressure_loses_no_io(loopdev: str) -> None:
     try:
         (group / "memory.max").write_text(str(48 << 20) + "\n")
         with imgrement_dm.wrap(loopdev, buffer_kb=64) as dev:
-            sh("udevadm", "settle")
             script = (
                 f"echo $$ > {group}/cgroup.procs && "
                 f"fio --name=squeeze --filename={dev.node} --rw=write --bs=64k --size=48M "
@@ -311,7 +305,6 @@ def test_four_devices_four_readers_never_mix(tmp_path: Path) -> None:
     try:
         sh("udevadm", "settle")
         devs = [imgrement_dm.wrap(loop, name=f"traced{i}") for i, loop in enumerate(loops)]
-        sh("udevadm", "settle")
         readers = [d.records() for d in devs]
         for r in readers:
             r.read(timeout=0.5)

@@ -39,7 +39,6 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     try:
         r = cli("wrap", loop)
         assert r.returncode == 0, r.stderr
-        sh("udevadm", "settle")
         rec = start_record("traced", cap)
         node = "/dev/mapper/traced"
         sh("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", node)

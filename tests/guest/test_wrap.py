@@ -13,6 +13,7 @@ import pytest
 
 import imgrement_dm
 from imgrement_dm import api
+from imgrement_dm.dm import Control
 from tests.guest.helpers import (
     aligned,
     cli,
@@ -65,7 +66,6 @@ def test_wrap_passes_data_through(kind: str, request: pytest.FixtureRequest) -> 
 
     r = cli("unwrap", "traced")
     assert r.returncode == 0, r.stderr
-    sh("udevadm", "settle")
     assert dm_devices() == []
     assert not Path("/dev/mapper/traced").exists()
 
@@ -87,7 +87,6 @@ def test_dmsetup_sees_our_table_and_removes_it(disk: str) -> None:
 
 def test_status_counts_each_bio(disk: str) -> None:
     with imgrement_dm.wrap(disk, name="counted") as traced:
-        sh("udevadm", "settle")  # udev's blkid probe reads the new device
         # One open for all I/O: closing a written device makes udev re-read it.
         fd = os.open(traced.node, os.O_RDWR | os.O_DIRECT)
         try:
@@ -162,7 +161,6 @@ def _refused(args: list[str], code: int, message: str) -> None:
     assert message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
     assert r.stdout == ""
-    sh("udevadm", "settle")
     assert dm_devices() == []
     assert mapper_nodes() == []
 
@@ -215,6 +213,30 @@ def test_unwrap_missing_and_busy(disk: str, tmp_path: Path) -> None:
         finally:
             os.close(fd)
     assert dm_devices() == []
+
+
+def test_ioctls_that_send_no_uevent_do_not_wait_for_udev(disk: str) -> None:
+    """Resuming a live device, or a deferred remove of an open one, sends no
+    uevent; the reply says so (DM_UEVENT_GENERATED clear), and the node sync
+    must return on it instead of waiting its whole timeout for an event that
+    never comes (UdevTimeoutError)."""
+    traced = imgrement_dm.wrap(disk)
+    with Control() as ctl:
+        assert ctl.use_udev
+        info = ctl.resume("traced", timeout=20)  # live already: no uevent
+        assert not info.uevent_generated
+        assert _node_is("traced", f"{traced.major}:{traced.minor}")
+        fd = os.open(traced.node, os.O_RDONLY)
+        try:
+            info = ctl.remove("traced", deferred=True, timeout=20)
+            assert not info.uevent_generated
+            assert dm_devices() == ["traced"]  # open: removal waits for the last close
+            assert _node_is("traced", f"{traced.major}:{traced.minor}")
+        finally:
+            os.close(fd)
+    sh("udevadm", "settle")  # the last close removed it, which our code did not wait for
+    assert dm_devices() == []
+    assert mapper_nodes() == []
 
 
 def test_without_cap_sys_admin_says_it_needs_root(disk: str) -> None:
