@@ -18,8 +18,8 @@ from imgrement_dm.api import (
     wrap,
 )
 from imgrement_dm.errors import ImgrementError
-from imgrement_dm.records import BioRecord, Drop, MarkRecord, RecordReader
 from imgrement_dm.recording import Recorded, record
+from imgrement_dm.records import BioRecord, Drop, MarkRecord, RecordReader
 
 __all__ = [
     "BioRecord",

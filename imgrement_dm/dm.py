@@ -18,7 +18,7 @@ import os
 import re
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from imgrement_dm import kmsg, udevsync
@@ -372,10 +372,11 @@ class Control:
         deferred (the reply then says no uevent was sent).
         """
         flags = lib.DM_DEFERRED_REMOVE if deferred else 0
+        # the reply of a remove does not carry the device number: take it first
+        before = self.info(name)
         with udevsync.NodeSync(use_udev=self.use_udev, timeout=timeout) as sync:
-            info = self._info(
-                self._ioctl("DM_DEV_REMOVE", name=name, flags=flags, event_nr=sync.cookie)
-            )
+            reply = self._ioctl("DM_DEV_REMOVE", name=name, flags=flags, event_nr=sync.cookie)
+            info = replace(before, flags=reply.flags, event_nr=reply.event_nr)
             sync.node_removed(name, info.major, info.minor, uevent=info.uevent_generated)
         return info
 

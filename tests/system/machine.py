@@ -193,8 +193,9 @@ def boot(img: Image, payload: Path, work: Path, *, timeout: float = 1800,
     console = work / "console.log"
     # KVM does not work on the machines this was written on; IMGREMENT_KVM=1 where it does
     accel = "kvm" if os.environ.get("IMGREMENT_KVM") == "1" else "tcg"
+    cpu = os.environ.get("IMGREMENT_MACHINE_CPU", "max")
     cmd = [
-        "qemu-system-x86_64", "-machine", "q35", "-accel", accel, "-cpu", "max",
+        "qemu-system-x86_64", "-machine", "q35", "-accel", accel, "-cpu", cpu,
         "-smp", "2", "-m", "2G", "-display", "none", "-no-reboot", "-nic", "none",
         "-serial", f"file:{console}", "-monitor", "none",
         "-kernel", str(kernel or img.kernel), "-initrd", str(initrd or img.initrd),
