@@ -39,7 +39,8 @@ def main() -> int:
         if path in files:
             return True
         if path.startswith("/var/lib/dpkg/info/"):
-            return Path(path).name.split(".")[0].split(":")[0] in pkgs
+            # PACKAGE[:ARCH].EXT, and a kernel package's name has dots in it
+            return Path(path).name.rsplit(".", 1)[0].split(":")[0] in pkgs
         return any(r in path for r in new_release)
 
     gone = sorted(before - after)
