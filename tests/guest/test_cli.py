@@ -195,6 +195,25 @@ def test_refusals_have_messages_and_exit_codes(args: list[str], code: int, messa
     assert "Traceback" not in r.stderr
 
 
+def test_outputs_on_a_read_only_file_system_are_refused(wrapped: str, tmp_path: Path) -> None:
+    """EROFS is named as such (not as a permission problem), before any work,
+    and nothing is written there."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    sh("mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro))
+    try:
+        for args in (["record", wrapped, "-o", str(ro / "s.cap")],
+                     ["trace", wrapped, "-q", "-o", str(ro / "s.rec")]):
+            r = cli(*args)
+            assert r.returncode == 13, (args, r.returncode, r.stderr)
+            assert r.stderr == (f"imgrement-dm: error: cannot write {args[-1]}: the file "
+                                "system is read-only: choose another path; "
+                                f"{args[-1]} was left as it was\n")
+        assert list(ro.iterdir()) == []
+    finally:
+        sh("umount", str(ro))
+
+
 def test_mark_refuses_devices_that_are_not_ours(disk2: str) -> None:
     length = sh("blockdev", "--getsz", disk2).strip()
     subprocess.run(["dmsetup", "create", "other", "--table", f"0 {length} linear {disk2} 0"],
