@@ -311,8 +311,9 @@ def stats(name: str | None, from_file: Path | None, duration: float | None,
 
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.option("--kernel", "-k", default=None,
-              help="Kernel series (5.10, 6.1, 6.12, 7.2), Debian suite, or 'debug' "
-                   "(6.1 built with KASAN, lockdep, UBSAN, kmemleak); default 6.1.")
+              help="Kernel series (5.10, 6.1, 6.12, 7.2), Debian suite, 'debug' "
+                   "(6.1 built with KASAN, lockdep, UBSAN, kmemleak) or 'canary' "
+                   "(experimental's newest, not claimed); default 6.1.")
 @click.option("--disk", "-d", "disks", multiple=True, metavar="SIZE",
               help="Attach an empty virtio scratch disk of SIZE (e.g. 256M); repeatable.")
 @click.option("--memory", "-m", default="2G", show_default=True, help="Guest memory.")

@@ -31,6 +31,11 @@ SUITES: dict[str, str] = {
     "7.2": "sid",
 }
 DEFAULT_KERNEL = "6.1"
+#: Not claimed, not in make test: the newest kernel Debian ships (experimental's
+#: release candidates), in a sid root, for make test-canary to see what the
+#: next line breaks before it reaches sid.
+CANARY_KERNEL = "canary"
+CANARY_SUITE = "experimental"
 #: The kernel built with KASAN, lockdep and friends (debugkernel.py).
 DEBUG_KERNEL = "debug"
 ARCH = "amd64"
@@ -67,12 +72,13 @@ def cache_dir() -> Path:
 
 def resolve_series(name: str) -> str:
     """Accept a series (``6.1``), a suite name (``bookworm``) or ``debug``."""
-    if name in SUITES or name == DEBUG_KERNEL:
+    if name in SUITES or name in (DEBUG_KERNEL, CANARY_KERNEL):
         return name
     for series, suite in SUITES.items():
         if name == suite:
             return series
-    known = ", ".join([*(f"{s} ({suite})" for s, suite in SUITES.items()), DEBUG_KERNEL])
+    known = ", ".join([*(f"{s} ({suite})" for s, suite in SUITES.items()), DEBUG_KERNEL,
+                       f"{CANARY_KERNEL} ({CANARY_SUITE})"])
     raise SandboxError(f"unknown kernel {name!r}: choose one of {known}")
 
 
@@ -151,7 +157,8 @@ def prepare(series: str) -> Kernel:
         from imgrement_dm.sandbox import debugkernel
 
         return debugkernel.prepare()
-    suite = SUITES[series]
+    canary = series == CANARY_KERNEL
+    suite = CANARY_SUITE if canary else SUITES[series]
     base = cache_dir() / "kernels" / suite
     root = base / "root"
     stamp = base / "release"
@@ -168,16 +175,22 @@ def prepare(series: str) -> Kernel:
         log = base / "prepare.log"
         tmp_root = base / "root.tmp"
         mirror = debian_mirror()
+        headers = f"linux-headers-{ARCH}" + (f"/{CANARY_SUITE}" if canary else "")
         cmd = [
             "mmdebstrap",
             "--variant=apt",
             "--skip=cleanup/apt/lists",
-            f"--include=make,kmod,perl,sparse,linux-headers-{ARCH}",
+            f"--include=make,kmod,perl,sparse,{headers}",
         ]
-        if suite == "sid":
+        if suite in ("sid", CANARY_SUITE):
             # sid's Release file is routinely past its Valid-Until on mirrors.
             cmd.append('--aptopt=Acquire::Check-Valid-Until "false"')
-        cmd += [suite, str(tmp_root), f"deb {mirror} {suite} main"]
+        if canary:
+            # experimental is not a whole suite: sid, with the kernel from experimental
+            cmd += ["sid", str(tmp_root), f"deb {mirror} sid main",
+                    f"deb {mirror} {CANARY_SUITE} main"]
+        else:
+            cmd += [suite, str(tmp_root), f"deb {mirror} {suite} main"]
         _run(cmd, f"mmdebstrap of {suite}", log)
         release = _headers_release(tmp_root)
         _fetch_image(tmp_root, release, log)

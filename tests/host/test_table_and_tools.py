@@ -67,6 +67,7 @@ def test_kernel_names() -> None:
     with pytest.raises(SandboxError, match=r"unknown kernel '4\.19'"):
         kernels.resolve_series("4.19")
     assert kernels.resolve_series("debug") == "debug"
+    assert kernels.resolve_series("canary") == "canary"
 
 
 def test_debug_config_options_are_checked_in_the_result() -> None:
