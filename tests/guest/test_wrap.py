@@ -3,6 +3,7 @@ dmsetup sees our table, and every refusal leaves nothing behind."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import subprocess
@@ -221,19 +222,24 @@ def test_ioctls_that_send_no_uevent_do_not_wait_for_udev(disk: str) -> None:
     must return on it instead of waiting its whole timeout for an event that
     never comes (UdevTimeoutError)."""
     traced = imgrement_dm.wrap(disk)
-    with Control() as ctl:
-        assert ctl.use_udev
-        info = ctl.resume("traced", timeout=20)  # live already: no uevent
-        assert not info.uevent_generated
-        assert _node_is("traced", f"{traced.major}:{traced.minor}")
-        fd = os.open(traced.node, os.O_RDONLY)
-        try:
-            info = ctl.remove("traced", deferred=True, timeout=20)
+    try:
+        with Control() as ctl:
+            assert ctl.use_udev
+            info = ctl.resume("traced", timeout=20)  # live already: no uevent
             assert not info.uevent_generated
-            assert dm_devices() == ["traced"]  # open: removal waits for the last close
             assert _node_is("traced", f"{traced.major}:{traced.minor}")
-        finally:
-            os.close(fd)
+            fd = os.open(traced.node, os.O_RDONLY)
+            try:
+                info = ctl.remove("traced", deferred=True, timeout=20)
+                assert not info.uevent_generated
+                assert dm_devices() == ["traced"]  # open: removal waits for the last close
+                assert _node_is("traced", f"{traced.major}:{traced.minor}")
+            finally:
+                os.close(fd)
+    except BaseException:  # leave nothing behind for the next test
+        with contextlib.suppress(imgrement_dm.ImgrementError):
+            imgrement_dm.unwrap("traced", deferred=True)
+        raise
     sh("udevadm", "settle")  # the last close removed it, which our code did not wait for
     assert dm_devices() == []
     assert mapper_nodes() == []
