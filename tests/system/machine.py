@@ -108,8 +108,10 @@ HOOK = (
     f'mv "$1"/var/cache/apt/archives/*.deb "$1{UPGRADE_DEBS}/"'
 )
 
+#: The suites in the machine's apt sources (the upgrade's once, if it is the base's).
+SOURCES = list(dict.fromkeys([SUITE, UPGRADE_SUITE]))
 #: Everything that decides the image's contents; a change makes a new image.
-RECIPE = "\n".join([SUITE, *PACKAGES, UPGRADE_SUITE, HOOK])
+RECIPE = "\n".join([*SOURCES, *PACKAGES, HOOK])
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,7 @@ def image() -> Image:
     mirror = kernels.debian_mirror()
     cmd = ["mmdebstrap", "--variant=apt", "--include=" + ",".join(PACKAGES),
            f"--customize-hook={hook}", SUITE, str(tree),
-           f"deb {mirror} {SUITE} main", f"deb {mirror} {UPGRADE_SUITE} main"]
+           *(f"deb {mirror} {suite} main" for suite in SOURCES)]
     _check(cmd, base / "mmdebstrap.log")
     boot = tree / "boot"
     vmlinuz = sorted(boot.glob("vmlinuz-*"))
