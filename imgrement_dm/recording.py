@@ -58,7 +58,7 @@ def store_raw(reader: RecordReader, save: BinaryIO, duration: float | None) -> N
         save.write(reader.read_view(timeout=wait))
 
 
-@dataclass
+@dataclass(frozen=True)
 class Recorded:
     """How far a recording got (also what the progress callback is shown)."""
 
@@ -103,18 +103,17 @@ def record(name: str, output: Path, *, duration: float | None = None,
     """
     check_writable(output)
     sectors = api.TracedDevice.find(name).table().length
-    done = Recorded(output)
     began = last = time.monotonic()
     with RecordReader.live(name) as reader, write_capture(output, name, sectors) as writer, \
             lossless(name, not allow_drops), contextlib.suppress(KeyboardInterrupt):
+
+        def so_far() -> Recorded:
+            return Recorded(output, writer.records, writer.bytes, writer.drops,
+                            time.monotonic() - began)
+
         for wait in waits(reader, duration):
             writer.add(reader.read_view(timeout=wait))
             if progress is not None and time.monotonic() - last >= progress_every:
                 last = time.monotonic()
-                done.records, done.bytes, done.drops = (writer.records, writer.bytes,
-                                                        writer.drops)
-                done.seconds = last - began
-                progress(done)
-    done.records, done.bytes, done.drops = writer.records, writer.bytes, writer.drops
-    done.seconds = time.monotonic() - began
-    return done
+                progress(so_far())
+    return so_far()
