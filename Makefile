@@ -2,6 +2,7 @@
 #
 #   make           create .venv with the package and the imgrement-dm CLI
 #   make test      host tests, then the guest suite, one sandbox boot per kernel
+#   make test-deb  the .deb packages on a booted Debian machine (in make test too)
 #   make test-debug  the full guest suite on the debug kernel (KASAN, lockdep, ...)
 #   make test-canary the guest suite on experimental's newest kernel (not claimed)
 #   make demo      wrap a scratch disk in the sandbox and show what the target saw
@@ -73,16 +74,15 @@ CANARY_SUITE ?= full
 test-canary: all
 	$(MAKE) test-guest GUEST_RUNS=canary:$(CANARY_SUITE)
 
-# System integration on the host side: the DKMS package builds for the default
-# kernel (in that kernel's Debian root; needs root, like the sandbox).
+# System integration: the DKMS package builds for the default kernel (in that
+# kernel's Debian root; needs root, like the sandbox); make install and the
+# .deb packages, each on a booted Debian machine (tests/system/).
 test-system: all
 	mkdir -p $(RESULTS)
-	$(BIN)/pytest tests/system --ignore=tests/system/test_deb.py -p no:cacheprovider \
-		--junitxml=$(RESULTS)/system.xml
+	$(BIN)/pytest tests/system -p no:cacheprovider --junitxml=$(RESULTS)/system.xml
 
-# The .deb packages on the Debian machine: install, kernel upgrade, a second
-# boot on the new kernel, purge (tests/system/test_deb.py).  Not in make test:
-# under emulation it costs more than CI's 90 minutes have left (see README).
+# The .deb packages on the Debian machine alone: install, kernel upgrade, a
+# second boot on the new kernel, purge (tests/system/test_deb.py).
 test-deb: all
 	mkdir -p $(RESULTS)
 	$(BIN)/pytest tests/system/test_deb.py -p no:cacheprovider --junitxml=$(RESULTS)/deb.xml
