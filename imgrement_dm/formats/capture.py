@@ -6,6 +6,9 @@ Layout (all little-endian; docs/capture-format.md):
                   device sectors, start time, device name, header crc32
     chunks        "CHNK", payload length, record count, crc32 of the payload,
                   then the payload: records exactly as the kernel gave them
+    padding       "PAD ", length, that many zero bytes (version 2): put
+                  before a large chunk so that its payload can be written
+                  with O_DIRECT from where the kernel left it (directio.py)
     trailer       "DONE", records, drops, last sequence number, crc32
 
 A reader checks every crc and the trailer, so a truncated or corrupted file
@@ -26,16 +29,24 @@ from pathlib import Path
 from typing import BinaryIO
 
 from imgrement_dm import layout
+from imgrement_dm.directio import BLOCK, DirectAppender, address_of, open_direct
 from imgrement_dm.errors import CaptureError, StreamError
-from imgrement_dm.output import atomic_output
+from imgrement_dm.output import atomic_path
 from imgrement_dm.records import Drop, Item, Record, _Gaps, decode, scan
 
 MAGIC = b"IMGRCAP1"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this module reads: 1 has no padding chunks, 2 may have them.
+READS_VERSIONS = (1, 2)
 _HEADER = struct.Struct("<8sIIQQ32sI")  # magic, version, record version, sectors, ns, name, crc
 _HEADER_SIZE = 96  # the struct, then zeros (room to grow)
 _CHUNK = struct.Struct("<4sIII")  # tag, payload bytes, records, crc32(payload)
 _TRAILER = struct.Struct("<4sQQqI")  # tag, records, drops, last seq (-1: none), crc32
+_PAD = struct.Struct("<4sI")  # tag, bytes of zeros that follow
+#: A window at least this large is written in place (padded to line up);
+#: smaller ones are copied, and the padding (under a block) would cost more.
+IN_PLACE_MIN = 256 << 10
+_MAX_PAD = 2 * BLOCK  # a reader refuses more: no writer makes it
 
 
 @dataclass(frozen=True)
@@ -51,11 +62,13 @@ class CaptureInfo:
 class CaptureWriter:
     """Writes a capture into ``f``; :meth:`finish` adds the trailer.
 
-    ``f`` is normally :func:`imgrement_dm.output.atomic_output`'s FILE.part,
-    renamed to FILE only once the trailer is down (see :func:`write_capture`).
+    ``f`` is FILE.part, renamed to FILE only once the trailer is down (see
+    :func:`write_capture`). A large chunk's payload is written in place
+    (:meth:`DirectAppender.write_in_place`), after a padding chunk that
+    lines its file offset up with its address in memory.
     """
 
-    def __init__(self, f: BinaryIO, device: str, sectors: int) -> None:
+    def __init__(self, f: DirectAppender, device: str, sectors: int) -> None:
         self.records = 0
         self.drops = 0
         self.bytes = 0
@@ -78,8 +91,15 @@ class CaptureWriter:
             return
         if self.last_seq >= 0 and first != self.last_seq + 1:
             gaps += first - self.last_seq - 1
-        self._f.write(_CHUNK.pack(b"CHNK", len(raw), count, zlib.crc32(raw)))
-        self._f.write(raw)
+        head = _CHUNK.pack(b"CHNK", len(raw), count, zlib.crc32(raw))
+        if len(raw) >= IN_PLACE_MIN and self._f.direct:
+            pad = (address_of(raw) - self._f.tell() - _PAD.size - len(head)) % BLOCK
+            self._f.write(_PAD.pack(b"PAD ", pad) + bytes(pad))
+        self._f.write(head)
+        if len(raw) >= IN_PLACE_MIN:
+            self._f.write_in_place(raw)
+        else:
+            self._f.write(raw)
         self.records += count
         self.bytes += len(raw)
         self.last_seq = last
@@ -95,12 +115,19 @@ class CaptureWriter:
 def write_capture(path: Path, device: str, sectors: int) -> Iterator[CaptureWriter]:
     """A capture written to PATH.part and renamed to PATH, with its trailer, if the block ends well.
 
-    On any failure PATH is left as it was and no .part remains.
+    On any failure PATH is left as it was and no .part remains. Written
+    with O_DIRECT where the file system allows it (see directio.py).
     """
-    with atomic_output(path) as f:
-        writer = CaptureWriter(f, device, sectors)
-        yield writer
-        writer.finish()
+    with atomic_path(path) as part:
+        fd, direct = open_direct(part)
+        try:
+            out = DirectAppender(fd, direct=direct)
+            writer = CaptureWriter(out, device, sectors)
+            yield writer
+            writer.finish()
+            out.close()
+        finally:
+            os.close(fd)
 
 
 class CaptureReader:
@@ -124,12 +151,14 @@ class CaptureReader:
         if zlib.crc32(head[: _HEADER.size - 4]) != crc:
             self._f.close()
             raise CaptureError(f"{path}: the file header is corrupted (checksum mismatch)")
-        if version != FORMAT_VERSION or rec_version != layout.RECORD_VERSION:
+        if version not in READS_VERSIONS or rec_version != layout.RECORD_VERSION:
             self._f.close()
             raise CaptureError(
                 f"{path} is capture format {version} with record version {rec_version}; "
-                f"this tool reads {FORMAT_VERSION} / {layout.RECORD_VERSION}"
+                f"this tool reads {' or '.join(map(str, READS_VERSIONS))} / "
+                f"{layout.RECORD_VERSION}"
             )
+        self.version = version
         self._size = os.fstat(self._f.fileno()).st_size
         self.device = name.rstrip(b"\0").decode("utf-8", "replace")
         self.sectors = sectors
@@ -186,6 +215,17 @@ class CaptureReader:
                     if isinstance(item, Drop):
                         drops += item.count
                     yield item
+            elif tag == b"PAD " and self.version >= 2:
+                rest = self._f.read(_PAD.size - 4)
+                if len(rest) < _PAD.size - 4:
+                    raise self._fail("truncated", chunks, records)
+                (pad,) = struct.unpack("<I", rest)
+                if pad > _MAX_PAD:
+                    raise self._fail("corrupted (padding too long)", chunks, records)
+                if pad > self._left():
+                    raise self._fail("truncated", chunks, records)
+                if self._f.read(pad).count(0) != pad:
+                    raise self._fail("corrupted (padding not zeros)", chunks, records)
             elif tag == b"DONE":
                 rest = self._f.read(_TRAILER.size - 4)
                 if len(rest) < _TRAILER.size - 4:
