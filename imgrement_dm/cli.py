@@ -244,13 +244,15 @@ def trace(name: str | None, from_file: Path | None, as_json: bool, hexdump: bool
                 "(copy it with cp)")
         check_writable(output)
     with _reader(name, from_file) as source, contextlib.ExitStack() as stack:
+        if (output is not None and isinstance(source, RecordReader) and quiet
+                and not (ops or rng or count)):
+            # Only storing: whole records written through unchecked.
+            with _until_interrupted():
+                recording.store_stream(source, output, duration)
+            return
         save = stack.enter_context(atomic_output(output)) if output is not None else None
         with _until_interrupted():
             if save is not None and isinstance(source, RecordReader):
-                if quiet and not (ops or rng or count):
-                    # Only storing: whole records copied through unchecked.
-                    recording.store_raw(source, save, duration)
-                    return
                 source.save_to(save)
             _show(source, as_json=as_json, hexdump=hexdump, quiet=quiet, ops=ops, rng=rng,
                   count=count, duration=duration, live=from_file is None)
