@@ -15,6 +15,7 @@ them into results.json and docs/benchmarks.md (tests/bench/report.py).
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import resource
 import shutil
@@ -53,7 +54,7 @@ PEER_WORKLOADS: dict[str, list[str]] = {
     "randrw-70-30-4k-qd16": ["--rw=randrw", "--rwmixread=70", "--bs=4k", "--iodepth=16"],
 }
 PEER_CONFIGS = ["linear", "blktrace", "meta", "writes-drop", "writes-wait", "log-writes"]
-PEER_REPS = int(os.environ.get("BENCH_PEER_REPS", "2"))
+PEER_REPS = int(os.environ.get("BENCH_PEER_REPS", "3"))
 PEER_FS = Path("/tmp/imgrement-bench-fs")  # ext4 on the third disk (the guest's /mnt is read-only)
 RUNTIME = int(os.environ.get("BENCH_RUNTIME", "4"))
 REPS = int(os.environ.get("BENCH_REPS", "3"))
@@ -253,6 +254,48 @@ def store_rate() -> dict[str, float]:
     return best
 
 
+def _busy_ticks() -> int:
+    """CPU ticks spent by the whole guest (every CPU, not idle or iowait)."""
+    v = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    return sum(v) - v[3] - v[4]
+
+
+def store_paths(directory: Path) -> dict[str, dict[str, float]]:
+    """What storing 512 MiB from mapped memory into a file in ``directory``
+    costs: buffered write()s then fsync, as a consumer that copies does, and
+    O_DIRECT, as `record` does (imgrement_dm/directio.py).  4 MiB writes;
+    MB/s, the writer's CPU per GB and the whole guest's (writeback runs in
+    kernel threads), best of two each."""
+    src = mmap.mmap(-1, 64 << 20)
+    src[:] = os.urandom(1 << 20) * 64
+    view = memoryview(src)
+    out: dict[str, dict[str, float]] = {}
+    for how in ("buffered", "o_direct"):
+        best: dict[str, float] = {}
+        for _ in range(2):
+            path = directory / "store-rate"
+            sh("sync")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+                         | (os.O_DIRECT if how == "o_direct" else 0))
+            t, c, b = time.monotonic(), time.process_time(), _busy_ticks()
+            for i in range(128):
+                os.write(fd, view[(i % 16) << 22:((i % 16) + 1) << 22])
+            os.fsync(fd)
+            wall, cpu = time.monotonic() - t, time.process_time() - c
+            busy = (_busy_ticks() - b) / os.sysconf("SC_CLK_TCK")
+            os.close(fd)
+            path.unlink()
+            gb = (512 << 20) / 1e9
+            if (512 << 20) / wall / 1e6 > best.get("mb_per_s", 0):
+                best = {"mb_per_s": round((512 << 20) / wall / 1e6, 1),
+                        "cpu_s_per_gb": round(cpu / gb, 2),
+                        "guest_cpu_s_per_gb": round(busy / gb, 2)}
+        out[how] = best
+    view.release()
+    src.close()
+    return out
+
+
 def contention(disk: str) -> dict[str, float]:
     """dm-linear's seqwrite-1m throughput while a process spins on the other vCPU.
 
@@ -335,6 +378,8 @@ class Peer:
             self.consumer.send_signal(signal.SIGINT)
             _, _, usage = os.wait4(self.consumer.pid, 0)
             self.consumer.returncode = 0
+            if self.out.is_file():
+                got["stored_bytes"] = self.out.stat().st_size
             ticks = os.sysconf("SC_CLK_TCK")
             got["consumer_cpu_s"] = round(usage.ru_utime + usage.ru_stime
                                           - self.cpu_ready / ticks, 3)
@@ -358,12 +403,15 @@ class Peer:
 def peers(disks: dict[str, tuple[str, str, str]]) -> list[dict[str, Any]]:
     """Every peer configuration over each disk, one setup per run (dm-log-writes'
     log starts afresh each time), the order rotated per repetition."""
-    runs = []
+    runs: list[dict[str, Any]] = []
     for disk_name, (disk, log_disk, fs_disk) in disks.items():
         sh("mkfs.ext4", "-q", "-F", "-E", "nodiscard", fs_disk)
         PEER_FS.mkdir(parents=True, exist_ok=True)
         sh("mount", "-o", "discard", fs_disk, str(PEER_FS))  # freed files free RAM disks
         try:
+            store = store_paths(PEER_FS)
+            print(f"peers  {disk_name:6} store into ext4: {store}", flush=True)
+            runs.append({"disk": disk_name, "store": store})
             for rep in range(PEER_REPS):
                 k = rep % len(PEER_CONFIGS)
                 for config in PEER_CONFIGS[k:] + PEER_CONFIGS[:k]:

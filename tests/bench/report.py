@@ -81,10 +81,26 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
         goals.append({"mode": m, "workload": k, "metric": metric, "goal": g,
                       "ratio": ratio[m].get(k), "paired": pair["median"] if pair else None,
                       "met": (judged or 0) >= g})
+    peers = summarise_peers(raw.get("peers", []))
+    merge_peers(ratio, dropped, peers)
     return {"meta": raw["meta"], "ratio_to_linear": ratio, "dropped": dropped,
             "absolute": absolute, "paired": paired, "goals": goals,
-            "peers": (peers := summarise_peers(raw.get("peers", []))),
-            "peer_goals": peer_goals(peers)}
+            "peers": peers, "peer_goals": peer_goals(peers),
+            "store": store_rows(raw.get("peers", []))}
+
+
+def merge_peers(ratio: dict[str, dict[str, float]], dropped: dict[str, dict[str, int]],
+                peers: dict[str, dict[str, dict[str, Any]]]) -> None:
+    """The peer runs into ratio_to_linear[config][disk-workload] and dropped[...].
+
+    Where the main table measured the same config and workload (meta), its
+    figure stays: it is the median of more runs.
+    """
+    for k, row in peers.items():
+        for config, x in row.items():
+            ratio.setdefault(config, {}).setdefault(k, x["ratio"])
+            if config in ("meta", "writes-drop", "writes-wait"):
+                dropped.setdefault(config, {}).setdefault(k, x["dropped"])
 
 
 PEER_CONFIGS = ["blktrace", "meta", "writes-drop", "writes-wait", "log-writes"]
@@ -93,7 +109,8 @@ PEER_CONFIGS = ["blktrace", "meta", "writes-drop", "writes-wait", "log-writes"]
 def summarise_peers(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
     """Per workload and configuration: the median ratio to dm-linear in the same
     repetition, the records dropped in all repetitions, the consumer's CPU."""
-    by = {(f"{r['disk']}-{r['workload']}", r["config"], r["rep"]): r for r in runs}
+    by = {(f"{r['disk']}-{r['workload']}", r["config"], r["rep"]): r for r in runs
+          if "workload" in r}
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for w in sorted({k for k, _, _ in by}):
         metric = "bw_bytes" if "seqwrite" in w else "iops"
@@ -105,13 +122,21 @@ def summarise_peers(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str,
             if not rows:
                 continue
             cpu: list[float] = [r["consumer_cpu_s"] for r, _ in rows if r.get("consumer_cpu_s")]
+            per_gb = [r["consumer_cpu_s"] / r["stored_bytes"] * 1e9 for r, _ in rows
+                      if r.get("consumer_cpu_s") and r.get("stored_bytes", 0) > 64 << 20]
             out[w][c] = {
+                "consumer_cpu_s_per_gb": round(statistics.median(per_gb), 2) if per_gb else None,
                 "ratio": round(statistics.median(r[metric] / lin[metric] for r, lin in rows), 3),
                 "dropped": sum(r.get("dropped", 0) for r, _ in rows),
                 "waited": sum(r.get("waited", 0) for r, _ in rows),
                 "consumer_cpu_s": round(statistics.median(cpu), 3) if cpu else None,
             }
     return out
+
+
+def store_rows(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    """The store measurements (guest_bench.store_paths), per disk kind."""
+    return {r["disk"]: r["store"] for r in runs if "store" in r}
 
 
 def decoder_rate(stream: Path) -> dict[str, Any]:
@@ -276,6 +301,24 @@ def peer_lines(res: dict[str, Any]) -> list[str]:
                 extra += f", {x['waited']} waited)" if c == "writes-wait" else ")"
             cells.append(f"{x['ratio']:.3f}{extra}")
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    store = res.get("store") or {}
+    if store:
+        lines += ["", "Storing captured data: 512 MiB from mapped memory into a file on the ext4 "
+                  "that `record` writes to, in 4 MiB writes then fsync, best of two; CPU is the "
+                  "writer's and the whole guest's (writeback runs in kernel threads). `record` "
+                  "writes with O_DIRECT from the kernel's mapped buffer.", "",
+                  "| disk | write | MB/s | writer CPU s/GB | guest CPU s/GB |",
+                  "| --- | --- | --- | --- | --- |"]
+        for d, how in store.items():
+            for name, x in how.items():
+                lines.append(f"| {d} | {name} | {x['mb_per_s']} | {x['cpu_s_per_gb']} | "
+                             f"{x['guest_cpu_s_per_gb']} |")
+        cpu = {k: row["writes-wait"]["consumer_cpu_s_per_gb"] for k, row in peers.items()
+               if row.get("writes-wait", {}).get("consumer_cpu_s_per_gb") is not None}
+        if cpu:
+            lines += ["", "`record`'s own CPU per GB of capture it stored (writes-wait, "
+                      "runs storing over 64 MiB, median): "
+                      + ", ".join(f"{k} {v} s" for k, v in cpu.items()) + "."]
     goals = res.get("peer_goals") or []
     if goals:
         lines += ["", "| goal | disk-workload | wanted | got | met |",
@@ -309,7 +352,10 @@ def main(argv: list[str]) -> int:
     raw = json.loads((out / "bench-raw.json").read_text())
     if not raw["runs"]:
         # BENCH_ONLY=peers: only the peers' section of the page is replaced
-        res = {"meta": raw["meta"], "peers": summarise_peers(raw.get("peers", []))}
+        res = {"meta": raw["meta"], "peers": summarise_peers(raw.get("peers", [])),
+               "store": store_rows(raw.get("peers", [])), "ratio_to_linear": {},
+               "dropped": {}}
+        merge_peers(res["ratio_to_linear"], res["dropped"], res["peers"])
         res["peer_goals"] = peer_goals(res["peers"])
         (out / "results-peers.json").write_text(json.dumps(res, indent=1) + "\n")
         page = doc.read_text()
