@@ -102,7 +102,7 @@ BENCH_APPEND ?= tsc=reliable clocksource=tsc
 bench: all
 	mkdir -p build/bench
 	rm -f build/bench/bench-raw.json build/bench/stream-*.rec
-	$(BIN)/imgrement-dm sandbox --kernel $(KERNEL) --disk 1G --disk 2G --disk 2G --memory 4G \
+	$(BIN)/imgrement-dm sandbox --kernel $(KERNEL) --disk 1G --disk 8G --disk 8G --memory 8G \
 		--append "$(BENCH_APPEND)" --results build/bench -- python tests/bench/guest_bench.py $(BENCH_ONLY)
 	$(BIN)/python tests/bench/report.py build/bench docs/benchmarks.md
 

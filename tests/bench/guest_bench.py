@@ -65,6 +65,9 @@ GOAL_RUNS = [("virtio", "meta", "randread-4k-qd32"), ("virtio", "meta", "randwri
              ("virtio", "writes", "seqwrite-1m"), ("brd", "writes", "seqwrite-1m")]
 PAIRS = int(os.environ.get("BENCH_PAIRS", "8"))
 PAIR_RUNTIME = 2
+# Shorter for the peers: a consumer that keeps up stores everything fio
+# writes, and 3 s of seqwrite-1m must fit the capture disk (make bench).
+PEER_RUNTIME = int(os.environ.get("BENCH_PEER_RUNTIME", "3"))
 OUT = Path(os.environ["IMGREMENT_RESULTS"])
 # A tmpfs file, as a user's fast local file would be (the guest's /tmp is an
 # overlay on the 9p share, which stores at 60% of tmpfs's rate).
@@ -376,6 +379,10 @@ class Peer:
         if self.consumer is not None:
             time.sleep(0.5)
             self.consumer.send_signal(signal.SIGINT)
+            if self.consumer.poll() is not None:
+                # it ended by itself (it says why on stderr): no figures from it
+                raise RuntimeError(f"{self.config}: the consumer exited with "
+                                   f"{self.consumer.returncode} during the run")
             _, _, usage = os.wait4(self.consumer.pid, 0)
             self.consumer.returncode = 0
             if self.out.is_file():
@@ -419,7 +426,7 @@ def peers(disks: dict[str, tuple[str, str, str]]) -> list[dict[str, Any]]:
                         peer = Peer(config, disk, log_disk)
                         try:
                             peer.start()
-                            result = fio(peer.path, workload)
+                            result = fio(peer.path, workload, f"--runtime={PEER_RUNTIME}")
                             result.update(peer.stop())
                         finally:
                             peer.close()
@@ -437,9 +444,9 @@ def main() -> int:
     STREAMS.mkdir(parents=True, exist_ok=True)
     # ram0: the disk (SIZE of it used); ram1: dm-log-writes' log and ram2 the
     # file system for record's capture, whose pages exist only as they are
-    # written (4 s of 4 KiB writes at dm-linear's rate here: under 1 GiB) and
-    # are discarded after each run
-    subprocess.run(["modprobe", "brd", "rd_nr=3", f"rd_size={1536 << 10}"], check=True)
+    # written and are discarded after each run.  3 GiB each: a consumer that
+    # keeps up with seqwrite-1m stores about 0.7 GB a second here
+    subprocess.run(["modprobe", "brd", "rd_nr=3", f"rd_size={3072 << 10}"], check=True)
     disks = {"virtio": os.environ["IMGREMENT_SCRATCH_DISKS"].split()[0], "brd": "/dev/ram0"}
     # For a quick look at a part (first argument, or BENCH_ONLY): brd-randread-4k-qd32,...;
     # "peers" runs the peer comparison alone (the report then updates only its section)
@@ -484,7 +491,7 @@ def main() -> int:
     meta = {"kernel": os.uname().release, "runtime_s": RUNTIME, "reps": REPS,
             "size_bytes": SIZE, "cpus": os.cpu_count(),
             "ceilings": ceilings, "pairs": PAIRS, "pair_runtime_s": PAIR_RUNTIME,
-            "peer_reps": PEER_REPS,
+            "peer_reps": PEER_REPS, "peer_runtime_s": PEER_RUNTIME,
             "clocksource": Path("/sys/devices/system/clocksource/clocksource0/"
                                 "current_clocksource").read_text().strip()}
     scratch = os.environ["IMGREMENT_SCRATCH_DISKS"].split()

@@ -265,7 +265,8 @@ def peer_lines(res: dict[str, Any]) -> list[str]:
     m = res["meta"]
     lines = [
         "", PEER_HEADING, "",
-        f"Kernel {m['kernel']}, {m.get('peer_reps', '?')} repetitions, {m['runtime_s']} s per "
+        f"Kernel {m['kernel']}, {m.get('peer_reps', '?')} repetitions, "
+        f"{m.get('peer_runtime_s', m['runtime_s'])} s per "
         "run, each configuration set up afresh for each run, the order rotated per "
         "repetition; the median over repetitions of the ratio to dm-linear in the same "
         "repetition (IOPS; throughput for seqwrite-1m), and the records dropped over all "
