@@ -34,6 +34,8 @@ from imgrement_dm._kernel_ffi import ffi
 #: size of Linux block devices in use, so it suits every disk.
 BLOCK = 4096
 _STAGE = 1 << 20  # staging buffer: whole blocks are written from it when full
+#: How a file system says it has no O_DIRECT (at open, or at the first write).
+_REFUSED = (errno.EINVAL, errno.EOPNOTSUPP)
 
 
 def address_of(data: bytes | bytearray | memoryview) -> int:
@@ -48,7 +50,7 @@ def open_direct(path: str | os.PathLike[str]) -> tuple[int, bool]:
     try:
         return os.open(path, flags | os.O_DIRECT, 0o666), True
     except OSError as e:
-        if e.errno != errno.EINVAL:
+        if e.errno not in _REFUSED:
             raise
     return os.open(path, flags, 0o666), False
 
@@ -128,7 +130,7 @@ class DirectAppender:
             try:
                 n = os.pwrite(self._fd, view, self._done)
             except OSError as e:
-                if e.errno != errno.EINVAL or not self.direct:
+                if e.errno not in _REFUSED or not self.direct:
                     raise
                 self._buffered()  # the file system refused O_DIRECT after all
                 continue
