@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from imgrement_dm.directio import DirectAppender, open_direct
 from imgrement_dm.errors import OutputError
 
 _HINTS = {
@@ -111,6 +112,20 @@ def atomic_output(path: Path) -> Iterator[BinaryIO]:
     """``FILE.part`` open for writing; fsynced and renamed to ``FILE`` if the block ends well."""
     with atomic_path(path) as part, part.open("wb") as f:
         yield f
+
+
+@contextlib.contextmanager
+def atomic_appender(path: Path) -> Iterator[DirectAppender]:
+    """Like :func:`atomic_output`, appended to with O_DIRECT where the file
+    system allows it (directio.py): for files that store a record stream."""
+    with atomic_path(path) as part:
+        fd, direct = open_direct(part)
+        try:
+            out = DirectAppender(fd, direct=direct)
+            yield out
+            out.close()
+        finally:
+            os.close(fd)
 
 
 def _remove(part: Path) -> None:

@@ -9,7 +9,6 @@ and :func:`items` is what ``trace`` and ``stats`` iterate.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import struct
 import time
@@ -18,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imgrement_dm import api, layout
-from imgrement_dm.directio import BLOCK, DirectAppender, address_of, open_direct
+from imgrement_dm.directio import BLOCK, DirectAppender, address_of
 from imgrement_dm.errors import ImgrementError
 from imgrement_dm.formats.capture import IN_PLACE_MIN, write_capture
-from imgrement_dm.output import atomic_path, check_writable
+from imgrement_dm.output import atomic_appender, check_writable
 from imgrement_dm.records import STREAM_MAGIC, Item, RecordReader
 
 #: A pad record's header (records.py skips pads): size, type, version, 0, seq.
@@ -64,25 +63,9 @@ def store_stream(reader: RecordReader, output: Path, duration: float | None) -> 
     they are when the file is read back. Ctrl-C ends it like the duration
     does, after storing what the buffer holds then.
     """
-    with atomic_path(output) as part:
-        fd, direct = open_direct(part)
-        try:
-            out = DirectAppender(fd, direct=direct)
-
-            def add(view: memoryview) -> None:
-                add_to_stream(out, view)
-
-            out.write(STREAM_MAGIC)
-            with contextlib.suppress(KeyboardInterrupt):
-                for wait in waits(reader, duration):
-                    with signals_held():
-                        add(reader.read_view(timeout=wait))
-            if not reader.eof:
-                with contextlib.suppress(KeyboardInterrupt):
-                    take_committed(reader, add, 1 << 30)
-            out.close()
-        finally:
-            os.close(fd)
+    with atomic_appender(output) as out:
+        out.write(STREAM_MAGIC)
+        store_until_end(reader, lambda view: add_to_stream(out, view), duration, 1 << 30)
 
 
 def add_to_stream(out: DirectAppender, view: memoryview | bytes) -> None:
@@ -157,19 +140,36 @@ def record(name: str, output: Path, *, duration: float | None = None,
             return Recorded(output, writer.records, writer.bytes, writer.drops,
                             time.monotonic() - began)
 
-        with contextlib.suppress(KeyboardInterrupt):
-            for wait in waits(reader, duration):
-                with signals_held():
-                    writer.add(reader.read_view(timeout=wait))
-                if progress is not None and time.monotonic() - last >= progress_every:
-                    last = time.monotonic()
-                    progress(so_far())
-        # What the buffer held when the recording ended belongs to it: the
-        # I/O it describes was done before then. (A second Ctrl-C skips it.)
-        if not reader.eof:
-            with contextlib.suppress(KeyboardInterrupt):
-                take_committed(reader, writer.add, _buffer_bytes(name))
+        def tick() -> None:
+            nonlocal last
+            if progress is not None and time.monotonic() - last >= progress_every:
+                last = time.monotonic()
+                progress(so_far())
+
+        store_until_end(reader, writer.add, duration, _buffer_bytes(name), tick)
     return so_far()
+
+
+def store_until_end(reader: RecordReader, add: Callable[[memoryview], None],
+                    duration: float | None, buffer_bytes: int,
+                    tick: Callable[[], None] | None = None) -> None:
+    """Pass every window to ``add`` until the stream ends, ``duration``
+    passes or Ctrl-C/SIGTERM; then what the buffer holds (take_committed).
+
+    Each window is taken and stored with the signals held (see
+    :func:`signals_held`); ``tick`` runs after each. What the buffer held
+    when the recording ended belongs to it: the I/O it describes was done
+    before then. A second Ctrl-C skips that last part.
+    """
+    with contextlib.suppress(KeyboardInterrupt):
+        for wait in waits(reader, duration):
+            with signals_held():
+                add(reader.read_view(timeout=wait))
+            if tick is not None:
+                tick()
+    if not reader.eof:
+        with contextlib.suppress(KeyboardInterrupt):
+            take_committed(reader, add, buffer_bytes)
 
 
 @contextlib.contextmanager

@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from imgrement_dm import layout
-from imgrement_dm.directio import BLOCK, DirectAppender, address_of, open_direct
+from imgrement_dm.directio import BLOCK, DirectAppender, address_of
 from imgrement_dm.errors import CaptureError, StreamError
-from imgrement_dm.output import atomic_path
+from imgrement_dm.output import atomic_appender
 from imgrement_dm.records import Drop, Item, Record, _Gaps, decode, scan
 
 MAGIC = b"IMGRCAP1"
@@ -118,16 +118,10 @@ def write_capture(path: Path, device: str, sectors: int) -> Iterator[CaptureWrit
     On any failure PATH is left as it was and no .part remains. Written
     with O_DIRECT where the file system allows it (see directio.py).
     """
-    with atomic_path(path) as part:
-        fd, direct = open_direct(part)
-        try:
-            out = DirectAppender(fd, direct=direct)
-            writer = CaptureWriter(out, device, sectors)
-            yield writer
-            writer.finish()
-            out.close()
-        finally:
-            os.close(fd)
+    with atomic_appender(path) as out:
+        writer = CaptureWriter(out, device, sectors)
+        yield writer
+        writer.finish()
 
 
 class CaptureReader:
