@@ -23,7 +23,7 @@ RESULTS := build/test-results
 
 all: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py VERSION imgrement_dm/_ffi_build.py dm_target/imgrement_record.h \
+$(VENV)/.installed: pyproject.toml setup.py VERSION imgrement_dm/_ffi_build.py imgrement_dm/_stream.c dm_target/imgrement_record.h \
 		scripts/install-host-deps
 	scripts/install-host-deps
 	$(PYTHON) -m venv $(VENV)

@@ -214,7 +214,24 @@ struct imgrement_window {
 };
 
 #define IMGREMENT_IOC_NEXT ...
+
+struct imgrement_scan {
+    uint64_t records;
+    uint64_t first;
+    uint64_t last;
+    int64_t gaps;
+    uint64_t at;
+    uint32_t bad_size;
+};
+#define IMGREMENT_SCAN_OK ...
+#define IMGREMENT_SCAN_BAD_SIZE ...
+#define IMGREMENT_SCAN_CUT ...
+int imgrement_scan(const uint8_t *buf, size_t len, struct imgrement_scan *out);
+uint64_t imgrement_xxh64(const uint8_t *buf, size_t len);
 """
+
+#: The per-record and per-byte work of a storing consumer (see its top comment).
+STREAM_C = Path(__file__).resolve().parent / "_stream.c"
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
@@ -226,9 +243,9 @@ ffibuilder.set_source(
     #include <linux/dm-ioctl.h>
     #include <linux/blktrace_api.h>
     #include "imgrement_record.h"
-    """,
+    """ + STREAM_C.read_text(),
     include_dirs=[str(TARGET_DIR)],
-    depends=[str(TARGET_DIR / "imgrement_record.h")],
+    depends=[str(TARGET_DIR / "imgrement_record.h"), str(STREAM_C)],
 )
 
 if __name__ == "__main__":

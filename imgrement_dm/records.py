@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeVar, Union
 
 from imgrement_dm import layout
+from imgrement_dm._kernel_ffi import ffi, lib
 from imgrement_dm.errors import StreamError
 from imgrement_dm.window import UNSUPPORTED, MappedStream
 
@@ -271,31 +272,19 @@ def scan(buf: bytes | memoryview) -> tuple[int, int, int, int]:
     """Walk only the headers of whole records: (records, first seq, last seq, gaps).
 
     ``gaps`` counts sequence numbers missing inside ``buf``. A consumer that
-    only stores the stream (trace -q -o, record) needs no more than this, and
-    it is several times cheaper than :func:`decode`.
+    only stores the stream (record) needs no more than this. The walk is in
+    C (_stream.c): in Python it cost about 8 us per record in the guest,
+    2 s of CPU per GB of 4 KiB writes, taken from the disk being recorded.
     """
-    hdr = _HDR.unpack_from
-    pad = layout.REC_PAD
-    at = n = gaps = 0
-    first = last = -1
-    end = len(buf)
-    while at + 16 <= end:
-        size, rtype, _version, _res, seq = hdr(buf, at)
-        if size < 16 or size % 8:
-            raise StreamError(f"corrupt record stream: record size {size} at byte {at}")
-        if at + size > end:
-            break
-        if rtype != pad:
-            if last >= 0 and seq != last + 1:
-                gaps += seq - last - 1
-            if first < 0:
-                first = seq
-            last = seq
-            n += 1
-        at += size
-    if at != end:
+    out = ffi.new("struct imgrement_scan *")
+    rc = lib.imgrement_scan(ffi.from_buffer("uint8_t[]", buf), len(buf), out)
+    if rc == lib.IMGREMENT_SCAN_BAD_SIZE:
+        raise StreamError(f"corrupt record stream: record size {out.bad_size} at byte {out.at}")
+    if rc != lib.IMGREMENT_SCAN_OK:
         raise StreamError("the stream ends inside a record")
-    return n, first, last, gaps
+    if not out.records:
+        return 0, -1, -1, 0
+    return out.records, out.first, out.last, out.gaps
 
 
 class _Gaps:

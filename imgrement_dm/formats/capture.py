@@ -4,14 +4,15 @@ Layout (all little-endian; docs/capture-format.md):
 
     file header   96 bytes: magic "IMGRCAP1", format version, record version,
                   device sectors, start time, device name, header crc32
-    chunks        "CHNK", payload length, record count, crc32 of the payload,
-                  then the payload: records exactly as the kernel gave them
+    chunks        "CHNK", payload length, record count, checksum of the
+                  payload (XXH64 from version 3, crc32 before), then the
+                  payload: records exactly as the kernel gave them
     padding       "PAD ", length, that many zero bytes (version 2): put
                   before a large chunk so that its payload can be written
                   with O_DIRECT from where the kernel left it (directio.py)
     trailer       "DONE", records, drops, last sequence number, crc32
 
-A reader checks every crc and the trailer, so a truncated or corrupted file
+A reader checks every checksum and the trailer, so a truncated or corrupted file
 is reported (with how much of it is intact), never silently used. A writer
 writes FILE.part and renames it only when the trailer is down (output.py).
 """
@@ -23,24 +24,27 @@ import os
 import struct
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from imgrement_dm import layout
+from imgrement_dm.checksum import xxh64
 from imgrement_dm.directio import BLOCK, DirectAppender, address_of
 from imgrement_dm.errors import CaptureError, StreamError
 from imgrement_dm.output import atomic_appender
 from imgrement_dm.records import Drop, Item, Record, _Gaps, decode, scan
 
 MAGIC = b"IMGRCAP1"
-FORMAT_VERSION = 2
-#: Versions this module reads: 1 has no padding chunks, 2 may have them.
-READS_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+#: Versions this module reads: 1 has no padding chunks, 2 may have them,
+#: 3 checksums chunks with XXH64 instead of crc32.
+READS_VERSIONS = (1, 2, 3)
 _HEADER = struct.Struct("<8sIIQQ32sI")  # magic, version, record version, sectors, ns, name, crc
 _HEADER_SIZE = 96  # the struct, then zeros (room to grow)
-_CHUNK = struct.Struct("<4sIII")  # tag, payload bytes, records, crc32(payload)
+_CHUNK = struct.Struct("<4sIIQ")  # tag, payload bytes, records, xxh64(payload)
+_CHUNK_CRC32 = struct.Struct("<4sIII")  # the same in versions 1 and 2, with crc32
 _TRAILER = struct.Struct("<4sQQqI")  # tag, records, drops, last seq (-1: none), crc32
 _PAD = struct.Struct("<4sI")  # tag, bytes of zeros that follow
 #: A window at least this large is written in place (padded to line up);
@@ -91,7 +95,7 @@ class CaptureWriter:
             return
         if self.last_seq >= 0 and first != self.last_seq + 1:
             gaps += first - self.last_seq - 1
-        head = _CHUNK.pack(b"CHNK", len(raw), count, zlib.crc32(raw))
+        head = _CHUNK.pack(b"CHNK", len(raw), count, xxh64(raw))
         if len(raw) >= IN_PLACE_MIN and self._f.direct:
             pad = (address_of(raw) - self._f.tell() - _PAD.size - len(head)) % BLOCK
             self._f.write(_PAD.pack(b"PAD ", pad) + bytes(pad))
@@ -153,6 +157,8 @@ class CaptureReader:
                 f"{layout.RECORD_VERSION}"
             )
         self.version = version
+        self._chunk = _CHUNK if version >= 3 else _CHUNK_CRC32
+        self._checksum: Callable[[bytes], int] = xxh64 if version >= 3 else zlib.crc32
         self._size = os.fstat(self._f.fileno()).st_size
         self.device = name.rstrip(b"\0").decode("utf-8", "replace")
         self.sectors = sectors
@@ -186,10 +192,10 @@ class CaptureReader:
         while True:
             tag = self._f.read(4)
             if tag == b"CHNK":
-                rest = self._f.read(_CHUNK.size - 4)
-                if len(rest) < _CHUNK.size - 4:
+                rest = self._f.read(self._chunk.size - 4)
+                if len(rest) < self._chunk.size - 4:
                     raise self._fail("truncated", chunks, records)
-                _, length, count, crc = _CHUNK.unpack(tag + rest)
+                _, length, count, crc = self._chunk.unpack(tag + rest)
                 if length > self._left():
                     # checked before reading: a damaged length must not make
                     # us allocate gigabytes for a file that does not hold them
@@ -197,7 +203,7 @@ class CaptureReader:
                 raw = self._f.read(length)
                 if len(raw) < length:
                     raise self._fail("truncated", chunks, records)
-                if zlib.crc32(raw) != crc:
+                if self._checksum(raw) != crc:
                     raise self._fail("corrupted (chunk checksum mismatch)", chunks, records)
                 recs, used = decode(raw)
                 if used != length or len(recs) != count:

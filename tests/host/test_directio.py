@@ -1,10 +1,10 @@
-"""The O_DIRECT appender and the padded (version 2) capture files it writes.
+"""The O_DIRECT appender and the padded capture files it writes.
 
 The appender must produce exactly the bytes appended, whichever way each
 piece went (staged copy or in place from the caller's memory), with
 O_DIRECT and without; a capture written from windows of a mapped buffer at
 any offset must read back record for record, its large chunks written in
-place.  Version 1 files (no padding) still read.
+place.  Files of versions 1 (no padding) and 2 (crc32 chunks) still read.
 """
 
 from __future__ import annotations
@@ -135,23 +135,37 @@ def test_a_capture_of_large_windows_is_padded_written_in_place_and_reads_back(
         rnd.randbytes(8192) for _ in range(200))
 
 
-def test_version_1_files_still_read(tmp_path: Path) -> None:
-    recs = _records(3, 512)
-    head = struct.pack("<8sIIQQ32sI", b"IMGRCAP1", 1, 1, 4096, 0, b"old", 0)
+def _old_capture(version: int, *parts: bytes) -> bytes:
+    """A capture as versions 1 and 2 wrote them: crc32 chunk checksums."""
+    head = struct.pack("<8sIIQQ32sI", b"IMGRCAP1", version, 1, 4096, 0, b"old", 0)
     head = head[:-4] + struct.pack("<I", zlib.crc32(head[:-4]))
-    head += bytes(96 - len(head))
-    chunk = struct.pack("<4sIII", b"CHNK", len(recs), 3, zlib.crc32(recs)) + recs
     body = struct.pack("<4sQQq", b"DONE", 3, 0, 2)
-    path = tmp_path / "v1.cap"
-    path.write_bytes(head + chunk + body + struct.pack("<I", zlib.crc32(body)))
+    return (head + bytes(96 - len(head)) + b"".join(parts) + body
+            + struct.pack("<I", zlib.crc32(body)))
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_crc32_versions_still_read(tmp_path: Path, version: int) -> None:
+    recs = _records(3, 512)
+    chunk = struct.pack("<4sIII", b"CHNK", len(recs), 3, zlib.crc32(recs)) + recs
+    pad = struct.pack("<4sI", b"PAD ", 8) + bytes(8)
+    path = tmp_path / "old.cap"
+    path.write_bytes(_old_capture(version, pad, chunk) if version == 2
+                     else _old_capture(version, chunk))
     with CaptureReader(path) as r:
         assert [rec.seq for rec in r.records()] == [0, 1, 2]
-        assert r.version == 1
-    # padding is a version 2 thing: in a version 1 file it is damage
-    pad = struct.pack("<4sI", b"PAD ", 8) + bytes(8)
-    path.write_bytes(head + pad + chunk + body + struct.pack("<I", zlib.crc32(body)))
-    with CaptureReader(path) as r, pytest.raises(CaptureError, match="unknown chunk tag"):
+        assert r.version == version
+    # a byte flipped in the payload: the crc32 catches it
+    bad = bytearray(path.read_bytes())
+    bad[-200] ^= 1
+    path.write_bytes(bad)
+    with CaptureReader(path) as r, pytest.raises(CaptureError, match="checksum mismatch"):
         r.validate()
+    if version == 1:
+        # padding is a version 2 thing: in a version 1 file it is damage
+        path.write_bytes(_old_capture(1, pad, chunk))
+        with CaptureReader(path) as r, pytest.raises(CaptureError, match="unknown chunk tag"):
+            r.validate()
 
 
 @pytest.mark.parametrize("damage, reason", [

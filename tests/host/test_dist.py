@@ -76,7 +76,8 @@ def test_sdist_is_a_whole_source_release(dist: Path) -> None:
     with tarfile.open(_one(dist, "*.tar.gz")) as t:
         names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
     for path in (*DATA.values(), "dm_target/dm-imgrement.c", "dm_target/Kbuild",
-                 "dm_target/dkms.conf", "imgrement_dm/_ffi_build.py", "setup.py"):
+                 "dm_target/dkms.conf", "imgrement_dm/_ffi_build.py", "imgrement_dm/_stream.c",
+                 "setup.py"):
         assert path in names, path
 
 

@@ -1,0 +1,145 @@
+"""The C helpers of a storing consumer (_stream.c): the header walk and XXH64.
+
+The walk is checked against the Python walk it replaced, on generated
+streams with gaps, pads, cut ends and impossible sizes; XXH64 against values
+printed by the reference tool, and a version 3 capture's chunks against it.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from imgrement_dm import layout
+from imgrement_dm.checksum import xxh64
+from imgrement_dm.errors import CaptureError, StreamError
+from imgrement_dm.formats import capture
+from imgrement_dm.formats.capture import CaptureReader, write_capture
+from imgrement_dm.records import scan
+from tests.host import streams
+
+#: ``xxhsum -H64`` (xxHash 0.8.1) of bytes((i * 131 + 7) & 255 for i in range(n)),
+#: lengths chosen around the 32-byte stripe and the 8- and 4-byte tails.
+XXHSUM = {
+    0: 0xEF46DB3751D8E999, 1: 0xA96C7F0CE858BBB7, 3: 0xBED43740EE6332BB,
+    4: 0xFA212AE44B3BB23D, 7: 0x2744460DD675D2C0, 8: 0x994B676B71CE94DD,
+    9: 0x572B84C18B983AF8, 31: 0x6711D55E306B5D8F, 32: 0x07F7B8E3BC5D6E25,
+    33: 0x09F85EEB4E1CBE9F, 63: 0xB7C9968C066CB6A5, 64: 0x50D4159A0411632E,
+    100: 0x9DDADA11D3DC2D8F, 1000: 0x0BF0BDBCC82EB373, 65536: 0x42A4749843255CEC,
+}
+
+
+@pytest.mark.parametrize("n", sorted(XXHSUM))
+def test_xxh64_is_what_xxhsum_prints(n: int) -> None:
+    data = bytes((i * 131 + 7) & 255 for i in range(n))
+    assert xxh64(data) == XXHSUM[n]
+    assert xxh64(memoryview(bytearray(data))) == XXHSUM[n]
+
+
+def _python_scan(buf: bytes) -> tuple[int, int, int, int]:
+    """The walk as it was written in Python (records.py before _stream.c)."""
+    at = n = gaps = 0
+    first = last = -1
+    while at + 16 <= len(buf):
+        size, rtype, _v, _r, seq = struct.unpack_from("<IHBBQ", buf, at)
+        if size < 16 or size % 8:
+            raise StreamError(f"corrupt record stream: record size {size} at byte {at}")
+        if at + size > len(buf):
+            break
+        if rtype != layout.REC_PAD:
+            if last >= 0 and seq != last + 1:
+                gaps += seq - last - 1
+            if first < 0:
+                first = seq
+            last = seq
+            n += 1
+        at += size
+    if at != len(buf):
+        raise StreamError("the stream ends inside a record")
+    return n, first, last, gaps
+
+
+def _outcome(walk: Callable[[bytes], tuple[int, int, int, int]],
+             buf: bytes) -> tuple[int, int, int, int] | str:
+    try:
+        return walk(buf)
+    except StreamError as e:
+        return str(e)
+
+
+def _stream(rnd: random.Random) -> bytes:
+    parts = []
+    seq = rnd.randrange(1 << 40)
+    for _ in range(rnd.randrange(40)):
+        kind = rnd.random()
+        if kind < 0.15:
+            parts.append(streams.pad(8 * rnd.randrange(2, 40)))
+            continue
+        seq += 1 if rnd.random() < 0.8 else rnd.randrange(2, 1000)
+        parts.append(streams.mark(seq, "m" * rnd.randrange(30)) if kind < 0.3
+                     else streams.bio(seq))
+    buf = bytearray(b"".join(parts))
+    damage = rnd.random()
+    if damage < 0.2 and buf:
+        del buf[rnd.randrange(len(buf)):]  # cut anywhere
+    elif damage < 0.3 and len(buf) >= 4:
+        at = rnd.randrange(0, len(buf) - 3)
+        buf[at:at + 4] = struct.pack("<I", rnd.choice([0, 8, 17, 1 << 31, 0xFFFFFFF8]))
+    return bytes(buf)
+
+
+def test_c_walk_agrees_with_the_python_walk() -> None:
+    rnd = random.Random(2026)
+    kinds = set()
+    for _ in range(3000):
+        buf = _stream(rnd)
+        want = _outcome(_python_scan, buf)
+        assert _outcome(scan, buf) == want, buf.hex()
+        if isinstance(want, str):
+            kinds.add("cut" if "ends inside" in want else "size")
+        else:
+            kinds.add("gaps" if want[3] else "whole")
+    # the generator reached every outcome
+    assert kinds == {"whole", "gaps", "size", "cut"}
+
+
+def test_c_walk_takes_a_read_only_mapping() -> None:
+    import mmap
+
+    raw = streams.bio(4) + streams.pad(24) + streams.mark(5, "m") + streams.bio(9)
+    m = mmap.mmap(-1, len(raw))
+    m[:] = raw
+    ro = mmap.mmap(-1, len(raw), prot=mmap.PROT_READ)  # unrelated, all zeros
+    with pytest.raises(StreamError, match="record size 0 at byte 0"):
+        scan(memoryview(ro))
+    assert scan(memoryview(m)) == (3, 4, 9, 3)
+
+
+def test_version_3_chunks_carry_the_xxh64_of_their_payload(tmp_path: Path) -> None:
+    payloads = [streams.bio(i) + streams.mark(i + 1, "x" * i) for i in range(0, 40, 2)]
+    path = tmp_path / "v3.cap"
+    with write_capture(path, "dev", 4096) as w:
+        for p in payloads:
+            w.add(p)
+    raw = path.read_bytes()
+    assert struct.unpack_from("<I", raw, 8)[0] == capture.FORMAT_VERSION == 3
+    at, seen = 96, []
+    while raw[at:at + 4] == b"CHNK":
+        _, n, count, digest = struct.unpack_from("<4sIIQ", raw, at)
+        body = raw[at + 20:at + 20 + n]
+        assert digest == xxh64(body) and count == 2
+        seen.append(body)
+        at += 20 + n
+    assert seen == payloads and raw[at:at + 4] == b"DONE"
+    with CaptureReader(path) as r:
+        assert [rec.seq for rec in r.records()] == list(range(40))
+    bad = bytearray(raw)
+    bad[96 + 20 + 20] ^= 0x10  # inside the first payload
+    path.write_bytes(bad)
+    with CaptureReader(path) as r, pytest.raises(CaptureError,
+                                                  match="chunk checksum mismatch"):
+        r.validate()
