@@ -444,6 +444,7 @@ def _mark_after_reading(dev: imgrement_dm.TracedDevice, reader: RecordReader,
 def _chunk_tags(cap: Path) -> list[tuple[bytes, int]]:
     """(tag, payload bytes) of every chunk of a capture file, in order."""
     raw = cap.read_bytes()
+    assert struct.unpack_from("<I", raw, 8)[0] == 3  # version 3: 20-byte chunk headers
     at, tags = 96, []
     while at < len(raw):
         tag = raw[at:at + 4]
@@ -452,7 +453,7 @@ def _chunk_tags(cap: Path) -> list[tuple[bytes, int]]:
             break
         (n,) = struct.unpack_from("<I", raw, at + 4)
         tags.append((tag, n))
-        at += (8 if tag == b"PAD " else 16) + n
+        at += (8 if tag == b"PAD " else 20) + n
     return tags
 
 
