@@ -1,0 +1,84 @@
+"""The sandbox's guest process: it must not outlive the command that boots it.
+
+QEMU runs in a session of its own (so that a terminal's Ctrl-C reaches only
+``imgrement-dm sandbox``, which then takes it down). A stand-in for vng,
+which starts a long child the way vng starts QEMU, shows what is left after
+the sandbox is stopped by each signal a supervisor sends.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+#: Runs vm._boot with the stand-in vng given as argv[1].
+DRIVER = """
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from imgrement_dm.sandbox import vm
+
+vm._vng = lambda: sys.argv[1]
+kernel = SimpleNamespace(image=Path("/nonexistent/vmlinuz"), series="test")
+spec = vm.GuestRun(kernel=kernel, module=Path("/nonexistent.ko"), command=["true"],
+                   results=Path(sys.argv[2]), cwd=Path.cwd())
+sys.exit(vm._boot(spec, [], Path(sys.argv[2]) / "marker"))
+"""
+
+#: Starts a "QEMU" (a sleep) in its own process group and says its pid.
+FAKE_VNG = """#!/bin/sh
+sleep 600 &
+echo $! > "{pidfile}"
+echo booted
+wait
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")  # dead, waiting for init to reap it
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT],
+                         ids=["SIGTERM", "SIGHUP", "SIGINT"])
+def test_stopping_the_sandbox_stops_its_guest(tmp_path: Path, sig: signal.Signals) -> None:
+    pidfile = tmp_path / "qemu.pid"
+    fake = tmp_path / "vng"
+    fake.write_text(FAKE_VNG.format(pidfile=pidfile))
+    fake.chmod(0o755)
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(fake), str(tmp_path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              cwd=Path(__file__).resolve().parents[2])
+    try:
+        deadline = time.monotonic() + 30
+        while not (pidfile.exists() and pidfile.read_text().strip()):
+            assert driver.poll() is None, driver.communicate()
+            assert time.monotonic() < deadline, "the stand-in vng never started"
+            time.sleep(0.05)
+        qemu = int(pidfile.read_text())
+        assert driver.stdout is not None
+        assert driver.stdout.readline() == b"booted\n"  # the console relay is running
+        driver.send_signal(sig)
+        rc = driver.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while not _gone(qemu) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _gone(qemu), f"the guest outlived the sandbox stopped by {sig.name}"
+        # Ctrl-C: Python ends by the signal itself after the KeyboardInterrupt
+        assert rc == (-sig if sig == signal.SIGINT else 128 + sig), driver.communicate()
+    finally:
+        driver.kill()
+        driver.wait()
+        if pidfile.exists() and pidfile.read_text().strip():
+            qemu = int(pidfile.read_text())
+            if not _gone(qemu):
+                os.kill(qemu, signal.SIGKILL)
