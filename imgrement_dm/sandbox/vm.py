@@ -114,11 +114,22 @@ def _boot(spec: GuestRun, drives: list[str], marker: Path) -> int:
         "IMGREMENT_KERNEL_SERIES": spec.kernel.series,
         **spec.extra_env,
     }
-    start = f'touch {shlex.quote(str(marker))}; exec bash "$0" "$@"'
-    guest = [
-        "env", *(f"{k}={v}" for k, v in env.items()),
-        "bash", "-c", start, str(init), *spec.command,
-    ]
+    # The command reaches the guest as a script in the results folder, not
+    # on the kernel command line that vng would put it on: that line holds
+    # 2048 bytes on x86, and a longer one (a pytest run with a few
+    # --deselect options) left a guest that never started its init, idle
+    # until killed.
+    script = marker.with_name(marker.name + ".sh")
+    guest = ["env", *(f"{k}={v}" for k, v in env.items()), "bash", str(init), *spec.command]
+    script.write_text(f"touch {shlex.quote(str(marker))}\nexec {shlex.join(guest)}\n")
+    try:
+        return _run_vng(spec, drives, f"bash {shlex.quote(str(script))}")
+    finally:
+        script.unlink(missing_ok=True)
+
+
+def _run_vng(spec: GuestRun, drives: list[str], guest: str) -> int:
+    """vng booting ``spec``'s kernel with ``guest`` as the command, its console relayed."""
     cmd = [
         _vng(),
         "--force-9p",
@@ -134,7 +145,7 @@ def _boot(spec: GuestRun, drives: list[str], marker: Path) -> int:
         cmd += ["--append", spec.append]
     if drives:
         cmd.append("--qemu-opts=" + " ".join(shlex.quote(d) for d in drives))
-    cmd += ["--exec", shlex.join(guest)]
+    cmd += ["--exec", guest]
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     env = {**os.environ, "PATH": path}
     if not spec.command:

@@ -9,6 +9,7 @@ the sandbox is stopped by each signal a supervisor sends.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -82,3 +83,39 @@ def test_stopping_the_sandbox_stops_its_guest(tmp_path: Path, sig: signal.Signal
             qemu = int(pidfile.read_text())
             if not _gone(qemu):
                 os.kill(qemu, signal.SIGKILL)
+
+
+#: Keeps what vng was asked to run in the guest, and the script it names.
+RECORDING_VNG = """#!/bin/sh
+while [ $# -gt 0 ]; do
+    if [ "$1" = --exec ]; then
+        printf '%s' "$2" > "{out}/exec"
+        cp "$(printf '%s' "$2" | cut -d' ' -f2)" "{out}/script"
+    fi
+    shift
+done
+"""
+
+
+def test_a_long_command_reaches_the_guest_whole(tmp_path: Path) -> None:
+    # x86 kernels keep 2048 bytes of command line; vng put the command there
+    # and a longer one left a guest that never started (idle until killed).
+    fake = tmp_path / "vng"
+    fake.write_text(RECORDING_VNG.format(out=tmp_path))
+    fake.chmod(0o755)
+    words = [f"--deselect=tests/guest/test_x.py::test_{i}[it's \"quoted\" $HOME]"
+             for i in range(200)]
+    command = ["tests/guest/run-suite", "full", *words]
+    driver = DRIVER.replace('command=["true"]', f"command={command!r}")
+    subprocess.run([sys.executable, "-c", driver, str(fake), str(tmp_path)], check=True,
+                   cwd=Path(__file__).resolve().parents[2], timeout=60)
+    exec_arg = (tmp_path / "exec").read_text()
+    assert len(exec_arg) < 200 and exec_arg.startswith("bash "), exec_arg[:300]
+    script = (tmp_path / "script").read_text()
+    assert len(script) > 2048
+    # the script says exactly the command, every word as it was
+    last = script.splitlines()[-1]
+    argv = shlex.split(last.removeprefix("exec "))
+    assert argv[-len(command):] == command
+    assert script.splitlines()[0] == f"touch {shlex.quote(str(tmp_path / 'marker'))}"
+    assert not list(tmp_path.glob("marker*")), "the script stays behind"
