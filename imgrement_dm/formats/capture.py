@@ -7,7 +7,7 @@ Layout (all little-endian; docs/capture-format.md):
     chunks        "CHNK", payload length, record count, checksum of the
                   payload (XXH64 from version 3, crc32 before), then the
                   payload: records exactly as the kernel gave them
-    padding       "PAD ", length, that many zero bytes (version 2): put
+    padding       "PAD ", length, that many zero bytes (from version 2): put
                   before a large chunk so that its payload can be written
                   with O_DIRECT from where the kernel left it (directio.py)
     trailer       "DONE", records, drops, last sequence number, crc32
