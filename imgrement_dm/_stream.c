@@ -3,9 +3,10 @@
  * and every byte, in C: walking the record headers of a window, and the
  * checksum of a capture chunk.
  *
- * In Python the header walk cost `record` about 10 s of CPU per GB of 4 KiB
- * writes in the guest, and zlib's crc32 about 2.7 s per GB of any writes:
- * the consumer, not the disk, was what made lossless captures wait.  Both
+ * In Python the header walk cost 8.5 us per record in the 6.1 guest (about
+ * 2 s of CPU per GB of 4 KiB writes), and zlib's crc32 2.5 s per GB of any
+ * writes: the consumer, not the disk, was what made lossless captures wait
+ * (here: 0.07 us per record, and 0.3 s per GB).  Both
  * run here without the GIL (cffi releases it for the call), over the
  * kernel's mapped buffer, which is only read.
  *
