@@ -222,6 +222,7 @@ struct imgrement_scan {
     int64_t gaps;
     uint64_t at;
     uint32_t bad_size;
+    ...;
 };
 #define IMGREMENT_SCAN_OK ...
 #define IMGREMENT_SCAN_BAD_SIZE ...
