@@ -53,8 +53,10 @@ PEER_WORKLOADS: dict[str, list[str]] = {
     "seqwrite-1m": ["--rw=write", "--bs=1m", "--iodepth=4", "--io_size=512m"],
     "randrw-70-30-4k-qd16": ["--rw=randrw", "--rwmixread=70", "--bs=4k", "--iodepth=16"],
 }
-PEER_CONFIGS = ["linear", "blktrace", "meta", "writes-drop", "writes-wait", "log-writes"]
+# (each paired with dm-linear over the same disk: peer_pairs)
+PEER_CONFIGS = ["blktrace", "meta", "writes-drop", "writes-wait", "log-writes"]
 PEER_REPS = int(os.environ.get("BENCH_PEER_REPS", "3"))
+PEER_PAIRS = int(os.environ.get("BENCH_PEER_PAIRS", "2"))
 PEER_FS = Path("/tmp/imgrement-bench-fs")  # ext4 on the third disk (the guest's /mnt is read-only)
 RUNTIME = int(os.environ.get("BENCH_RUNTIME", "4"))
 REPS = int(os.environ.get("BENCH_REPS", "3"))
@@ -340,11 +342,14 @@ class Peer:
         self.out = (PEER_FS / "capture" if config.startswith("writes") or config == "meta"
                     else STREAMS / "blktrace")
         self.cpu_ready = 0
+        # the baseline (linear) and blktrace's dm-linear exist side by side
+        self.dm_name = {"linear": "benchbase", "blktrace": "benchlin",
+                        "log-writes": "benchlw"}.get(config, "")
         n = sh("blockdev", "--getsz", disk).strip()
         if config in ("linear", "blktrace"):
-            subprocess.run(["dmsetup", "create", "benchlin", "--table",
+            subprocess.run(["dmsetup", "create", self.dm_name, "--table",
                             f"0 {n} linear {disk} 0"], check=True)
-            self.path = "/dev/mapper/benchlin"
+            self.path = f"/dev/mapper/{self.dm_name}"
         elif config == "log-writes":
             subprocess.run(["dmsetup", "create", "benchlw", "--table",
                             f"0 {n} log-writes {disk} {log_disk}"], check=True)
@@ -400,16 +405,51 @@ class Peer:
         if self.traced is not None:
             self.traced.unwrap()
         else:
-            name = "benchlw" if self.config == "log-writes" else "benchlin"
-            subprocess.run(["dmsetup", "remove", "--retry", name], check=True)
+            subprocess.run(["dmsetup", "remove", "--retry", self.dm_name], check=True)
         if self.config == "log-writes":
             # the next log starts again at sector 0; a RAM disk frees its pages
             subprocess.run(["blkdiscard", self.log_disk], check=False)
 
 
+def peer_pairs(disk: str, log_disk: str, config: str, workload: str) -> dict[str, Any]:
+    """One peer configuration against dm-linear over the same disk, paired.
+
+    Both devices exist together (dm shares its claim on the disk), the
+    peer's consumer runs throughout (idle while fio drives dm-linear), and
+    PEER_PAIRS runs of each alternate, first one then the other first
+    (ABBA...), so each ratio compares two runs taken seconds apart.  On this
+    machine dm-linear alone varies up to 2x between runs minutes apart,
+    which is larger than most of the differences the table is for.  The
+    consumer's figures (dropped, waited, stored bytes, CPU) cover all of the
+    peer's runs in the set-up.
+    """
+    # the peer first: wrap refuses a disk another device-mapper device holds
+    peer = Peer(config, disk, log_disk)
+    base: Peer | None = None
+    runs: list[dict[str, Any]] = []
+    baseline: list[dict[str, Any]] = []
+    try:
+        base = Peer("linear", disk, log_disk)
+        peer.start()
+        for i in range(PEER_PAIRS):
+            for s in (base, peer) if i % 2 == 0 else (peer, base):
+                got = fio(s.path, workload, f"--runtime={PEER_RUNTIME}")
+                (runs if s is peer else baseline).append(got)
+                time.sleep(0.5)  # what the consumer still drains stays in its own run
+        result: dict[str, Any] = {"runs": runs, "linear": baseline}
+        result.update(peer.stop())
+    finally:
+        if base is not None:
+            base.close()
+        peer.close()
+    return result
+
+
 def peers(disks: dict[str, tuple[str, str, str]]) -> list[dict[str, Any]]:
-    """Every peer configuration over each disk, one setup per run (dm-log-writes'
-    log starts afresh each time), the order rotated per repetition."""
+    """Every peer configuration over each disk, paired with dm-linear
+    (peer_pairs), one set-up per configuration and workload (dm-log-writes'
+    log starts afresh each time).  One workload at a time, every
+    configuration of it back to back, the order rotated per repetition."""
     runs: list[dict[str, Any]] = []
     for disk_name, (disk, log_disk, fs_disk) in disks.items():
         sh("mkfs.ext4", "-q", "-F", "-E", "nodiscard", fs_disk)
@@ -420,21 +460,17 @@ def peers(disks: dict[str, tuple[str, str, str]]) -> list[dict[str, Any]]:
             print(f"peers  {disk_name:6} store into ext4: {store}", flush=True)
             runs.append({"disk": disk_name, "store": store})
             for rep in range(PEER_REPS):
-                k = rep % len(PEER_CONFIGS)
-                for config in PEER_CONFIGS[k:] + PEER_CONFIGS[:k]:
-                    for workload in PEER_WORKLOADS:
-                        peer = Peer(config, disk, log_disk)
-                        try:
-                            peer.start()
-                            result = fio(peer.path, workload, f"--runtime={PEER_RUNTIME}")
-                            result.update(peer.stop())
-                        finally:
-                            peer.close()
+                for w, workload in enumerate(PEER_WORKLOADS):
+                    k = (rep + w) % len(PEER_CONFIGS)
+                    for config in PEER_CONFIGS[k:] + PEER_CONFIGS[:k]:
+                        result = peer_pairs(disk, log_disk, config, workload)
                         result.update(disk=disk_name, workload=workload, config=config, rep=rep)
                         runs.append(result)
-                        print(f"peers  {disk_name:6} rep{rep} {config:11} {workload:24} "
-                              f"{result['iops']:10.0f} IOPS dropped "
-                              f"{result.get('dropped', '-')}", flush=True)
+                        print(f"peers  {disk_name:6} rep{rep} {workload:24} {config:11} "
+                              + " ".join(f"{r['iops']:.0f}/{b['iops']:.0f}" for r, b in
+                                         zip(result["runs"], result["linear"], strict=True))
+                              + f" IOPS (peer/linear) dropped {result.get('dropped', '-')}",
+                              flush=True)
         finally:
             sh("umount", str(PEER_FS))
     return runs
@@ -491,7 +527,7 @@ def main() -> int:
     meta = {"kernel": os.uname().release, "runtime_s": RUNTIME, "reps": REPS,
             "size_bytes": SIZE, "cpus": os.cpu_count(),
             "ceilings": ceilings, "pairs": PAIRS, "pair_runtime_s": PAIR_RUNTIME,
-            "peer_reps": PEER_REPS, "peer_runtime_s": PEER_RUNTIME,
+            "peer_reps": PEER_REPS, "peer_pairs": PEER_PAIRS, "peer_runtime_s": PEER_RUNTIME,
             "clocksource": Path("/sys/devices/system/clocksource/clocksource0/"
                                 "current_clocksource").read_text().strip()}
     scratch = os.environ["IMGREMENT_SCRATCH_DISKS"].split()

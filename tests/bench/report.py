@@ -107,28 +107,33 @@ PEER_CONFIGS = ["blktrace", "meta", "writes-drop", "writes-wait", "log-writes"]
 
 
 def summarise_peers(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
-    """Per workload and configuration: the median ratio to dm-linear in the same
-    repetition, the records dropped in all repetitions, the consumer's CPU."""
-    by = {(f"{r['disk']}-{r['workload']}", r["config"], r["rep"]): r for r in runs
-          if "workload" in r}
+    """Per workload and configuration: the median, over every pair of every
+    repetition, of the peer's run over the dm-linear run taken next to it
+    (guest_bench.peer_pairs); the records dropped in all repetitions; the
+    consumer's CPU per set-up and per GB it stored."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
-    for w in sorted({k for k, _, _ in by}):
+    setups = [r for r in runs if "workload" in r]
+    for w in sorted({f"{r['disk']}-{r['workload']}" for r in setups}):
         metric = "bw_bytes" if "seqwrite" in w else "iops"
-        reps = sorted({rep for k, _, rep in by if k == w})
         out[w] = {}
         for c in PEER_CONFIGS:
-            rows = [(by[(w, c, rep)], by[(w, "linear", rep)]) for rep in reps
-                    if (w, c, rep) in by and (w, "linear", rep) in by]
-            if not rows:
+            rows = [r for r in setups if f"{r['disk']}-{r['workload']}" == w
+                    and r["config"] == c]
+            ratios = [run[metric] / lin[metric] for r in rows
+                      for run, lin in zip(r["runs"], r["linear"], strict=True) if lin[metric]]
+            if not ratios:
                 continue
-            cpu: list[float] = [r["consumer_cpu_s"] for r, _ in rows if r.get("consumer_cpu_s")]
-            per_gb = [r["consumer_cpu_s"] / r["stored_bytes"] * 1e9 for r, _ in rows
+            cpu: list[float] = [r["consumer_cpu_s"] for r in rows if r.get("consumer_cpu_s")]
+            per_gb = [r["consumer_cpu_s"] / r["stored_bytes"] * 1e9 for r in rows
                       if r.get("consumer_cpu_s") and r.get("stored_bytes", 0) > 64 << 20]
             out[w][c] = {
                 "consumer_cpu_s_per_gb": round(statistics.median(per_gb), 2) if per_gb else None,
-                "ratio": round(statistics.median(r[metric] / lin[metric] for r, lin in rows), 3),
-                "dropped": sum(r.get("dropped", 0) for r, _ in rows),
-                "waited": sum(r.get("waited", 0) for r, _ in rows),
+                "ratio": round(statistics.median(ratios), 3),
+                "ratio_min": round(min(ratios), 3),
+                "ratio_max": round(max(ratios), 3),
+                "pairs": len(ratios),
+                "dropped": sum(r.get("dropped", 0) for r in rows),
+                "waited": sum(r.get("waited", 0) for r in rows),
                 "consumer_cpu_s": round(statistics.median(cpu), 3) if cpu else None,
             }
     return out
@@ -265,12 +270,15 @@ def peer_lines(res: dict[str, Any]) -> list[str]:
     m = res["meta"]
     lines = [
         "", PEER_HEADING, "",
-        f"Kernel {m['kernel']}, {m.get('peer_reps', '?')} repetitions, "
-        f"{m.get('peer_runtime_s', m['runtime_s'])} s per "
-        "run, each configuration set up afresh for each run, the order rotated per "
-        "repetition; the median over repetitions of the ratio to dm-linear in the same "
-        "repetition (IOPS; throughput for seqwrite-1m), and the records dropped over all "
-        "repetitions. blktrace traces dm-linear into a tmpfs directory; meta and "
+        f"Kernel {m['kernel']}, {m.get('peer_reps', '?')} repetitions of "
+        f"{m.get('peer_pairs', '?')} pairs, {m.get('peer_runtime_s', m['runtime_s'])} s "
+        "per run. Each configuration is set up afresh, per workload and repetition, beside "
+        "a dm-linear over the same disk, and fio alternates between the two (dm-linear "
+        "first, then the configuration first, and so on), so each ratio compares two runs "
+        "taken seconds apart; the configurations of one workload run back to back, their "
+        "order rotated. Each cell is the median of those ratios (IOPS; throughput for "
+        "seqwrite-1m), with their range, and the records dropped over all runs. "
+        "blktrace traces dm-linear into a tmpfs directory; meta and "
         "writes-drop are imgrement drained by `trace -q -o` (drop mode); writes-wait is "
         "imgrement in wait mode drained by `record` into a file on ext4 on a second disk of "
         "the same kind (\"waited\": bios that waited for it); log-writes is "
@@ -300,7 +308,9 @@ def peer_lines(res: dict[str, Any]) -> list[str]:
             if c in ("meta", "writes-drop", "writes-wait"):
                 extra = f" ({x['dropped']} dropped"
                 extra += f", {x['waited']} waited)" if c == "writes-wait" else ")"
-            cells.append(f"{x['ratio']:.3f}{extra}")
+            spread = (f" [{x['ratio_min']:.2f}-{x['ratio_max']:.2f}]"
+                      if "ratio_min" in x else "")
+            cells.append(f"{x['ratio']:.3f}{spread}{extra}")
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     store = res.get("store") or {}
     if store:
