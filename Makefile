@@ -91,7 +91,10 @@ test: lint test-host test-system test-guest
 
 # fio in one guest boot: raw, dm-linear and imgrement in each capture mode on a
 # virtio disk and a RAM disk; ratios to dm-linear in build/bench/results.json
-# and docs/benchmarks.md. About 30 minutes under software emulation.
+# and docs/benchmarks.md; then the peers, each paired with a dm-linear over the
+# same disk.  Under software emulation the first part took about 30 minutes
+# when last timed, the peers 73 (3 repetitions of 2 pairs: BENCH_PEER_REPS,
+# BENCH_PEER_PAIRS).
 # Under emulation the guest kernel finds the vCPUs' TSCs unsynchronized and
 # falls back to the HPET, whose every read (each clock_gettime of fio, each
 # timestamp of the target and of the block layer) traps into QEMU; real

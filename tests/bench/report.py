@@ -86,7 +86,8 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
     return {"meta": raw["meta"], "ratio_to_linear": ratio, "dropped": dropped,
             "absolute": absolute, "paired": paired, "goals": goals,
             "peers": peers, "peer_goals": peer_goals(peers),
-            "store": store_rows(raw.get("peers", []))}
+            "store": store_rows(raw.get("peers", [])),
+            "peer_noise": linear_noise(raw.get("peers", []))}
 
 
 def merge_peers(ratio: dict[str, dict[str, float]], dropped: dict[str, dict[str, int]],
@@ -136,6 +137,33 @@ def summarise_peers(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str,
                 "waited": sum(r.get("waited", 0) for r in rows),
                 "consumer_cpu_s": round(statistics.median(cpu), 3) if cpu else None,
             }
+    return out
+
+
+def linear_noise(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per disk kind: how much dm-linear's two runs in one set-up differ.
+
+    Nothing changes between them but time, so this is the machine's own
+    noise at the length of one run: the floor under which a ratio in the
+    peer table says nothing. The difference is the larger over the smaller,
+    minus one; median, 90th percentile and largest, over every set-up.
+    """
+    out: dict[str, dict[str, float]] = {}
+    for disk in sorted({r["disk"] for r in runs if "linear" in r}):
+        diffs = []
+        for r in runs:
+            if r.get("disk") != disk or len(r.get("linear", [])) < 2:
+                continue
+            metric = "bw_bytes" if "seqwrite" in r["workload"] else "iops"
+            a, b = r["linear"][0][metric], r["linear"][1][metric]
+            if a and b:
+                diffs.append(max(a, b) / min(a, b) - 1)
+        if diffs:
+            diffs.sort()
+            out[disk] = {"setups": len(diffs),
+                         "median_pct": round(100 * statistics.median(diffs), 1),
+                         "p90_pct": round(100 * diffs[int(0.9 * (len(diffs) - 1))], 1),
+                         "max_pct": round(100 * diffs[-1], 1)}
     return out
 
 
@@ -312,6 +340,17 @@ def peer_lines(res: dict[str, Any]) -> list[str]:
                       if "ratio_min" in x else "")
             cells.append(f"{x['ratio']:.3f}{spread}{extra}")
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    noise = res.get("peer_noise") or {}
+    if noise:
+        lines += ["", "This machine's own noise: dm-linear's two runs in one set-up, seconds "
+                  "apart with nothing changed, differ by "
+                  + "; ".join(f"{x['median_pct']}% (median), {x['p90_pct']}% (90th "
+                              f"percentile), {x['max_pct']}% (largest) on {d}"
+                              for d, x in noise.items())
+                  + f", over {sum(x['setups'] for x in noise.values())} set-ups. Each "
+                  "paired ratio carries that noise, and each cell is the median of "
+                  f"{m.get('peer_reps', '?')} x {m.get('peer_pairs', '?')} of them: "
+                  "differences between cells well inside it are not resolved here."]
     store = res.get("store") or {}
     if store:
         lines += ["", "Storing captured data: 512 MiB from mapped memory into a file on the ext4 "
@@ -364,7 +403,8 @@ def main(argv: list[str]) -> int:
     if not raw["runs"]:
         # BENCH_ONLY=peers: only the peers' section of the page is replaced
         res = {"meta": raw["meta"], "peers": summarise_peers(raw.get("peers", [])),
-               "store": store_rows(raw.get("peers", [])), "ratio_to_linear": {},
+               "store": store_rows(raw.get("peers", [])),
+               "peer_noise": linear_noise(raw.get("peers", [])), "ratio_to_linear": {},
                "dropped": {}}
         merge_peers(res["ratio_to_linear"], res["dropped"], res["peers"])
         res["peer_goals"] = peer_goals(res["peers"])
