@@ -5,6 +5,8 @@ measures dm-linear against itself."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -69,3 +71,27 @@ def test_goals_use_the_paired_medians() -> None:
     assert (lossless["wanted"], lossless["met"]) == (0.65, True)
     meta = goals["meta >= blktrace"]
     assert (meta["wanted"], meta["got"], meta["met"]) == (0.95, 0.9, False)
+
+
+def test_the_whole_page_carries_the_peer_table(tmp_path: Path) -> None:
+    """make bench's path (main runs and peers in one raw file): results.json
+    holds the peers' ratios and noise, and the page their table."""
+    fio = {"iops": 1000.0, "bw_bytes": 4e6, "lat_mean_us": 10.0, "lat_p99_us": 20.0}
+    data = {"records": 1, "captured_bytes": 1, "stream_file_bytes": 1, "consumer_cpu_s": 0.1}
+    runs = [{"disk": "brd", "workload": "randwrite-4k-qd1", "config": c, "rep": 0, **fio,
+             **(data if c in report.MODES else {})}
+            for c in ("raw", "linear", *report.MODES)]
+    peers = [_setup("meta", [800, 900], [1000, 1000], dropped=0, waited=0),
+             _setup("blktrace", [700, 700], [1000, 1000])]
+    raw = {"meta": {"kernel": "k", "runtime_s": 3, "reps": 1, "cpus": 2, "peer_reps": 1,
+                    "peer_pairs": 2, "peer_runtime_s": 3},
+           "runs": runs, "paired": [], "peers": peers}
+    (tmp_path / "bench-raw.json").write_text(json.dumps(raw))
+    page = tmp_path / "benchmarks.md"
+    assert report.main([str(tmp_path), str(page)]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["ratio_to_linear"]["blktrace"]["brd-randwrite-4k-qd1"] == 0.7
+    assert res["peer_noise"]["brd"]["median_pct"] == 0.0
+    text = page.read_text()
+    assert report.PEER_HEADING in text
+    assert "| brd-randwrite-4k-qd1 | 0.700 [0.70-0.70] | 0.850 [0.80-0.90] (0 dropped) |" in text
