@@ -103,6 +103,7 @@ BENCH_APPEND ?= tsc=reliable clocksource=tsc
 # The second and third disks hold the peers' logs (dm-log-writes' raw log,
 # record's capture file on ext4). make bench-peers runs only the peer table.
 bench: all
+	scripts/install-host-deps --bench
 	mkdir -p build/bench
 	rm -f build/bench/bench-raw.json build/bench/stream-*.rec
 	$(BIN)/imgrement-dm sandbox --kernel $(KERNEL) --disk 1G --disk 8G --disk 8G --memory 8G \

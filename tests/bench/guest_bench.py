@@ -41,7 +41,9 @@ WORKLOADS: dict[str, list[str]] = {
 CONFIGS = ["raw", "linear", "meta", "writes", "all"]
 # The peers, side by side, on each kind of disk: write workloads (replay needs
 # writes) and a mixed one.  "blktrace" traces dm-linear into a tmpfs
-# directory; "meta" and "writes-drop" are imgrement drained by `trace -q -o`;
+# directory; "bpftrace" prints each bio's block tracepoints (queue and
+# complete) on dm-linear into a tmpfs file, as an eBPF tool would; "meta"
+# and "writes-drop" are imgrement drained by `trace -q -o`;
 # "writes-wait" is imgrement in wait mode drained by `record` (lossless);
 # "log-writes" is dm-log-writes (xfstests' replay tool).  The lossless two
 # write their log to a second disk of the same kind: dm-log-writes onto it
@@ -54,7 +56,16 @@ PEER_WORKLOADS: dict[str, list[str]] = {
     "randrw-70-30-4k-qd16": ["--rw=randrw", "--rwmixread=70", "--bs=4k", "--iodepth=16"],
 }
 # (each paired with dm-linear over the same disk: peer_pairs)
-PEER_CONFIGS = ["blktrace", "meta", "writes-drop", "writes-wait", "log-writes"]
+PEER_CONFIGS = [c for c in ["blktrace", "bpftrace", "meta", "writes-drop", "writes-wait",
+                             "log-writes"]
+                if c in os.environ.get("BENCH_PEER_CONFIGS", c).split(",")]
+# One line per event, what blktrace and imgrement's meta records also hold.
+BPFTRACE = """tracepoint:block:block_bio_queue /args->dev == DEV/ {
+  printf("Q %llu %llu %u %s %d %s\\n", nsecs, args->sector, args->nr_sector, args->rwbs,
+         pid, comm); }
+tracepoint:block:block_bio_complete /args->dev == DEV/ {
+  printf("C %llu %llu %u %s %d\\n", nsecs, args->sector, args->nr_sector, args->rwbs,
+         args->error); }"""
 PEER_REPS = int(os.environ.get("BENCH_PEER_REPS", "3"))
 PEER_PAIRS = int(os.environ.get("BENCH_PEER_PAIRS", "2"))
 PEER_FS = Path("/tmp/imgrement-bench-fs")  # ext4 on the third disk (the guest's /mnt is read-only)
@@ -340,13 +351,13 @@ class Peer:
         self.consumer: subprocess.Popen[bytes] | None = None
         self.traced: imgrement_dm.TracedDevice | None = None
         self.out = (PEER_FS / "capture" if config.startswith("writes") or config == "meta"
-                    else STREAMS / "blktrace")
+                    else STREAMS / config)
         self.cpu_ready = 0
         # the baseline (linear) and blktrace's dm-linear exist side by side
-        self.dm_name = {"linear": "benchbase", "blktrace": "benchlin",
+        self.dm_name = {"linear": "benchbase", "blktrace": "benchlin", "bpftrace": "benchbpf",
                         "log-writes": "benchlw"}.get(config, "")
         n = sh("blockdev", "--getsz", disk).strip()
-        if config in ("linear", "blktrace"):
+        if config in ("linear", "blktrace", "bpftrace"):
             subprocess.run(["dmsetup", "create", self.dm_name, "--table",
                             f"0 {n} linear {disk} 0"], check=True)
             self.path = f"/dev/mapper/{self.dm_name}"
@@ -368,6 +379,17 @@ class Peer:
                 ["blktrace", "-d", self.path, "-D", str(self.out)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(2)  # its per-CPU threads set up the relay buffers
+        elif self.config == "bpftrace":
+            rdev = os.stat(self.path).st_rdev  # the kernel's dev_t: major << 20 | minor
+            prog = BPFTRACE.replace("DEV", str(os.major(rdev) << 20 | os.minor(rdev)))
+            self.consumer = subprocess.Popen(["bpftrace", "-o", str(self.out), "-e", prog],
+                                             stdout=subprocess.DEVNULL)
+            deadline = time.monotonic() + 300  # it compiles the program first
+            while not (self.out.is_file() and b"Attaching" in self.out.read_bytes()[:200]):
+                if self.consumer.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("bpftrace did not attach its probes")
+                time.sleep(0.2)
+            self.cpu_ready = _cpu_ticks(self.consumer.pid)
         elif self.traced is not None:
             self.traced.reset_stats()
             cmd = (["imgrement-dm", "record", "bench", "-q", "-o", str(self.out)]
@@ -392,6 +414,9 @@ class Peer:
             self.consumer.returncode = 0
             if self.out.is_file():
                 got["stored_bytes"] = self.out.stat().st_size
+            if self.config == "bpftrace":
+                with self.out.open("rb") as f:
+                    got["events"] = sum(line.startswith((b"Q ", b"C ")) for line in f)
             ticks = os.sysconf("SC_CLK_TCK")
             got["consumer_cpu_s"] = round(usage.ru_utime + usage.ru_stime
                                           - self.cpu_ready / ticks, 3)

@@ -104,7 +104,7 @@ def merge_peers(ratio: dict[str, dict[str, float]], dropped: dict[str, dict[str,
                 dropped.setdefault(config, {}).setdefault(k, x["dropped"])
 
 
-PEER_CONFIGS = ["blktrace", "meta", "writes-drop", "writes-wait", "log-writes"]
+PEER_CONFIGS = ["blktrace", "bpftrace", "meta", "writes-drop", "writes-wait", "log-writes"]
 
 
 def summarise_peers(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -306,7 +306,9 @@ def peer_lines(res: dict[str, Any]) -> list[str]:
         "taken seconds apart; the configurations of one workload run back to back, their "
         "order rotated. Each cell is the median of those ratios (IOPS; throughput for "
         "seqwrite-1m), with their range, and the records dropped over all runs. "
-        "blktrace traces dm-linear into a tmpfs directory; meta and "
+        "blktrace traces dm-linear into a tmpfs directory; bpftrace prints each bio's "
+        "block_bio_queue and block_bio_complete tracepoints on dm-linear into a tmpfs file, "
+        "one line per event (the eBPF tools' way); meta and "
         "writes-drop are imgrement drained by `trace -q -o` (drop mode); writes-wait is "
         "imgrement in wait mode drained by `record` into a file on ext4 on a second disk of "
         "the same kind (\"waited\": bios that waited for it); log-writes is "
@@ -314,6 +316,10 @@ def peer_lines(res: dict[str, Any]) -> list[str]:
         "of read IOPS.",
         "",
     ]
+    if m.get("second_boot_configs"):
+        lines += [f"The {', '.join(m['second_boot_configs'])} column comes from a second boot "
+                  "of the same kernel, paired with dm-linear the same way: its ratios are "
+                  "within their own set-ups, but the other columns did not run beside it.", ""]
     if m.get("peer_reps", 0) < 3:
         lines += [
             f"**{m.get('peer_reps')} repetition(s) only:** each ratio carries this machine's "
