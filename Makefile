@@ -93,8 +93,9 @@ test: lint test-host test-system test-guest
 # virtio disk and a RAM disk; ratios to dm-linear in build/bench/results.json
 # and docs/benchmarks.md; then the peers, each paired with a dm-linear over the
 # same disk.  Under software emulation the first part took about 30 minutes
-# when last timed, the peers 73 (3 repetitions of 2 pairs: BENCH_PEER_REPS,
-# BENCH_PEER_PAIRS).
+# when last timed; the peers 73 without bpftrace, whose 30 set-ups took 18 more
+# (3 repetitions of 2 pairs: BENCH_PEER_REPS, BENCH_PEER_PAIRS; BENCH_PEER_CONFIGS
+# picks peers).
 # Under emulation the guest kernel finds the vCPUs' TSCs unsynchronized and
 # falls back to the HPET, whose every read (each clock_gettime of fio, each
 # timestamp of the target and of the block layer) traps into QEMU; real
