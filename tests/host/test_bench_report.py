@@ -84,7 +84,7 @@ def test_the_whole_page_carries_the_peer_table(tmp_path: Path) -> None:
     peers = [_setup("meta", [800, 900], [1000, 1000], dropped=0, waited=0),
              _setup("blktrace", [700, 700], [1000, 1000])]
     raw = {"meta": {"kernel": "k", "runtime_s": 3, "reps": 1, "cpus": 2, "peer_reps": 1,
-                    "peer_pairs": 2, "peer_runtime_s": 3},
+                    "peer_pairs": 2, "peer_runtime_s": 3, "second_boot_configs": ["blktrace"]},
            "runs": runs, "paired": [], "peers": peers}
     (tmp_path / "bench-raw.json").write_text(json.dumps(raw))
     page = tmp_path / "benchmarks.md"
@@ -94,5 +94,6 @@ def test_the_whole_page_carries_the_peer_table(tmp_path: Path) -> None:
     assert res["peer_noise"]["brd"]["median_pct"] == 0.0
     text = page.read_text()
     assert report.PEER_HEADING in text
+    assert "The blktrace column comes from a second boot" in text  # said where it is so
     assert ("| brd-randwrite-4k-qd1 | 0.700 [0.70-0.70] | - | 0.850 [0.80-0.90] "
             "(0 dropped) |") in text
