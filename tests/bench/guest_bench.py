@@ -201,6 +201,10 @@ class Setup:
         }
 
     def close(self) -> None:
+        if self.consumer is not None:  # start() or a run failed: stop() never ran
+            self.consumer.kill()
+            self.consumer.wait()
+            self.consumer = None
         if self.traced is not None:
             self.traced.unwrap()
         elif self.config == "linear":
@@ -427,6 +431,10 @@ class Peer:
         return got
 
     def close(self) -> None:
+        if self.consumer is not None:  # start() or a run failed: stop() never ran
+            self.consumer.kill()
+            self.consumer.wait()
+            self.consumer = None
         if self.traced is not None:
             self.traced.unwrap()
         else:
@@ -442,9 +450,9 @@ def peer_pairs(disk: str, log_disk: str, config: str, workload: str) -> dict[str
     Both devices exist together (dm shares its claim on the disk), the
     peer's consumer runs throughout (idle while fio drives dm-linear), and
     PEER_PAIRS runs of each alternate, first one then the other first
-    (ABBA...), so each ratio compares two runs taken seconds apart.  On this
-    machine dm-linear alone varies up to 2x between runs minutes apart,
-    which is larger than most of the differences the table is for.  The
+    (ABBA...), so each ratio compares two runs taken seconds apart and slow
+    drift stays out of it.  What remains is each run's own noise: the
+    report measures it from dm-linear's two runs (report.linear_noise).  The
     consumer's figures (dropped, waited, stored bytes, CPU) cover all of the
     peer's runs in the set-up.
     """
