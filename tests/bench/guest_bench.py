@@ -366,9 +366,9 @@ class Peer:
                             f"0 {n} linear {disk} 0"], check=True)
             self.path = f"/dev/mapper/{self.dm_name}"
         elif config == "log-writes":
-            subprocess.run(["dmsetup", "create", "benchlw", "--table",
+            subprocess.run(["dmsetup", "create", self.dm_name, "--table",
                             f"0 {n} log-writes {disk} {log_disk}"], check=True)
-            self.path = "/dev/mapper/benchlw"
+            self.path = f"/dev/mapper/{self.dm_name}"
         else:
             self.traced = imgrement_dm.wrap(
                 disk, name="bench", capture="meta" if config == "meta" else "writes",

@@ -31,6 +31,11 @@ def _key(run: dict[str, Any]) -> str:
     return f"{run['disk']}-{run['workload']}"
 
 
+def _metric(workload: str) -> str:
+    """What a workload is judged by: throughput for seqwrite, IOPS otherwise."""
+    return "bw_bytes" if "seqwrite" in workload else "iops"
+
+
 def summarise(raw: dict[str, Any]) -> dict[str, Any]:
     runs = raw["runs"]
     by: dict[tuple[str, str, int], dict[str, Any]] = {
@@ -46,7 +51,7 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
         if mode != "raw":
             dropped[mode] = {}
         for k in keys:
-            metric = "bw_bytes" if k.endswith("seqwrite-1m") else "iops"
+            metric = _metric(k)
             per_rep = [
                 by[(k, mode, rep)][metric] / by[(k, "linear", rep)][metric]
                 for rep in reps
@@ -81,13 +86,18 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
         goals.append({"mode": m, "workload": k, "metric": metric, "goal": g,
                       "ratio": ratio[m].get(k), "paired": pair["median"] if pair else None,
                       "met": (judged or 0) >= g})
-    peers = summarise_peers(raw.get("peers", []))
-    merge_peers(ratio, dropped, peers)
-    return {"meta": raw["meta"], "ratio_to_linear": ratio, "dropped": dropped,
-            "absolute": absolute, "paired": paired, "goals": goals,
-            "peers": peers, "peer_goals": peer_goals(peers),
-            "store": store_rows(raw.get("peers", [])),
-            "peer_noise": linear_noise(raw.get("peers", []))}
+    res = {"meta": raw["meta"], "ratio_to_linear": ratio, "dropped": dropped,
+           "absolute": absolute, "paired": paired, "goals": goals}
+    res.update(peer_results(raw.get("peers", [])))
+    merge_peers(ratio, dropped, res["peers"])
+    return res
+
+
+def peer_results(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """What results.json says of the peer runs, for the whole page or the peers alone."""
+    peers = summarise_peers(runs)
+    return {"peers": peers, "peer_goals": peer_goals(peers), "store": store_rows(runs),
+            "peer_noise": linear_noise(runs)}
 
 
 def merge_peers(ratio: dict[str, dict[str, float]], dropped: dict[str, dict[str, int]],
@@ -115,7 +125,7 @@ def summarise_peers(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str,
     out: dict[str, dict[str, dict[str, Any]]] = {}
     setups = [r for r in runs if "workload" in r]
     for w in sorted({f"{r['disk']}-{r['workload']}" for r in setups}):
-        metric = "bw_bytes" if "seqwrite" in w else "iops"
+        metric = _metric(w)
         out[w] = {}
         for c in PEER_CONFIGS:
             rows = [r for r in setups if f"{r['disk']}-{r['workload']}" == w
@@ -154,7 +164,7 @@ def linear_noise(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
         for r in runs:
             if r.get("disk") != disk or len(r.get("linear", [])) < 2:
                 continue
-            metric = "bw_bytes" if "seqwrite" in r["workload"] else "iops"
+            metric = _metric(r["workload"])
             a, b = r["linear"][0][metric], r["linear"][1][metric]
             if a and b:
                 diffs.append(max(a, b) / min(a, b) - 1)
@@ -342,9 +352,7 @@ def peer_lines(res: dict[str, Any]) -> list[str]:
             if c in ("meta", "writes-drop", "writes-wait"):
                 extra = f" ({x['dropped']} dropped"
                 extra += f", {x['waited']} waited)" if c == "writes-wait" else ")"
-            spread = (f" [{x['ratio_min']:.2f}-{x['ratio_max']:.2f}]"
-                      if "ratio_min" in x else "")
-            cells.append(f"{x['ratio']:.3f}{spread}{extra}")
+            cells.append(f"{x['ratio']:.3f} [{x['ratio_min']:.2f}-{x['ratio_max']:.2f}]{extra}")
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     noise = res.get("peer_noise") or {}
     if noise:
@@ -408,12 +416,9 @@ def main(argv: list[str]) -> int:
     raw = json.loads((out / "bench-raw.json").read_text())
     if not raw["runs"]:
         # BENCH_ONLY=peers: only the peers' section of the page is replaced
-        res = {"meta": raw["meta"], "peers": summarise_peers(raw.get("peers", [])),
-               "store": store_rows(raw.get("peers", [])),
-               "peer_noise": linear_noise(raw.get("peers", [])), "ratio_to_linear": {},
-               "dropped": {}}
+        res = {"meta": raw["meta"], "ratio_to_linear": {}, "dropped": {},
+               **peer_results(raw.get("peers", []))}
         merge_peers(res["ratio_to_linear"], res["dropped"], res["peers"])
-        res["peer_goals"] = peer_goals(res["peers"])
         (out / "results-peers.json").write_text(json.dumps(res, indent=1) + "\n")
         page = doc.read_text()
         head, _, rest = page.partition("\n" + PEER_HEADING + "\n")
