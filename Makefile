@@ -62,7 +62,7 @@ guest_job = 'guest-$(subst :,-,$(1))=$(BIN)/imgrement-dm sandbox --kernel $(word
 	--disk 256M --disk 256M --results $(RESULTS) -- tests/guest/run-suite $(word 2,$(subst :, ,$(1)))'
 SYSTEM_JOB := 'system=$(BIN)/pytest tests/system -p no:cacheprovider --junitxml=$(RESULTS)/system.xml'
 # the first boot (the full suite) first, then the system tests, then the rest
-LANE_JOBS = $(call guest_job,$(firstword $(GUEST_RUNS))) $(if $(WITH_SYSTEM),$(SYSTEM_JOB)) \
+LANE_JOBS = $(call guest_job,$(firstword $(GUEST_RUNS))) $(WITH_SYSTEM) \
 	$(foreach r,$(wordlist 2,$(words $(GUEST_RUNS)),$(GUEST_RUNS)),$(call guest_job,$(r)))
 
 test-guest: all
@@ -99,7 +99,7 @@ test-deb: all
 
 # The system tests share the guests' lanes (WITH_SYSTEM).
 test: lint test-host
-	$(MAKE) test-guest WITH_SYSTEM=1
+	$(MAKE) test-guest WITH_SYSTEM=$(SYSTEM_JOB)
 
 # fio in one guest boot: raw, dm-linear and imgrement in each capture mode on a
 # virtio disk and a RAM disk; ratios to dm-linear in build/bench/results.json
