@@ -45,31 +45,21 @@ test-host: all
 # once from Debian's source) the smoke and stress tests.  Each boot's JUnit
 # XML comes back through the shared results folder and is checked: every
 # boot must have run, with no failure and nothing skipped.
-#
-# A guest under emulation keeps about one of two host cores busy, so the
-# boots (and, in make test, the system tests) run two at a time
-# (tests/lanes.py; GUEST_LANES=1 runs them one after another), longest
-# first; each one's output is printed with its name in front and kept whole
-# in $(RESULTS)/lane-NAME.log.
 ALL_KERNELS := 6.1 5.10 6.12 7.2
 KERNELS ?= default
-GUEST_LANES ?= 2
-other_suite := $(if $(filter all,$(KERNELS)),full,smoke)
-GUEST_RUNS ?= $(KERNEL):full debug:$(if $(filter all,$(KERNELS)),full,debug) \
-	$(foreach k,$(filter-out $(KERNEL),$(ALL_KERNELS)),$(k):$(other_suite))
-# a lanes.py job for one boot, kernel:suite
-guest_job = 'guest-$(subst :,-,$(1))=$(BIN)/imgrement-dm sandbox --kernel $(word 1,$(subst :, ,$(1))) \
-	--disk 256M --disk 256M --results $(RESULTS) -- tests/guest/run-suite $(word 2,$(subst :, ,$(1)))'
-SYSTEM_JOB := 'system=$(BIN)/pytest tests/system -p no:cacheprovider --junitxml=$(RESULTS)/system.xml'
-# the first boot (the full suite) first, then the system tests, then the rest
-LANE_JOBS = $(call guest_job,$(firstword $(GUEST_RUNS))) $(WITH_SYSTEM) \
-	$(foreach r,$(wordlist 2,$(words $(GUEST_RUNS)),$(GUEST_RUNS)),$(call guest_job,$(r)))
+GUEST_RUNS ?= $(foreach k,$(ALL_KERNELS),$(k):$(if $(filter all,$(KERNELS)),full,$(if $(filter $(KERNEL),$(k)),full,smoke))) \
+	debug:$(if $(filter all,$(KERNELS)),full,debug)
 
 test-guest: all
 	mkdir -p $(RESULTS)
-	rm -f $(RESULTS)/guest-*.xml $(RESULTS)/lane-*.log
-	rc=0; $(BIN)/python tests/lanes.py --lanes $(GUEST_LANES) --logs $(RESULTS) $(LANE_JOBS) || rc=1; \
-	$(BIN)/python tests/check_junit.py --expect-guest $(words $(GUEST_RUNS)) $(RESULTS) || rc=1; \
+	rm -f $(RESULTS)/guest-*.xml
+	rc=0; n=0; for run in $(GUEST_RUNS); do \
+		k=$${run%%:*}; suite=$${run#*:}; \
+		echo "== kernel $$k: $$suite suite"; n=$$((n + 1)); \
+		$(BIN)/imgrement-dm sandbox --kernel $$k --disk 256M --disk 256M \
+			--results $(RESULTS) -- tests/guest/run-suite $$suite || rc=1; \
+	done; \
+	$(BIN)/python tests/check_junit.py --expect-guest $$n $(RESULTS) || rc=1; \
 	exit $$rc
 
 # The full guest suite on the debug kernel alone.
@@ -97,9 +87,7 @@ test-deb: all
 	mkdir -p $(RESULTS)
 	$(BIN)/pytest tests/system/test_deb.py -p no:cacheprovider --junitxml=$(RESULTS)/deb.xml
 
-# The system tests share the guests' lanes (WITH_SYSTEM).
-test: lint test-host
-	$(MAKE) test-guest WITH_SYSTEM=$(SYSTEM_JOB)
+test: lint test-host test-system test-guest
 
 # fio in one guest boot: raw, dm-linear and imgrement in each capture mode on a
 # virtio disk and a RAM disk; ratios to dm-linear in build/bench/results.json
