@@ -119,3 +119,29 @@ def test_a_long_command_reaches_the_guest_whole(tmp_path: Path) -> None:
     assert argv[-len(command):] == command
     assert script.splitlines()[0] == f"touch {shlex.quote(str(tmp_path / 'marker'))}"
     assert not list(tmp_path.glob("marker*")), "the script stays behind"
+
+
+def test_the_cached_share_covers_the_interpreter_and_the_venv(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What guest_init.sh lays the cached share over: where this Python's
+    standard library and installed packages are, and never a system prefix
+    the guest writes below."""
+    import click
+
+    from imgrement_dm.sandbox import vm
+
+    paths = vm.python_paths()
+    assert paths and all(os.path.isdir(p) and os.path.isabs(p) for p in paths)
+
+    def covered(f: str) -> bool:
+        real = os.path.realpath(f)
+        return any(real.startswith(p + "/") for p in paths)
+
+    assert covered(os.__file__) and covered(click.__file__)
+    assert not set(paths) & {"/", "/usr", "/usr/local"}
+    monkeypatch.setattr(sys, "base_prefix", "/usr")
+    monkeypatch.setattr(sys, "prefix", "/usr")
+    import sysconfig
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": "/usr/lib/python3.11"})
+    assert vm.python_paths() == (["/usr/lib/python3.11"] if os.path.isdir("/usr/lib/python3.11")
+                                 else [])
