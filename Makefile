@@ -43,9 +43,9 @@ test-host: all
 # tests, the smoke suite on the other distro kernels (the full suite
 # everywhere with KERNELS=all), and on the debug kernel (6.1 with KASAN,
 # lockdep, UBSAN, kmemleak; built once from Debian's source) the smoke and
-# stress tests: they run once, where the checkers see their races.  Each boot's JUnit
-# XML comes back through the shared results folder and is checked: every
-# boot must have run, with no failure and nothing skipped.
+# stress tests: they run once, where the checkers see their races.  Each
+# boot's JUnit XML comes back through the shared results folder and is
+# checked: every boot must have run, with no failure and nothing skipped.
 ALL_KERNELS := 6.1 5.10 6.12 7.2
 KERNELS ?= default
 GUEST_RUNS ?= $(foreach k,$(ALL_KERNELS),$(k):$(if $(filter all,$(KERNELS)),full,$(if $(filter $(KERNEL),$(k)),main,smoke))) \
