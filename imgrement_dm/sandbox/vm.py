@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -87,8 +88,6 @@ def python_paths() -> list[str]:
     them changes while a guest runs.  The venv, and the base interpreter's
     prefix unless that is a system prefix (then only its standard library).
     """
-    import sysconfig
-
     paths = []
     base = os.path.realpath(sys.base_prefix)
     if base in _SYSTEM_PREFIXES:
@@ -98,6 +97,7 @@ def python_paths() -> list[str]:
     venv = os.path.realpath(sys.prefix)
     if venv != base:
         paths.append(venv)
+    # guest_init.sh gets them space-separated: a path with a space stays uncached
     return [p for p in paths if os.path.isdir(p) and " " not in p]
 
 
