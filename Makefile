@@ -28,7 +28,12 @@ $(VENV)/.installed: pyproject.toml setup.py VERSION imgrement_dm/_ffi_build.py i
 	scripts/install-host-deps
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[sandbox,dev,plot]'
+	# compat: a plain path in a .pth, not setuptools' import finder, which
+	# costs every Python start 25 ms here and half a second in a TCG guest
+	# (the guest suite starts Python hundreds of times); the default mode
+	# where a setuptools no longer has compat.
+	$(BIN)/pip install --quiet -e '.[sandbox,dev,plot]' --config-settings editable_mode=compat \
+		|| $(BIN)/pip install --quiet -e '.[sandbox,dev,plot]'
 	touch $@
 
 lint: all

@@ -5,21 +5,57 @@ removes the mapping over a block device through device-mapper ioctls, and
 gives both a command line (``imgrement-dm``) and a scripting API.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from imgrement_dm import resources as _resources
-from imgrement_dm.api import (
-    Status,
-    TracedDevice,
-    list_devices,
-    mark,
-    set_capture,
-    set_overflow,
-    status,
-    unwrap,
-    wrap,
-)
-from imgrement_dm.errors import ImgrementError
-from imgrement_dm.recording import Recorded, record
-from imgrement_dm.records import BioRecord, Drop, MarkRecord, RecordReader
+
+if TYPE_CHECKING:
+    from imgrement_dm.api import (
+        Status,
+        TracedDevice,
+        list_devices,
+        mark,
+        set_capture,
+        set_overflow,
+        status,
+        unwrap,
+        wrap,
+    )
+    from imgrement_dm.errors import ImgrementError
+    from imgrement_dm.recording import Recorded, record
+    from imgrement_dm.records import BioRecord, Drop, MarkRecord, RecordReader
+
+# The API's names are imported when first used, not with the package: every
+# command of the CLI (and every udev-started autowrap) imports the package,
+# and under emulation or on a slow machine importing all of it costs more
+# than the command itself. A script sees no difference.
+_WHERE = {
+    **dict.fromkeys(["Status", "TracedDevice", "list_devices", "mark", "set_capture",
+                     "set_overflow", "status", "unwrap", "wrap"], "imgrement_dm.api"),
+    "ImgrementError": "imgrement_dm.errors",
+    "Recorded": "imgrement_dm.recording",
+    "record": "imgrement_dm.recording",
+    **dict.fromkeys(["BioRecord", "Drop", "MarkRecord", "RecordReader"],
+                    "imgrement_dm.records"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The API name ``name``, from the module that defines it (PEP 562)."""
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module 'imgrement_dm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(where), name)
+    globals()[name] = value  # the next lookup is an ordinary one
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])
+
 
 __all__ = [
     "BioRecord",

@@ -18,7 +18,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
-from imgrement_dm import devices, layout
+from imgrement_dm import defaults, devices, layout
 from imgrement_dm.dm import Control, DeviceInfo, Target, check_name
 from imgrement_dm.errors import (
     DeviceBusyError,
@@ -35,7 +35,7 @@ from imgrement_dm.table import CAPTURE_MODES, OVERFLOW_POLICIES, TARGET_TYPE, Im
 
 UUID_PREFIX = devices.UUID_PREFIX
 MARK_MAX = layout.MARK_MAX
-DEFAULT_NAME = "traced"
+DEFAULT_NAME = defaults.DEFAULT_NAME
 #: How long unwrap waits for a short-lived opener (udev's probe) to go away.
 TRANSIENT_OPEN_WAIT = 5.0
 #: modprobe of a module already on disk takes well under a second.

@@ -7,28 +7,30 @@ and turned into the error's exit code (tracebacks only with ``--debug``).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from imgrement_dm import api, increment, recording, render, resources
-from imgrement_dm import autowrap as aw
-from imgrement_dm import autowrap_install as aw_install
-from imgrement_dm import crashcheck as crash
-from imgrement_dm.errors import ImgrementError, IncrementError
-from imgrement_dm.formats import export as export_fmt
-from imgrement_dm.formats import files
-from imgrement_dm.formats.capture import CaptureReader
+from imgrement_dm import resources
+from imgrement_dm.defaults import DEFAULT_NAME
+from imgrement_dm.errors import ImgrementError
 from imgrement_dm.layout import OPS
-from imgrement_dm.output import atomic_output, atomic_path, check_writable
-from imgrement_dm.records import BioRecord, Drop, Item, RecordReader
+
+# Each command imports what it uses when it runs: the udev-started autowrap
+# and every short command would otherwise pay for importing the whole
+# package (crashcheck, increments, formats), which on a slow or emulated
+# machine costs seconds. tests/host/test_cli_imports.py keeps it so.
+if TYPE_CHECKING:
+    from imgrement_dm import autowrap as aw
+    from imgrement_dm import crashcheck as crash
+    from imgrement_dm import increment, recording
+    from imgrement_dm.records import Item, RecordReader
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -66,7 +68,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 @main.command()
 @click.argument("device")
-@click.option("--name", "-n", default=api.DEFAULT_NAME, show_default=True,
+@click.option("--name", "-n", default=DEFAULT_NAME, show_default=True,
               help="Name of the traced device under /dev/mapper.")
 @click.option("--capture", type=click.Choice(["meta", "writes", "all"]), default=None,
               help="What to copy besides metadata [target default: writes].")
@@ -87,6 +89,8 @@ def wrap(device: str, name: str, capture: str | None, buffer_kb: int | None,
 
     Returns once /dev/mapper/NAME exists and udev is done with it.
     """
+    from imgrement_dm import api, render
+
     traced = api.wrap(device, name=name, capture=capture, buffer_kb=buffer_kb, log=log,
                       overflow=overflow, wait_ms=wait_ms)
     if as_json:
@@ -103,6 +107,8 @@ def wrap(device: str, name: str, capture: str | None, buffer_kb: int | None,
               help="If the device is open, remove it when its last user closes it.")
 def unwrap(name: str, deferred: bool) -> None:
     """Remove the traced device NAME (the disk below is untouched)."""
+    from imgrement_dm import api
+
     api.unwrap(name, deferred=deferred)
 
 
@@ -112,6 +118,10 @@ def unwrap(name: str, deferred: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per device.")
 def list_cmd(all_devices: bool, as_json: bool) -> None:
     """List traced devices."""
+    import json
+
+    from imgrement_dm import api, render
+
     found = api.list_devices(all_devices=all_devices)
     if as_json:
         for d in found:
@@ -134,6 +144,8 @@ def list_cmd(all_devices: bool, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="As one JSON object.")
 def status(name: str, as_json: bool) -> None:
     """Counters and settings of the traced device NAME."""
+    from imgrement_dm import api, render
+
     st = api.status(name)
     if as_json:
         click.echo(render.dumps({"name": name, **st.__dict__}))
@@ -148,6 +160,8 @@ def status(name: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="As one JSON object.")
 def mark(name: str, label: str, as_json: bool) -> None:
     """Put a mark LABEL into the record stream of NAME; prints its sequence number."""
+    from imgrement_dm import api, render
+
     seq = api.mark(name, label)
     click.echo(render.dumps({"name": name, "label": label, "seq": seq}) if as_json else seq)
 
@@ -157,6 +171,8 @@ def mark(name: str, label: str, as_json: bool) -> None:
 @click.argument("mode", type=click.Choice(["meta", "writes", "all"]))
 def capture(name: str, mode: str) -> None:
     """Switch what NAME copies (meta, writes or all); takes effect at once."""
+    from imgrement_dm import api
+
     api.set_capture(name, mode)
 
 
@@ -165,12 +181,18 @@ def capture(name: str, mode: str) -> None:
 @click.argument("policy", type=click.Choice(["drop", "wait"]))
 def overflow(name: str, policy: str) -> None:
     """When a record of NAME does not fit: drop it, or make the bio wait (lossless)."""
+    from imgrement_dm import api
+
     api.set_overflow(name, policy)
 
 
 @contextlib.contextmanager
 def _reader(name: str | None, from_file: Path | None) -> Iterator[Iterator[Item] | RecordReader]:
     """A live device's reader, or the items of a file of either kind."""
+    from imgrement_dm import api
+    from imgrement_dm.formats import files
+    from imgrement_dm.records import RecordReader
+
     if (name is None) == (from_file is None):
         raise click.UsageError("give a device NAME or --file FILE (one of them)")
     if from_file is not None:
@@ -236,6 +258,10 @@ def trace(name: str | None, from_file: Path | None, as_json: bool, hexdump: bool
     S sync, M meta, A readahead, I idle, ...), sector + sectors, segments,
     latency, status.
     """
+    from imgrement_dm import recording
+    from imgrement_dm.output import atomic_output, check_writable
+    from imgrement_dm.records import RecordReader
+
     rng = _sector_range(sectors)
     if output is not None:
         if from_file is not None:
@@ -262,6 +288,9 @@ def _show(source: Iterator[Item] | RecordReader, *, as_json: bool, hexdump: bool
           quiet: bool, ops: tuple[str, ...], rng: tuple[int, int] | None,
           count: int | None, duration: float | None, live: bool) -> None:
     """Print items as trace lines or JSON, filtered, up to ``count``."""
+    from imgrement_dm import recording, render
+    from imgrement_dm.records import BioRecord, Drop
+
     t0 = time.clock_gettime_ns(time.CLOCK_MONOTONIC) if live else None
     shown = 0
     if not as_json and not quiet:
@@ -300,6 +329,8 @@ def stats(name: str | None, from_file: Path | None, duration: float | None,
 
     From a file, or live until the device goes, --duration, or Ctrl-C.
     """
+    from imgrement_dm import recording, render
+
     st = render.Stats()
     with _reader(name, from_file) as source, _until_interrupted():
         for item in recording.items(source, duration=duration):
@@ -361,6 +392,7 @@ def _progress(label: str) -> Callable[[int, int], None]:
 
 def _stop_at(until_mark: str | None, until_flush: int | None = None,
              until_fua: int | None = None) -> increment.StopAt:
+    from imgrement_dm import increment
     if sum(x is not None for x in (until_mark, until_flush, until_fua)) > 1:
         raise click.UsageError("give at most one of --until-mark, --until-flush, --until-fua")
     return increment.StopAt(until_mark, until_flush, until_fua)
@@ -386,6 +418,8 @@ def record(name: str, output: Path, duration: float | None, quiet: bool,
     renames FILE.part to FILE. A progress line on stderr shows records,
     bytes, drops and the rate.
     """
+    from imgrement_dm import recording
+
     def show(r: recording.Recorded) -> None:
         rate = r.records / max(r.seconds, 1e-9)
         click.echo(f"\rrecords {r.records}, bytes {r.bytes}, drops {r.drops}, "
@@ -434,6 +468,10 @@ def apply_cmd(base: Path, capture_file: Path, until_mark: str | None, output: Pa
     qcow2 the result is a qcow2 overlay on BASE that stores only the 64 KiB
     clusters the capture changed (QEMU, qemu-img and libvirt read it).
     """
+    from imgrement_dm import crashcheck as crash
+    from imgrement_dm import increment
+    from imgrement_dm.output import atomic_path, check_writable
+
     if backing is not None and fmt_name != "qcow2":
         raise click.UsageError("--backing is for --format qcow2")
     if state_id is not None:
@@ -498,6 +536,9 @@ def crashcheck(capture_file: Path, base: Path, check: tuple[str, ...], max_state
     Exit 0 if every state passed, 1 if any failed; each failure is named by
     its state id, which 'apply --state ID' rebuilds alone.
     """
+    from imgrement_dm import crashcheck as crash
+    from imgrement_dm import increment, render
+
     bounds, size = crash.load(capture_file)
     if base.stat().st_size < size:
         raise increment.too_small(base, base.stat().st_size, size)
@@ -547,6 +588,8 @@ def replay(capture_file: Path, target: Path, until_mark: str | None,
     As dm-log-writes' replay-log is used for crash-consistency tests: replay
     to a mark, flush or FUA write, then check the filesystem on TARGET.
     """
+    from imgrement_dm import increment
+
     sel = increment.replay(capture_file, target, _stop_at(until_mark, until_flush, until_fua),
                            force=force, progress=_progress("replay"))
     click.echo(f"{target}: {len(sel.changes)} changes replayed")
@@ -572,6 +615,9 @@ def diff(capture_file: Path, until_mark: str | None, fmt_name: str, as_json: boo
     qemu-map. A capture that lost records is refused: its map would miss
     blocks.
     """
+    from imgrement_dm import increment, render
+    from imgrement_dm.formats.capture import CaptureReader
+
     found = increment.extents(capture_file, _stop_at(until_mark), force=force)
     fmt_name = "json" if as_json else fmt_name
     if fmt_name == "json":
@@ -603,6 +649,13 @@ def diff(capture_file: Path, until_mark: str | None, fmt_name: str, as_json: boo
 @click.option("-x", "--payload", is_flag=True, help="jsonl: include payloads as hex.")
 def export(capture_file: Path, fmt_name: str, output: Path, device: str, payload: bool) -> None:
     """Write FILE in a format other tools read: blktrace, jsonl or log-writes."""
+    from imgrement_dm.errors import IncrementError
+    from imgrement_dm.formats import export as export_fmt
+    from imgrement_dm.formats import files
+    from imgrement_dm.formats.capture import CaptureReader
+    from imgrement_dm.output import atomic_output, check_writable
+    from imgrement_dm.records import BioRecord
+
     major, _, minor = device.partition(":")
     if not (major.isdigit() and minor.isdigit()):
         raise click.BadParameter(f"{device!r} is not major:minor", param_hint="--device")
@@ -640,7 +693,10 @@ def export(capture_file: Path, fmt_name: str, output: Path, device: str, payload
               required=True, help="The PNG to write.")
 def plot_cmd(capture_file: Path, output: Path) -> None:
     """Draw FILE as sector over time (reads blue, writes red, marks as lines)."""
+    from imgrement_dm.formats import files
+    from imgrement_dm.formats.capture import CaptureReader
     from imgrement_dm.formats.plot import plot
+    from imgrement_dm.output import atomic_output, check_writable
 
     check_writable(output)
     files.require_capture(capture_file, "plot")
@@ -663,6 +719,7 @@ def autowrap() -> None:
 
 
 def _policy() -> aw.Policy:
+    from imgrement_dm import autowrap as aw
     return aw.Policy.load(Path(os.environ.get("IMGREMENT_AUTOWRAP_CONF", aw.DEFAULT_CONF)))
 
 
@@ -670,6 +727,8 @@ def _policy() -> aw.Policy:
 @click.argument("devnode")
 def autowrap_handle(devnode: str) -> None:
     """Apply the policy to one disk (run by the systemd service)."""
+    from imgrement_dm import autowrap as aw
+
     aw.handle(devnode, _policy())
 
 
@@ -677,12 +736,16 @@ def autowrap_handle(devnode: str) -> None:
 @click.argument("devnode")
 def autowrap_release(devnode: str) -> None:
     """Tear down the mapping of a disk that went away (run by the service)."""
+    from imgrement_dm import autowrap as aw
+
     aw.release(devnode)
 
 
 @autowrap.command("watch")
 def autowrap_watch() -> None:
     """Apply the policy to disks as they come and go (for machines without systemd)."""
+    from imgrement_dm import autowrap as aw
+
     policy = _policy()
     with contextlib.suppress(KeyboardInterrupt):
         aw.watch(policy)
@@ -691,6 +754,8 @@ def autowrap_watch() -> None:
 @autowrap.command("enable")
 def autowrap_enable() -> None:
     """Install the udev rule and the systemd unit, and reload udev."""
+    from imgrement_dm import autowrap_install as aw_install
+
     for line in aw_install.enable():
         click.echo(line)
 
@@ -698,6 +763,8 @@ def autowrap_enable() -> None:
 @autowrap.command("disable")
 def autowrap_disable() -> None:
     """Remove the udev rule and the systemd unit, and reload udev."""
+    from imgrement_dm import autowrap_install as aw_install
+
     for line in aw_install.disable():
         click.echo(line)
 
@@ -715,6 +782,8 @@ def autowrap_example() -> None:
 @autowrap.command("status")
 def autowrap_status() -> None:
     """Whether autowrap is enabled, the policy, and the wrapped disks."""
+    from imgrement_dm import autowrap_install as aw_install
+
     for line in aw_install.status():
         click.echo(line)
 
