@@ -7,6 +7,7 @@ serials ``imgrement-scratchN``, and a results folder shared read-write.
 
 from __future__ import annotations
 
+import compileall
 import contextlib
 import os
 import shlex
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from imgrement_dm import resources as package_files
 from imgrement_dm.errors import SandboxError
 from imgrement_dm.sandbox.kernels import Kernel
 
@@ -101,9 +103,32 @@ def python_paths() -> list[str]:
     return [p for p in paths if os.path.isdir(p) and " " not in p]
 
 
+def write_bytecode(cwd: Path) -> list[Path]:
+    """Compile this package, and ``cwd``'s tests/, to .pyc files on the host.
+
+    Why: the guest cannot write bytecode (its view of the host is read-only,
+    and guest_init.sh sets PYTHONDONTWRITEBYTECODE so nothing root-owned is
+    left in a checkout), and a checkout may hold none of its own (pip
+    compiles what it installs, not an editable source tree, and where the
+    host's shell sets PYTHONDONTWRITEBYTECODE too, as on the machine this
+    was measured on, nothing does). So every Python start in the
+    guest, each CLI call of a test, compiled the modules it imported from
+    source, which under TCG costs as much as running them. The .pyc files
+    name the sources' mtime and size, which the guest sees unchanged over
+    9p, so it uses them. Directories this user cannot write are left alone.
+    """
+    done = []
+    for tree in (package_files.PACKAGE, cwd / "tests"):
+        if tree.is_dir() and os.access(tree, os.W_OK):
+            compileall.compile_dir(tree, quiet=2)
+            done.append(tree)
+    return done
+
+
 def run(spec: GuestRun) -> int:
     """Boot, run ``spec.command`` as root in the guest, return its exit status."""
     spec.results.mkdir(parents=True, exist_ok=True)
+    write_bytecode(spec.cwd)
     with tempfile.TemporaryDirectory(prefix="imgrement-disks-", dir=_disk_dir()) as tmp:
         drives: list[str] = []
         for i, size in enumerate(spec.disks):

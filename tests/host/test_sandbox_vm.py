@@ -145,3 +145,27 @@ def test_the_cached_share_covers_the_interpreter_and_the_venv(
     monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": "/usr/lib/python3.11"})
     assert vm.python_paths() == (["/usr/lib/python3.11"] if os.path.isdir("/usr/lib/python3.11")
                                  else [])
+
+
+def test_the_guest_gets_bytecode_for_the_package_and_the_tests(tmp_path: Path) -> None:
+    """The guest cannot write .pyc files; without them every Python start
+    there compiled our modules again, so the sandbox writes them first."""
+    import importlib.util
+
+    import imgrement_dm
+    from imgrement_dm.sandbox import vm
+
+    tests = tmp_path / "tests"
+    (tests / "guest").mkdir(parents=True)
+    (tests / "guest" / "test_x.py").write_text("X = 1\n")
+    package = Path(imgrement_dm.__file__).resolve().parent
+    for tree in (package, tests):
+        for cache in tree.rglob("__pycache__"):
+            for pyc in cache.glob("*.pyc"):
+                pyc.unlink()
+    assert vm.write_bytecode(tmp_path) == [package, tests]
+    for source in (tests / "guest" / "test_x.py", package / "cli.py", package / "api.py",
+                   package / "formats" / "capture.py"):
+        assert Path(importlib.util.cache_from_source(str(source))).is_file(), source
+    # a folder without tests/ gets the package's alone
+    assert vm.write_bytecode(tmp_path / "nothing-here") == [package]
