@@ -20,8 +20,12 @@ import pytest
 
 #: Runs vm._boot with the stand-in vng given as argv[1].
 DRIVER = """
+import signal
 import sys
 from pathlib import Path
+# Ctrl-C as in a terminal, even under a parent that ignores SIGINT (a
+# background job of a non-interactive shell does, and children inherit it)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from types import SimpleNamespace
 from imgrement_dm.sandbox import vm
 
