@@ -40,24 +40,26 @@ def test_importing_the_cli_imports_no_command_s_modules() -> None:
     assert not loaded & HEAVY, sorted(loaded & HEAVY)
 
 
-def test_version_and_help_run_without_the_api() -> None:
-    loaded = _modules_after(
+def _modules_after_commands(*argvs: list[str]) -> set[str]:
+    """The modules loaded after running each CLI command line (exits ignored)."""
+    return _modules_after(
         "import contextlib\n"
         "from imgrement_dm import cli\n"
-        "for args in (['--version'], ['--help'], ['wrap', '--help'], ['trace', '--help'],\n"
-        "             ['crashcheck', '--help'], ['autowrap', 'handle', '--help']):\n"
+        f"for args in {list(argvs)!r}:\n"
         "    with contextlib.suppress(SystemExit):\n"
         "        cli.main(args, prog_name='imgrement-dm')\n")
+
+
+def test_version_and_help_run_without_the_api() -> None:
+    loaded = _modules_after_commands(["--version"], ["--help"], ["wrap", "--help"],
+                                     ["trace", "--help"], ["crashcheck", "--help"],
+                                     ["autowrap", "handle", "--help"])
     assert not loaded & HEAVY, sorted(loaded & HEAVY)
 
 
 def test_a_command_imports_what_it_runs() -> None:
     # status of a name that cannot exist: it fails, after importing the API
-    loaded = _modules_after(
-        "import contextlib\n"
-        "from imgrement_dm import cli\n"
-        "with contextlib.suppress(SystemExit):\n"
-        "    cli.main(['status', 'no/such'], prog_name='imgrement-dm')\n")
+    loaded = _modules_after_commands(["status", "no/such"])
     assert {"imgrement_dm.api", "imgrement_dm.render"} <= loaded
     assert not loaded & {"imgrement_dm.crashcheck", "imgrement_dm.increment",
                          "imgrement_dm.autowrap"}
