@@ -1,4 +1,4 @@
-"""Module life: unloading is refused while in use, and a hundred load, use,
+"""Module life: unloading is refused while in use, and fifty load, use,
 unload cycles give the kernel's memory back."""
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ from imgrement_dm.records import BioRecord, Item, MarkRecord, RecordReader
 from tests.guest.helpers import SLOWDOWN, cli, direct_write, dm_devices, pattern, sh
 
 KO = os.environ.get("IMGREMENT_KO", "")
-#: A hundred cycles show a per-cycle leak of a context or buffer against the
-#: noise of /proc/meminfo. The debug kernel, where a cycle takes several times
-#: as long under emulation, does a quarter of them: its kmemleak scan at the
-#: end of the suite reports even one unreferenced object.
-CYCLES = 100 // SLOWDOWN
+#: A record buffer that outlives its device is caught exactly, in every
+#: cycle. Over fifty cycles the totals of /proc/meminfo show anything else
+#: lost at 10 KiB or more per cycle (a hundred cycles, 5 KiB, took 165 s of
+#: CI's 90 minutes under emulation); smaller unreferenced leaks are
+#: kmemleak's, on the debug kernel, where a cycle takes several times as
+#: long and half as many run.
+CYCLES = 50 if SLOWDOWN == 1 else 25
 
 
 def _rmmod() -> subprocess.CompletedProcess[str]:
@@ -100,7 +102,7 @@ def _cycle(disk: str, i: int) -> None:
             assert [bytes(w.payload) for w in writes] == [pattern(i, 4096)]
 
 
-def test_hundred_load_use_unload_cycles_return_memory(disk: str) -> None:
+def test_load_use_unload_cycles_return_memory(disk: str) -> None:
     assert KO, "IMGREMENT_KO names the module built for this kernel"
     _cycle(disk, 0)  # warm caches once
     slab0, vmalloc0 = _settle_memory()
@@ -109,8 +111,8 @@ def test_hundred_load_use_unload_cycles_return_memory(disk: str) -> None:
         assert _ring_allocations() == 0, f"a record buffer outlived its device (cycle {i})"
     slab1, vmalloc1 = _settle_memory()
     # Exact leaks of our buffers are caught above; here, nothing else grows:
-    # a leaked 100-byte object per cycle would be lost in noise, a leaked
-    # context or buffer per cycle would not.
+    # a leaked 100-byte object per cycle would be lost in noise, 10 KiB per
+    # cycle would not.
     assert slab1 - slab0 < 512, f"unreclaimable slab grew {slab1 - slab0} kB"
     assert vmalloc1 - vmalloc0 < 512, f"vmalloc grew {vmalloc1 - vmalloc0} kB"
     assert _loaded()
