@@ -29,9 +29,9 @@ $(VENV)/.installed: pyproject.toml setup.py VERSION imgrement_dm/_ffi_build.py i
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# compat: a plain path in a .pth, not setuptools' import finder, which
-	# costs every Python start 25 ms here and half a second in a TCG guest
-	# (the guest suite starts Python hundreds of times); the default mode
-	# where a setuptools no longer has compat.
+	# cost every Python start 22-25 ms on the host, 20 to 35 times that in a
+	# TCG guest (the guest suite starts Python hundreds of times); the
+	# default mode where a setuptools no longer has compat.
 	$(BIN)/pip install --quiet -e '.[sandbox,dev,plot]' --config-settings editable_mode=compat \
 		|| $(BIN)/pip install --quiet -e '.[sandbox,dev,plot]'
 	touch $@
@@ -61,7 +61,7 @@ test-guest: all
 	mkdir -p $(RESULTS)
 	rm -f $(RESULTS)/guest-*.xml
 	# pytest's assertion-rewritten test modules, written here: the guest cannot
-	# write them, and rewriting them all again cost every boot ~15 s under TCG
+	# write them and would rewrite all in every boot (0.8 s of host CPU)
 	env -u PYTHONDONTWRITEBYTECODE IMGREMENT_HOST_COLLECT=1 $(BIN)/pytest tests/guest \
 		--collect-only -q -p no:cacheprovider -p no:hypothesispytest >/dev/null
 	rc=0; n=0; for run in $(GUEST_RUNS); do \
