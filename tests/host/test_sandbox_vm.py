@@ -156,13 +156,13 @@ def test_the_guest_gets_bytecode_for_the_package_and_the_tests(tmp_path: Path) -
     there compiled our modules again, so the sandbox writes them first."""
     import importlib.util
 
-    import imgrement_dm
+    from imgrement_dm import resources
     from imgrement_dm.sandbox import vm
 
     tests = tmp_path / "tests"
     (tests / "guest").mkdir(parents=True)
     (tests / "guest" / "test_x.py").write_text("X = 1\n")
-    package = Path(imgrement_dm.__file__).resolve().parent
+    package = resources.PACKAGE
     for tree in (package, tests):
         for cache in tree.rglob("__pycache__"):
             for pyc in cache.glob("*.pyc"):
