@@ -11,6 +11,16 @@
 #include <linux/blkdev.h>
 #include <linux/device-mapper.h>
 
+/*
+ * kstrto*(): <linux/kstrtox.h> since 5.14 (and 5.10.185 on); before it,
+ * <linux/kernel.h> declared them.
+ */
+#if __has_include(<linux/kstrtox.h>)
+#include <linux/kstrtox.h>
+#else
+#include <linux/kernel.h>
+#endif
+
 /* STATUSTYPE_IMA was added in 5.15. */
 #if LINUX_VERSION_CODE >= KERNEL_VERSION(5, 15, 0)
 #define IMGREMENT_HAVE_STATUSTYPE_IMA 1
@@ -120,6 +130,25 @@ static inline void imgrement_vm_flags_clear(struct vm_area_struct *vma,
 #define imgrement_submit_remapped(bio) dm_submit_bio_remap(bio, NULL)
 #else
 #define imgrement_submit_remapped(bio) submit_bio_noacct(bio)
+#endif
+
+/*
+ * A target that submits bios it took over (DM_MAPIO_SUBMITTED) with
+ * dm_submit_bio_remap() says so (5.18 on): dm then starts the I/O
+ * accounting there, once, not also when .map returns, where it raced with
+ * the work item's own start and could count a bio twice.
+ */
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(5, 18, 0)
+#define imgrement_accounts_remapped_io(ti) ((ti)->accounts_remapped_io = true)
+#else
+#define imgrement_accounts_remapped_io(ti) do { } while (0)
+#endif
+
+/* dm limits swap bios in flight for targets that may hold them (5.12 on). */
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(5, 12, 0)
+#define imgrement_limit_swap_bios(ti) ((ti)->limit_swap_bios = true)
+#else
+#define imgrement_limit_swap_bios(ti) do { } while (0)
 #endif
 
 /*

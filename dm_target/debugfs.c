@@ -46,7 +46,7 @@ static int records_open(struct inode *inode, struct file *file)
 
 	kref_get(&dev->kref);
 	file->private_data = dev;
-	imgrement_dev_readers_changed(dev, 1);
+	dev->ops->readers_changed(dev, 1);
 	return nonseekable_open(inode, file);
 }
 
@@ -55,8 +55,8 @@ static int records_release(struct inode *inode, struct file *file)
 	struct imgrement_dev *dev = file->private_data;
 
 	imgrement_ring_forget(&dev->ring, file, NULL);
-	imgrement_dev_readers_changed(dev, -1);
-	kref_put(&dev->kref, imgrement_dev_release);
+	dev->ops->readers_changed(dev, -1);
+	kref_put(&dev->kref, dev->ops->release);
 	return 0;
 }
 
@@ -103,21 +103,11 @@ static int records_mmap(struct file *file, struct vm_area_struct *vma)
 static long records_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 {
 	struct imgrement_dev *dev = file->private_data;
-	struct imgrement_window win = { .ring_size = dev->ring.size };
-	int err;
 
 	if (cmd != IMGREMENT_IOC_NEXT)
 		return -ENOTTY;
-	err = imgrement_ring_next(&dev->ring, file, current->files, &win.offset,
-				  &win.length);
-	if (err)
-		return err;
-	if (copy_to_user((void __user *)arg, &win, sizeof(win))) {
-		/* The caller never learnt of this window: it is not consumed. */
-		imgrement_ring_unlend(&dev->ring, file);
-		return -EFAULT;
-	}
-	return 0;
+	return imgrement_ring_next(&dev->ring, file, current->files,
+				   (struct imgrement_window __user *)arg);
 }
 
 static __poll_t records_poll(struct file *file, poll_table *wait)

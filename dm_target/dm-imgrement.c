@@ -25,24 +25,39 @@
  *   wait  lossless: the bio waits, in order, on a list, and a work item
  *         records and submits it once readers have freed space (.map never
  *         sleeps; bios that arrive while others wait queue behind them).
- *         Bios are split to at most a quarter of the buffer, so every
- *         record fits in an empty one.  A disk must never hang on a missing
- *         reader: with no reader open the record is dropped at once, and when
- *         waiting bios made no progress for wait_ms (a stopped reader) the
- *         device falls back to dropping, with a kernel warning, until the
- *         buffer has drained to a quarter.  The first sequence number lost
- *         in wait mode is kept in status (lost_from) until reset-stats; the
- *         stream shows the gap.  A REQ_NOWAIT bio that would wait fails with
- *         BLK_STS_AGAIN instead (its submitter retries without NOWAIT).
+ *         .map splits a bio that carries data to at most a quarter of the
+ *         buffer (dm_accept_partial_bio, by the policy in force when it is
+ *         mapped), so every record fits in an empty one.  A disk must never
+ *         hang on a missing reader: with no reader open the record is
+ *         dropped at once.  The bound is per bio: no bio waits longer than
+ *         wait_ms (plus the time the work item takes to run).  When the
+ *         oldest waiting bio has waited wait_ms, the device falls back to
+ *         dropping, with a rate-limited kernel warning, until the buffer has
+ *         drained to a quarter; so a reader that frees space now and then,
+ *         but too slowly, cannot keep the N-th bio waiting N x wait_ms.  The
+ *         first sequence number lost in wait mode is kept in status
+ *         (lost_from) until reset-stats; the stream shows the gap.  A
+ *         REQ_NOWAIT bio that would wait fails with BLK_STS_AGAIN instead
+ *         (its submitter retries without NOWAIT).
+ *
+ * Suspend.  Nothing waits across a suspend: presuspend stops waiting,
+ * records each waiting bio whose record fits and drops (counts, lost_from,
+ * a gap in the stream) the record of each that does not, and submits them
+ * all, so dmsetup suspend, a reload or a removal returns at once however
+ * slow the reader is.  Until resume (or a cancelled suspend) no bio waits.
+ * The destructor then finds the waiting list empty by construction.
  *
  * Ioctls.  The target has no .prepare_ioctl, so device-mapper refuses
  * (ENOTTY) every ioctl that it would otherwise hand to the device below:
- * SG_IO and the other SCSI and NVMe passthrough commands, and persistent
- * reservations.  A passthrough WRITE would change the disk with no bio and
- * so no record; a tracer must not let a write past unseen.  The block
- * layer's own ioctls (BLKDISCARD, BLKZEROOUT, BLKFLSBUF, sizes) become bios
- * and are recorded like any other.  Send passthrough commands (smartctl,
- * sg_*) to the disk itself.
+ * SG_IO and the other SCSI and NVMe passthrough commands.  A passthrough
+ * WRITE would change the disk with no bio and so no record; a tracer must
+ * not let a write past unseen.  The block layer's own ioctls (BLKDISCARD,
+ * BLKZEROOUT, BLKFLSBUF, sizes) become bios and are recorded like any
+ * other.  Send passthrough commands (smartctl, sg_*) to the disk itself.
+ * Persistent reservations (IOC_PR_*) are not all refused: device-mapper
+ * hands registration (and on newer kernels the other commands too) to the
+ * disk through .iterate_devices, not through the target, so they may reach
+ * it unrecorded.  They change which hosts may write, never the data.
  *
  * Features: REQ_NOWAIT bios are accepted where the kernel has
  * DM_TARGET_NOWAIT (.map never sleeps).  Integrity metadata and inline
@@ -70,7 +85,6 @@
 
 #include <linux/module.h>
 #include <linux/init.h>
-#include <linux/kstrtox.h>
 #include <linux/bio.h>
 #include <linux/slab.h>
 #include <linux/sched.h>
@@ -90,6 +104,13 @@
 #define IMGREMENT_DEFAULT_WAIT_MS	5000
 #define IMGREMENT_MIN_WAIT_MS		10
 #define IMGREMENT_MAX_WAIT_MS		60000	/* under the hung-task watchdog's */
+
+/*
+ * The largest record: header, one segment per 512 bytes at worst (U16_MAX
+ * at most) and the payload.  Sizes are computed in u64 and compared with the
+ * buffer (at most 1 GiB) before they become a u32 reservation.
+ */
+#define IMGREMENT_MAX_SEGMENTS		U16_MAX
 
 /* Which optional arguments were given, so TABLE status gives them back. */
 enum {
@@ -112,7 +133,8 @@ struct imgrement_c {
 	int capture;			/* enum imgrement_capture; READ_ONCE */
 	bool log;			/* READ_ONCE */
 	int overflow;			/* enum imgrement_overflow; READ_ONCE */
-	u32 wait_ms;			/* how long waiting bios may stall */
+	u32 wait_ms;			/* how long one bio may wait */
+	u32 split_sectors;		/* wait mode: the largest data bio */
 	struct ratelimit_state log_rs;
 };
 
@@ -129,6 +151,7 @@ struct imgrement_io {
 	struct bvec_iter iter;			/* the bio's data, for reads */
 	bool copy_at_end;			/* copy the payload in end_io */
 	struct imgrement_c *ic;			/* for a bio that waits */
+	unsigned long queued;			/* jiffies: when it began to wait */
 	struct imgrement_origin from;		/* for a bio that waits */
 };
 
@@ -191,22 +214,13 @@ static int parse_on_off(const char *s)
  */
 static void imgrement_defer_work(struct work_struct *work);
 static void imgrement_on_space(struct imgrement_ring *ring);
+static void imgrement_readers_changed(struct imgrement_dev *dev, int delta);
+static void imgrement_dev_release(struct kref *kref);
 
-/*
- * Switch the overflow policy.  In wait mode every record must fit in an
- * empty buffer: bios are split to a quarter of it (a power of two, so the
- * split is a mask), which with its segments stays under half.  dm reads
- * max_io_len for each bio it splits, so the change applies to the next one.
- */
-static void imgrement_set_overflow(struct imgrement_c *ic, int overflow)
-{
-	u32 max_sectors = 0;
-
-	if (overflow == IMGREMENT_OVERFLOW_WAIT)
-		max_sectors = rounddown_pow_of_two(ic->buffer_kb * 1024 / 4) >> SECTOR_SHIFT;
-	WRITE_ONCE(ic->ti->max_io_len, max_sectors);
-	WRITE_ONCE(ic->overflow, overflow);
-}
+static const struct imgrement_stream_ops imgrement_stream_ops = {
+	.readers_changed = imgrement_readers_changed,
+	.release = imgrement_dev_release,
+};
 
 static struct imgrement_dev *imgrement_dev_get(struct dm_target *ti, u32 buffer_kb)
 {
@@ -248,6 +262,13 @@ static struct imgrement_dev *imgrement_dev_get(struct dm_target *ti, u32 buffer_
 	INIT_DELAYED_WORK(&dev->defer_work, imgrement_defer_work);
 	atomic_set(&dev->readers, 0);
 	atomic64_set(&dev->lost_from, -1);
+	/*
+	 * Stalls and recoveries are counted in status; the log gets at most
+	 * four lines a minute per device, the rest summed up at removal.
+	 */
+	ratelimit_state_init(&dev->stall_rs, 60 * HZ, 4);
+	ratelimit_set_flags(&dev->stall_rs, RATELIMIT_MSG_ON_RELEASE);
+	dev->ops = &imgrement_stream_ops;
 	dev->ring.on_space = imgrement_on_space;
 	dev->md = md;
 	if (dm_copy_name_and_uuid(md, dev->name, NULL))
@@ -259,7 +280,7 @@ out:
 	return dev;
 }
 
-void imgrement_dev_release(struct kref *kref)
+static void imgrement_dev_release(struct kref *kref)
 {
 	struct imgrement_dev *dev = container_of(kref, struct imgrement_dev, kref);
 
@@ -278,8 +299,13 @@ static void imgrement_dev_put(struct imgrement_dev *dev)
 	list_del(&dev->list);
 	mutex_unlock(&imgrement_devs_lock);
 
-	/* No bio is in flight (dm waited for them), so none waits: */
+	/*
+	 * No bio is in flight (dm waited for them), and presuspend, which dm
+	 * calls before any table goes, let every waiting bio go on: none waits.
+	 */
+	WARN_ON_ONCE(!bio_list_empty(&dev->deferred));
 	cancel_delayed_work_sync(&dev->defer_work);
+	ratelimit_state_exit(&dev->stall_rs);
 	/* Readers drain what is left, then see end of file. */
 	imgrement_ring_close(&dev->ring);
 	imgrement_debugfs_remove(dev);
@@ -311,6 +337,59 @@ static void imgrement_dev_sync_name(struct imgrement_dev *dev)
 	mutex_unlock(&imgrement_devs_lock);
 }
 
+/* Parse one optional argument; each may be given once. */
+static int imgrement_parse_opt(struct imgrement_c *ic, const char *arg, u32 *buffer_kb,
+			       char **error)
+{
+	int v;
+
+	if (!strncmp(arg, "capture:", 8) && !test_bit(OPT_CAPTURE, &ic->opts)) {
+		v = parse_capture(arg + 8);
+		if (v < 0) {
+			*error = "Invalid capture mode: expected capture:meta, capture:writes or capture:all";
+			return -EINVAL;
+		}
+		ic->capture = v;
+		__set_bit(OPT_CAPTURE, &ic->opts);
+	} else if (!strncmp(arg, "buffer_kb:", 10) && !test_bit(OPT_BUFFER, &ic->opts)) {
+		if (kstrtou32(arg + 10, 10, buffer_kb) ||
+		    *buffer_kb < IMGREMENT_MIN_BUFFER_KB ||
+		    *buffer_kb > IMGREMENT_MAX_BUFFER_KB) {
+			*error = "Invalid buffer_kb: expected 64 to 1048576";
+			return -EINVAL;
+		}
+		__set_bit(OPT_BUFFER, &ic->opts);
+	} else if (!strncmp(arg, "log:", 4) && !test_bit(OPT_LOG, &ic->opts)) {
+		v = parse_on_off(arg + 4);
+		if (v < 0) {
+			*error = "Invalid log setting: expected log:on or log:off";
+			return -EINVAL;
+		}
+		ic->log = v;
+		__set_bit(OPT_LOG, &ic->opts);
+	} else if (!strncmp(arg, "overflow:", 9) && !test_bit(OPT_OVERFLOW, &ic->opts)) {
+		v = parse_overflow(arg + 9);
+		if (v < 0) {
+			*error = "Invalid overflow policy: expected overflow:drop or overflow:wait";
+			return -EINVAL;
+		}
+		ic->overflow = v;
+		__set_bit(OPT_OVERFLOW, &ic->opts);
+	} else if (!strncmp(arg, "wait_ms:", 8) && !test_bit(OPT_WAIT_MS, &ic->opts)) {
+		if (kstrtou32(arg + 8, 10, &ic->wait_ms) ||
+		    ic->wait_ms < IMGREMENT_MIN_WAIT_MS ||
+		    ic->wait_ms > IMGREMENT_MAX_WAIT_MS) {
+			*error = "Invalid wait_ms: expected 10 to 60000";
+			return -EINVAL;
+		}
+		__set_bit(OPT_WAIT_MS, &ic->opts);
+	} else {
+		*error = "Unknown or repeated optional argument";
+		return -EINVAL;
+	}
+	return 0;
+}
+
 /*
  * Construct a mapping:
  *   <device> [<offset> [<#opt_args> <opt_args>...]]
@@ -325,24 +404,31 @@ static void imgrement_dev_sync_name(struct imgrement_dev *dev)
  *   log:on|off                print each bio to the kernel log (default off)
  *   overflow:drop|wait        when a record does not fit, drop it (default)
  *                             or make the bio wait for space (lossless)
- *   wait_ms:<N>               in wait mode, how long waiting bios may make
- *                             no progress before the device falls back to
- *                             dropping: 10 to 60000 (default 5000)
+ *   wait_ms:<N>               in wait mode, the longest a bio waits before
+ *                             the device falls back to dropping: 10 to
+ *                             60000 (default 5000)
  */
 static int imgrement_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 {
+	static const struct dm_arg _args[] = {
+		{0, 5, "Invalid optional argument count: 0 to 5 options may follow it"},
+	};
+	struct dm_arg_set as = { .argc = argc, .argv = argv };
+	const char *path, *arg;
 	struct imgrement_c *ic;
 	unsigned long long start = 0;
-	unsigned int nr_opts = 0, i;
+	unsigned int nr_opts = 0;
 	u32 buffer_kb = IMGREMENT_DEFAULT_BUFFER_KB;
 	int ret;
 
-	if (argc < 1) {
+	path = dm_shift_arg(&as);
+	if (!path) {
 		ti->error = "Invalid argument count: expected <device> [<offset> [<#opts> <opts>...]]";
 		return -EINVAL;
 	}
 	/* kstrto*() refuse overflow, which sscanf() would silently wrap. */
-	if (argc >= 2 && kstrtoull(argv[1], 10, &start)) {
+	arg = dm_shift_arg(&as);
+	if (arg && kstrtoull(arg, 10, &start)) {
 		ti->error = "Invalid offset: expected a sector number";
 		return -EINVAL;
 	}
@@ -350,7 +436,9 @@ static int imgrement_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 		ti->error = "Offset too large";
 		return -EINVAL;
 	}
-	if (argc >= 3 && (kstrtouint(argv[2], 10, &nr_opts) || nr_opts != argc - 3)) {
+	if (as.argc && dm_read_arg_group(_args, &as, &nr_opts, &ti->error))
+		return -EINVAL;
+	if (as.argc != nr_opts) {
 		ti->error = "Invalid optional argument count: it must equal the arguments that follow";
 		return -EINVAL;
 	}
@@ -369,64 +457,19 @@ static int imgrement_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 	ratelimit_state_init(&ic->log_rs, 5 * HZ, 20);
 	ratelimit_set_flags(&ic->log_rs, RATELIMIT_MSG_ON_RELEASE);
 
-	for (i = 3; i < argc; i++) {
-		const char *arg = argv[i];
-		int v;
-
-		if (!strncmp(arg, "capture:", 8) && !test_bit(OPT_CAPTURE, &ic->opts)) {
-			v = parse_capture(arg + 8);
-			if (v < 0) {
-				ti->error = "Invalid capture mode: expected capture:meta, capture:writes or capture:all";
-				ret = -EINVAL;
-				goto bad;
-			}
-			ic->capture = v;
-			__set_bit(OPT_CAPTURE, &ic->opts);
-		} else if (!strncmp(arg, "buffer_kb:", 10) && !test_bit(OPT_BUFFER, &ic->opts)) {
-			if (kstrtou32(arg + 10, 10, &buffer_kb) ||
-			    buffer_kb < IMGREMENT_MIN_BUFFER_KB ||
-			    buffer_kb > IMGREMENT_MAX_BUFFER_KB) {
-				ti->error = "Invalid buffer_kb: expected 64 to 1048576";
-				ret = -EINVAL;
-				goto bad;
-			}
-			__set_bit(OPT_BUFFER, &ic->opts);
-		} else if (!strncmp(arg, "log:", 4) && !test_bit(OPT_LOG, &ic->opts)) {
-			v = parse_on_off(arg + 4);
-			if (v < 0) {
-				ti->error = "Invalid log setting: expected log:on or log:off";
-				ret = -EINVAL;
-				goto bad;
-			}
-			ic->log = v;
-			__set_bit(OPT_LOG, &ic->opts);
-		} else if (!strncmp(arg, "overflow:", 9) && !test_bit(OPT_OVERFLOW, &ic->opts)) {
-			v = parse_overflow(arg + 9);
-			if (v < 0) {
-				ti->error = "Invalid overflow policy: expected overflow:drop or overflow:wait";
-				ret = -EINVAL;
-				goto bad;
-			}
-			ic->overflow = v;
-			__set_bit(OPT_OVERFLOW, &ic->opts);
-		} else if (!strncmp(arg, "wait_ms:", 8) && !test_bit(OPT_WAIT_MS, &ic->opts)) {
-			if (kstrtou32(arg + 8, 10, &ic->wait_ms) ||
-			    ic->wait_ms < IMGREMENT_MIN_WAIT_MS ||
-			    ic->wait_ms > IMGREMENT_MAX_WAIT_MS) {
-				ti->error = "Invalid wait_ms: expected 10 to 60000";
-				ret = -EINVAL;
-				goto bad;
-			}
-			__set_bit(OPT_WAIT_MS, &ic->opts);
-		} else {
-			ti->error = "Unknown or repeated optional argument";
-			ret = -EINVAL;
+	while ((arg = dm_shift_arg(&as))) {
+		ret = imgrement_parse_opt(ic, arg, &buffer_kb, &ti->error);
+		if (ret)
 			goto bad;
-		}
 	}
 	ic->buffer_kb = buffer_kb;
+	/*
+	 * Wait mode: every record must fit in an empty buffer, so .map splits
+	 * data bios to a quarter of it, which with its segments stays under half.
+	 */
+	ic->split_sectors = rounddown_pow_of_two(buffer_kb * 1024 / 4) >> SECTOR_SHIFT;
 
-	ret = dm_get_device(ti, argv[0], dm_table_get_mode(ti->table), &ic->dev);
+	ret = dm_get_device(ti, path, dm_table_get_mode(ti->table), &ic->dev);
 	if (ret) {
 		ti->error = "Device lookup failed";
 		goto bad;
@@ -450,8 +493,11 @@ static int imgrement_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 	ti->num_secure_erase_bios = 1;
 	ti->num_write_zeroes_bios = 1;
 	ti->per_io_data_size = sizeof(struct imgrement_io);
+	/* Bios that waited are submitted (and so accounted) from the work item. */
+	imgrement_accounts_remapped_io(ti);
+	/* Swap bios can wait too: dm limits how many are in flight. */
+	imgrement_limit_swap_bios(ti);
 	ti->private = ic;
-	imgrement_set_overflow(ic, ic->overflow);
 	return 0;
 
 bad_put:
@@ -541,6 +587,7 @@ static void log_bio(struct imgrement_c *ic, struct bio *bio, u8 op, sector_t sec
 	struct bvec_iter iter;
 	struct bio_vec bv;
 	unsigned int i = 0;
+	u64 done = 0;		/* bytes before this segment: sectors stay exact */
 
 	if (!__ratelimit(&ic->log_rs))
 		return;
@@ -550,17 +597,18 @@ static void log_bio(struct imgrement_c *ic, struct bio *bio, u8 op, sector_t sec
 	if (!bio_has_data(bio))
 		return;
 	bio_for_each_segment(bv, bio, iter) {
-		unsigned int n = bv.bv_len >> SECTOR_SHIFT;
+		sector_t first = sector + (done >> SECTOR_SHIFT);
+		sector_t last = sector + ((done + bv.bv_len - 1) >> SECTOR_SHIFT);
 
 		if (i == 8) {
 			pr_info("imgrement: (%u more segments not shown)\n",
 				bio_segments(bio) - i);
 			break;
 		}
-		pr_info("imgrement: bv #%u: len %u, offset %u, %u sectors (%llu..%llu)\n",
-			i, bv.bv_len, bv.bv_offset, n, (unsigned long long)sector,
-			(unsigned long long)(sector + (n ? n - 1 : 0)));
-		sector += n;
+		pr_info("imgrement: bv #%u: len %u, offset %u, sectors %llu..%llu\n",
+			i, bv.bv_len, bv.bv_offset, (unsigned long long)first,
+			(unsigned long long)last);
+		done += bv.bv_len;
 		i++;
 	}
 }
@@ -577,20 +625,26 @@ static void copy_payload(struct bio *bio, struct bvec_iter iter, char *dst)
 	}
 }
 
+/*
+ * Each segment's first sector: the bio's plus the bytes before it, counted
+ * in bytes, since a segment need not be whole sectors (an O_DIRECT buffer
+ * that crosses a page gives, say, 64 + 448 bytes).
+ */
 static void fill_segments(struct imgrement_bio_record *rec, struct bio *bio,
 			  sector_t sector, unsigned int nr_segs)
 {
 	struct imgrement_segment *seg = (struct imgrement_segment *)(rec + 1);
 	struct bvec_iter iter;
 	struct bio_vec bv;
+	u64 done = 0;
 
 	bio_for_each_segment(bv, bio, iter) {
 		if (!nr_segs--)
 			break;
 		seg->len = cpu_to_le32(bv.bv_len);
 		seg->offset = cpu_to_le32(bv.bv_offset);
-		seg->sector = cpu_to_le64(sector);
-		sector += bv.bv_len >> SECTOR_SHIFT;
+		seg->sector = cpu_to_le64(sector + (done >> SECTOR_SHIFT));
+		done += bv.bv_len;
 		seg++;
 	}
 }
@@ -624,9 +678,12 @@ static bool record_bio(struct imgrement_c *ic, struct bio *bio, sector_t sector,
 	int capture = READ_ONCE(ic->capture);
 	u8 op = record_op(bio);
 	unsigned int nr_segs = bio_has_data(bio) ? bio_segments(bio) : 0;
-	u32 payload = 0, bytes, rflags = 0;
+	u32 payload = 0, rflags = 0;
 	struct imgrement_bio_record *rec;
-	u64 seq;
+	u64 seq, bytes;
+
+	/* Records are whole 8-byte units; the header alone is never empty. */
+	BUILD_BUG_ON(sizeof(*rec) % 8 || sizeof(struct imgrement_segment) % 8);
 
 	io->rec = NULL;
 	io->copy_at_end = false;
@@ -634,10 +691,11 @@ static bool record_bio(struct imgrement_c *ic, struct bio *bio, sector_t sector,
 		payload = bio->bi_iter.bi_size;
 	else if (op == IMGREMENT_OP_READ && capture == IMGREMENT_CAPTURE_ALL)
 		payload = bio->bi_iter.bi_size;
-	if (nr_segs > U16_MAX)
-		nr_segs = U16_MAX;	/* a 256 MiB bio: keep the first ones */
+	if (nr_segs > IMGREMENT_MAX_SEGMENTS)
+		nr_segs = IMGREMENT_MAX_SEGMENTS;	/* a 256 MiB bio: keep the first ones */
 
-	bytes = sizeof(*rec) + nr_segs * sizeof(struct imgrement_segment) + payload;
+	/* In u64: a bio of almost 4 GiB plus its segments would wrap a u32. */
+	bytes = sizeof(*rec) + (u64)nr_segs * sizeof(struct imgrement_segment) + payload;
 	if (payload && bytes > ic->idev->ring.size && may_drop) {
 		/*
 		 * Drop mode, a bio too large for its data ever to be kept (wait
@@ -648,7 +706,9 @@ static bool record_bio(struct imgrement_c *ic, struct bio *bio, sector_t sector,
 		payload = 0;
 		rflags = IMGREMENT_R_NO_ROOM;
 	}
-	rec = (struct imgrement_bio_record *)imgrement_ring_reserve(&ic->idev->ring, bytes,
+	/* Larger than the buffer (at most 1 GiB): reserving fails, as it must. */
+	rec = (struct imgrement_bio_record *)imgrement_ring_reserve(&ic->idev->ring,
+								    min_t(u64, bytes, U32_MAX & ~7U),
 								    may_drop, &seq);
 	if (!rec) {
 		if (!may_drop)
@@ -708,12 +768,14 @@ static void imgrement_remap(struct imgrement_c *ic, struct bio *bio)
 /* Waiting is worth it only with a reader to free space, and not after a stall. */
 static bool imgrement_may_wait(struct imgrement_dev *idev)
 {
-	if (unlikely(READ_ONCE(idev->fallback))) {
+	if (unlikely(test_bit(IMGREMENT_FALLBACK, &idev->state))) {
 		if (imgrement_ring_used(&idev->ring) > idev->ring.size / 4)
 			return false;
 		/* The reader caught up: lossless again (lost_from stays). */
-		WRITE_ONCE(idev->fallback, false);
-		DMINFO("%s: the reader caught up; bios wait for space again", idev->name);
+		if (test_and_clear_bit(IMGREMENT_FALLBACK, &idev->state) &&
+		    __ratelimit(&idev->stall_rs))
+			DMINFO("%s: the reader caught up; bios wait for space again",
+			       idev->name);
 	}
 	return atomic_read(&idev->readers) > 0;
 }
@@ -721,7 +783,8 @@ static bool imgrement_may_wait(struct imgrement_dev *idev)
 /*
  * Wait mode, in .map: record @bio now if it fits and nothing waits before
  * it; otherwise put it on the waiting list (or fail a NOWAIT bio).  Returns
- * true when the bio goes on now (recorded, or dropped for lack of a reader).
+ * true when the bio goes on now (recorded, or dropped for lack of a reader
+ * or because the device is suspending).
  */
 static bool imgrement_record_or_defer(struct imgrement_c *ic, struct bio *bio)
 {
@@ -741,10 +804,14 @@ static bool imgrement_record_or_defer(struct imgrement_c *ic, struct bio *bio)
 		return false;
 	}
 	io->ic = ic;
+	io->queued = jiffies;
 	take_origin(&io->from);
 	spin_lock_irqsave(&idev->defer_lock, flags);
-	if (!idev->nr_deferred)
-		idev->stalled_since = jiffies;
+	if (unlikely(idev->draining)) {
+		/* Suspending: presuspend waits for the list to empty, not longer. */
+		spin_unlock_irqrestore(&idev->defer_lock, flags);
+		return record_bio(ic, bio, bio->bi_iter.bi_sector, true, &io->from);
+	}
 	bio_list_add(&idev->deferred, bio);
 	WRITE_ONCE(idev->nr_deferred, idev->nr_deferred + 1);
 	spin_unlock_irqrestore(&idev->defer_lock, flags);
@@ -756,13 +823,15 @@ static bool imgrement_record_or_defer(struct imgrement_c *ic, struct bio *bio)
 /*
  * Record and submit the waiting bios, oldest first, as space allows.  Runs
  * when the list grows, when readers free space (on_space) or come and go,
- * and wait_ms after the last progress, when it falls back to dropping.
+ * when a suspend begins, and when the oldest waiting bio has waited wait_ms:
+ * then the device falls back to dropping, so no bio waits longer.
  */
 static void imgrement_defer_work(struct work_struct *work)
 {
 	struct imgrement_dev *idev = container_of(to_delayed_work(work),
 						  struct imgrement_dev, defer_work);
 	unsigned long flags, deadline;
+	bool draining;
 	struct bio *bio;
 
 	for (;;) {
@@ -772,15 +841,16 @@ static void imgrement_defer_work(struct work_struct *work)
 
 		spin_lock_irqsave(&idev->defer_lock, flags);
 		bio = bio_list_peek(&idev->deferred);
-		deadline = idev->stalled_since;
+		draining = idev->draining;
 		spin_unlock_irqrestore(&idev->defer_lock, flags);
 		if (!bio)
 			return;
 		io = dm_per_bio_data(bio, sizeof(struct imgrement_io));
 		ic = io->ic;
 		sector = bio->bi_iter.bi_sector;
-		deadline += msecs_to_jiffies(READ_ONCE(ic->wait_ms));
-		if (!imgrement_may_wait(idev) ||
+		/* The list is in arrival order: this is the oldest waiting bio. */
+		deadline = io->queued + msecs_to_jiffies(READ_ONCE(ic->wait_ms));
+		if (draining || !imgrement_may_wait(idev) ||
 		    READ_ONCE(ic->overflow) != IMGREMENT_OVERFLOW_WAIT) {
 			record_bio(ic, bio, sector, true, &io->from);
 		} else if (!record_bio(ic, bio, sector, false, &io->from)) {
@@ -790,16 +860,17 @@ static void imgrement_defer_work(struct work_struct *work)
 						   deadline - jiffies);
 				return;
 			}
-			WRITE_ONCE(idev->fallback, true);
-			atomic64_inc(&idev->fallbacks);
-			DMWARN("%s: no reader freed space for %u ms; dropping records until it catches up",
-			       idev->name, READ_ONCE(ic->wait_ms));
+			if (!test_and_set_bit(IMGREMENT_FALLBACK, &idev->state)) {
+				atomic64_inc(&idev->fallbacks);
+				if (__ratelimit(&idev->stall_rs))
+					DMWARN("%s: a bio waited %u ms for space; dropping records until the reader catches up (fallbacks in status)",
+					       idev->name, READ_ONCE(ic->wait_ms));
+			}
 			record_bio(ic, bio, sector, true, &io->from);
 		}
 		spin_lock_irqsave(&idev->defer_lock, flags);
 		bio_list_pop(&idev->deferred);
 		WRITE_ONCE(idev->nr_deferred, idev->nr_deferred - 1);
-		idev->stalled_since = jiffies;
 		spin_unlock_irqrestore(&idev->defer_lock, flags);
 		imgrement_remap(ic, bio);
 		imgrement_submit_remapped(bio);
@@ -819,29 +890,41 @@ static void imgrement_on_space(struct imgrement_ring *ring)
 	imgrement_kick(container_of(ring, struct imgrement_dev, ring));
 }
 
-void imgrement_dev_readers_changed(struct imgrement_dev *dev, int delta)
+static void imgrement_readers_changed(struct imgrement_dev *dev, int delta)
 {
 	/* The last reader going leaves waiting bios nobody will make room for. */
 	if (atomic_add_return(delta, &dev->readers) == 0)
 		imgrement_kick(dev);
 }
 
+/*
+ * Wait mode: a bio that carries data is split to a quarter of the buffer
+ * here, by the policy in force now (dm maps the rest as a bio of its own),
+ * so that its record fits in an empty buffer.  Drop mode never splits.
+ */
+static void imgrement_fit_to_buffer(struct imgrement_c *ic, struct bio *bio)
+{
+	if (bio_has_data(bio) && bio_sectors(bio) > ic->split_sectors)
+		dm_accept_partial_bio(bio, ic->split_sectors);
+}
+
 static int imgrement_map(struct dm_target *ti, struct bio *bio)
 {
 	struct imgrement_c *ic = ti->private;
 	struct imgrement_dev *idev = ic->idev;
+	bool wait = READ_ONCE(ic->overflow) == IMGREMENT_OVERFLOW_WAIT;
 	sector_t sector = bio->bi_iter.bi_sector;	/* on the traced device */
 
+	if (wait)
+		imgrement_fit_to_buffer(ic, bio);
 	atomic64_inc(&idev->bios);
 	atomic64_add(bio->bi_iter.bi_size, &idev->bytes);
 	if (unlikely(READ_ONCE(ic->log)))
 		log_bio(ic, bio, record_op(bio), sector);
-	if (READ_ONCE(ic->overflow) == IMGREMENT_OVERFLOW_WAIT) {
-		if (!imgrement_record_or_defer(ic, bio))
-			return DM_MAPIO_SUBMITTED;
-	} else {
+	if (!wait)
 		record_bio(ic, bio, sector, true, NULL);
-	}
+	else if (!imgrement_record_or_defer(ic, bio))
+		return DM_MAPIO_SUBMITTED;
 	imgrement_remap(ic, bio);
 	return DM_MAPIO_REMAPPED;
 }
@@ -961,7 +1044,7 @@ static int imgrement_message(struct dm_target *ti, unsigned int argc, char **arg
 			DMWARN("overflow needs drop or wait");
 			return -EINVAL;
 		}
-		imgrement_set_overflow(ic, v);
+		WRITE_ONCE(ic->overflow, v);
 		set_bit(OPT_OVERFLOW, &ic->opts);
 		imgrement_kick(ic->idev);	/* waiting bios go on, if now drop */
 		return 0;
@@ -1042,10 +1125,44 @@ static void imgrement_status(struct dm_target *ti, status_type_t type,
 	}
 }
 
+/* Whether bios may wait; off from presuspend until resume (or an undo). */
+static void imgrement_set_draining(struct imgrement_dev *idev, bool draining)
+{
+	unsigned long flags;
+
+	spin_lock_irqsave(&idev->defer_lock, flags);
+	idev->draining = draining;
+	spin_unlock_irqrestore(&idev->defer_lock, flags);
+}
+
+/*
+ * A suspend must not wait for the reader: stop waiting, let every waiting
+ * bio go on (recorded where its record fits, dropped and counted where it
+ * does not) and return once the list is empty.  Bios mapped from now on
+ * never join it (record_or_defer checks draining under the lock).
+ */
+static void imgrement_presuspend(struct dm_target *ti)
+{
+	struct imgrement_c *ic = ti->private;
+	struct imgrement_dev *idev = ic->idev;
+
+	imgrement_set_draining(idev, true);
+	mod_delayed_work(imgrement_wq, &idev->defer_work, 0);
+	flush_delayed_work(&idev->defer_work);
+}
+
+static void imgrement_presuspend_undo(struct dm_target *ti)
+{
+	struct imgrement_c *ic = ti->private;
+
+	imgrement_set_draining(ic->idev, false);
+}
+
 static void imgrement_resume(struct dm_target *ti)
 {
 	struct imgrement_c *ic = ti->private;
 
+	imgrement_set_draining(ic->idev, false);
 	imgrement_dev_sync_name(ic->idev);
 }
 
@@ -1059,7 +1176,7 @@ static int imgrement_iterate_devices(struct dm_target *ti,
 
 static struct target_type imgrement_target = {
 	.name = "imgrement",
-	.version = {1, 2, 0},
+	.version = {1, 3, 0},
 	.features = IMGREMENT_TARGET_FEATURES,
 	.module = THIS_MODULE,
 	.ctr = imgrement_ctr,
@@ -1068,6 +1185,8 @@ static struct target_type imgrement_target = {
 	.end_io = imgrement_end_io,
 	.status = imgrement_status,
 	.message = imgrement_message,
+	.presuspend = imgrement_presuspend,
+	.presuspend_undo = imgrement_presuspend_undo,
 	.resume = imgrement_resume,
 	.iterate_devices = imgrement_iterate_devices,
 };

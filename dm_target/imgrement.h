@@ -20,6 +20,7 @@
 #include <linux/device-mapper.h>
 #include <linux/bio.h>
 #include <linux/workqueue.h>
+#include <linux/ratelimit.h>
 
 #include "ring.h"
 
@@ -34,6 +35,24 @@ enum imgrement_capture {
 enum imgrement_overflow {
 	IMGREMENT_OVERFLOW_DROP = 0,	/* the record is dropped (the default) */
 	IMGREMENT_OVERFLOW_WAIT = 1,	/* the bio waits for space: lossless */
+};
+
+/* imgrement_dev.state bits */
+enum {
+	IMGREMENT_FALLBACK,		/* dropping after a stall, until drained */
+};
+
+struct imgrement_dev;
+
+/*
+ * What the records file needs from the device that owns the stream: the
+ * device hands these to debugfs.c, which calls nothing in dm-imgrement.c.
+ */
+struct imgrement_stream_ops {
+	/* A reader came or went: bios waiting for space may have to move on. */
+	void (*readers_changed)(struct imgrement_dev *dev, int delta);
+	/* The last reference (kref) went: free the stream. */
+	void (*release)(struct kref *kref);
 };
 
 struct imgrement_dev {
@@ -51,27 +70,26 @@ struct imgrement_dev {
 	atomic64_t dropped;
 
 	/* The lossless mode: bios whose record did not fit wait here, in order. */
-	spinlock_t defer_lock;		/* deferred, nr_deferred, stalled_since */
+	spinlock_t defer_lock;		/* deferred, nr_deferred, draining */
 	struct bio_list deferred;
 	unsigned int nr_deferred;	/* READ_ONCE outside the lock */
-	unsigned long stalled_since;	/* jiffies: the last progress while bios wait */
+	bool draining;			/* suspending: nothing may wait */
 	struct delayed_work defer_work;	/* records and submits them */
-	bool fallback;			/* dropping after a stall, until drained */
+	unsigned long state;		/* IMGREMENT_FALLBACK: atomic bitops */
 	atomic_t readers;		/* open records files */
+	const struct imgrement_stream_ops *ops;
 	atomic64_t waited;		/* bios that ever waited (INFO) */
 	atomic64_t fallbacks;		/* stalls that fell back to dropping */
+	struct ratelimit_state stall_rs;	/* their kernel log lines */
 	atomic64_t lost_from;		/* first record lost in wait mode, or -1 */
 };
-
-/* A reader came or went: bios waiting for space may have to move on. */
-void imgrement_dev_readers_changed(struct imgrement_dev *dev, int delta);
 
 /*
  * Lifetime: when the last target goes, the stream is closed and its
  * directory removed, but readers that still have the records file open keep
- * the memory (kref) until they close it, so they can drain what is left.
+ * the memory (kref, released through ops->release) until they close it, so
+ * they can drain what is left.
  */
-void imgrement_dev_release(struct kref *kref);
 
 int imgrement_debugfs_init(void);
 void imgrement_debugfs_exit(void);

@@ -381,8 +381,9 @@ ssize_t imgrement_ring_read(struct imgrement_ring *ring, const void *owner,
 }
 
 int imgrement_ring_next(struct imgrement_ring *ring, const void *owner,
-			const void *closer, u64 *off, u64 *len)
+			const void *closer, struct imgrement_window __user *uwin)
 {
+	struct imgrement_window win = { .ring_size = ring->size };
 	u64 start, pos, head;
 	bool closing;
 	u32 size;
@@ -414,24 +415,21 @@ int imgrement_ring_next(struct imgrement_ring *ring, const void *owner,
 	/* Skipped padding is consumed; the window stays lent until next time. */
 	ring_set_tail(ring, start, pos, owner);
 	ring->win_closer = closer;
-	*off = ring_off(ring, start);
-	*len = pos - start;
-	if (pos == start && !closing)
+	if (pos == start && !closing) {
 		err = -EAGAIN;
+		goto out;
+	}
+	win.offset = ring_off(ring, start);
+	win.length = pos - start;
+	if (copy_to_user(uwin, &win, sizeof(win))) {
+		/* The caller never learnt of this window: it stays unconsumed. */
+		ring_set_tail(ring, start, start, NULL);
+		wake_up_interruptible(&ring->wait);
+		err = -EFAULT;
+	}
 out:
 	mutex_unlock(&ring->read_lock);
 	return err;
-}
-
-void imgrement_ring_unlend(struct imgrement_ring *ring, const void *owner)
-{
-	mutex_lock(&ring->read_lock);
-	/* Nobody else took anything meanwhile: they got -EBUSY. */
-	if (ring->win_owner == owner) {
-		ring_set_tail(ring, ring->tail, ring->tail, NULL);
-		wake_up_interruptible(&ring->wait);
-	}
-	mutex_unlock(&ring->read_lock);
 }
 
 void imgrement_ring_forget(struct imgrement_ring *ring, const void *owner,

@@ -119,19 +119,18 @@ ssize_t imgrement_ring_read(struct imgrement_ring *ring, const void *owner,
 			    char __user *ubuf, size_t count, bool nonblock);
 
 /*
- * Give back @owner's window, if any, and lend it the next: whole committed
- * records at buffer offset *@off, *@len bytes.  Never blocks on records.
- * @closer names who may give it back by closing (see ring_forget).
- * Returns 0 (*@len 0 at end of stream), -EAGAIN, -EINTR or -EBUSY.
+ * Give back @owner's window, if any, lend it the next (whole committed
+ * records) and tell it where, in *@uwin: its offset in the buffer, its
+ * length (0 at end of stream) and the buffer's size.  The lend and the
+ * copy to user space happen under the read lock, so no other call, even on
+ * the same file, can give back or take a window in between: when the copy
+ * fails (-EFAULT) the window is taken back unconsumed and its records are
+ * delivered again.  Never blocks on records.  @closer names who may give the
+ * window back by closing (see ring_forget).  Returns 0, -EAGAIN (nothing to
+ * lend), -EINTR, -EBUSY or -EFAULT.
  */
 int imgrement_ring_next(struct imgrement_ring *ring, const void *owner,
-			const void *closer, u64 *off, u64 *len);
-
-/*
- * The window just lent to @owner never reached it (its address was bad):
- * take it back unconsumed, so its records are delivered again.
- */
-void imgrement_ring_unlend(struct imgrement_ring *ring, const void *owner);
+			const void *closer, struct imgrement_window __user *uwin);
 
 /*
  * The reader @owner goes, or @closer closed it: what it was lent counts as
