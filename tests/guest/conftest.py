@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.guest.helpers import dm_devices, loop_devices, mapper_nodes, sh
+from tests.guest.helpers import dm_devices, loop_devices, mapper_nodes, remove_leftovers, sh
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -60,17 +62,73 @@ def loopdev(tmp_path: Path) -> Iterator[str]:
     subprocess.run(["losetup", "-d", dev], check=False)
 
 
+#: What the hang watchdog fires before pytest-timeout's own limit (seconds).
+HANG_DUMP_MARGIN = 60
+
+
+def _test_limit(item: pytest.Item) -> float:
+    marker = item.get_closest_marker("timeout")
+    if marker is not None and marker.args:
+        return float(marker.args[0])
+    return float(item.config.getini("timeout") or 0)
+
+
+def _dump_hung_tasks(nodeid: str) -> None:
+    """The kernel's list of blocked tasks (sysrq w) and the log's end, where
+    the next person looks: stderr (the sandbox's console) and the results."""
+    try:
+        Path("/proc/sysrq-trigger").write_text("w\n")
+    except OSError as e:
+        print(f"hang watchdog: sysrq w failed: {e}", file=sys.__stderr__)
+    log = subprocess.run(["dmesg"], capture_output=True, text=True, check=False).stdout
+    results = os.environ.get("IMGREMENT_RESULTS")
+    where = ""
+    if results:
+        path = Path(results) / f"hang-{os.uname().release}.log"
+        path.write_text(f"{nodeid} ran out of time; blocked tasks (sysrq w):\n{log}")
+        where = f"; the whole kernel log is in {path}"
+    tail = "\n".join(log.splitlines()[-150:])
+    print(f"\nhang watchdog: {nodeid} is about to reach its time limit; blocked "
+          f"tasks and the kernel log's end follow{where}\n{tail}",
+          file=sys.__stderr__, flush=True)
+
+
 @pytest.fixture(autouse=True)
-def nothing_left_behind() -> Iterator[None]:
-    """Every test must leave no dm device, /dev/mapper node or loop device."""
+def hang_watchdog(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test that hangs (a task stuck in the kernel, which no signal ends)
+    is ended by pytest-timeout's thread method; just before that, this dumps
+    the blocked tasks' kernel stacks, so the run says why, not only where."""
+    limit = _test_limit(request.node)
+    timer = None
+    if limit > HANG_DUMP_MARGIN:
+        timer = threading.Timer(limit - HANG_DUMP_MARGIN, _dump_hung_tasks,
+                                args=(request.node.nodeid,))
+        timer.daemon = True
+        timer.start()
+    yield
+    if timer is not None:
+        timer.cancel()
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_behind(hang_watchdog: None) -> Iterator[None]:
+    """Every test must leave no dm device, /dev/mapper node or loop device.
+
+    The test that leaves one fails (at teardown); what it left is removed
+    there, and if even that did not work, here before the next test, which
+    says so on stderr and goes on: one failure never fails every later test.
+    """
+    left = remove_leftovers()
+    if left:
+        print(f"\nnothing_left_behind: removed {left}, left by an earlier test "
+              "(that test failed for it)", file=sys.stderr)
+    assert dm_devices() == [], f"could not remove devices an earlier test left: {dm_devices()}"
     before_loops = loop_devices()
     before_fds = sorted(os.listdir("/proc/self/fd"))
-    assert dm_devices() == [], "a previous test left a device-mapper device"
     yield
     sh("udevadm", "settle")
     leftovers = dm_devices()
-    for name in leftovers:  # clean up so one failure does not cascade
-        subprocess.run(["dmsetup", "remove", "--force", name], check=False)
+    remove_leftovers()  # so one failure does not cascade
     assert leftovers == [], f"test left device-mapper devices: {leftovers}"
     assert mapper_nodes() == [], f"test left /dev/mapper nodes: {mapper_nodes()}"
     # Autouse fixtures are set up first and torn down last: loopdev has

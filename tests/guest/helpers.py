@@ -101,6 +101,23 @@ def dm_devices() -> list[str]:
     return sorted(line.split()[0] for line in out.splitlines())
 
 
+def remove_leftovers() -> list[str]:
+    """Remove every device-mapper device there is (the guest has none of its
+    own): resumed first, in case a test left one suspended, whose I/O would
+    otherwise wait for ever, then removed, with --force (its table replaced
+    by one that fails I/O) where a plain removal is refused.  Their names."""
+    left = dm_devices()
+    for name in left:
+        subprocess.run(["dmsetup", "resume", name], capture_output=True, check=False)
+        if subprocess.run(["dmsetup", "remove", "--retry", name],
+                          capture_output=True, check=False).returncode:
+            subprocess.run(["dmsetup", "remove", "--force", name], capture_output=True,
+                           check=False)
+    if left:
+        subprocess.run(["udevadm", "settle"], check=False)
+    return left
+
+
 def loop_devices() -> list[str]:
     return sorted(sh("losetup", "--noheadings", "--output", "NAME").split())
 
