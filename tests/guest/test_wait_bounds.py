@@ -1,0 +1,272 @@
+"""The lossless mode's bounds: a suspend never waits for the reader, no bio
+waits longer than wait_ms however the reader trickles, bios that waited are
+accounted once (inflight reads 0 0 when idle), a stall's kernel log lines
+are few however many stalls there are; and segment sectors stay exact when
+a segment is not whole sectors."""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import imgrement_dm
+from imgrement_dm.records import BioRecord, Drop, Item, RecordReader
+from tests.guest.helpers import SLOWDOWN, sh
+
+#: the size of one 4 KiB write's record: the bio record (88 bytes), one
+#: segment (16) and the data; a read of this many bytes takes one record
+ONE_WRITE_RECORD = 88 + 16 + 4096
+
+
+def _drain(name: str) -> None:
+    """Take what udev's probe of the new device left in the stream."""
+    with RecordReader.live(name) as r:
+        while r.read(timeout=1):
+            pass
+
+
+def _inflight(node: Path) -> str:
+    """/sys/block/dm-N/inflight of the mapped device: "reads writes"."""
+    dm = os.path.basename(os.path.realpath(node))
+    return " ".join(Path(f"/sys/block/{dm}/inflight").read_text().split())
+
+
+def _idle_inflight(node: Path) -> str:
+    """inflight once I/O is over (completions may still be on their way)."""
+    deadline = time.monotonic() + 10 * SLOWDOWN
+    while (now := _inflight(node)) != "0 0" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return now
+
+
+def _fio(node: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        ["fio", "--name=bounds", f"--filename={node}", "--bs=4k", "--direct=1",
+         "--ioengine=libaio", "--output-format=json", "--randrepeat=0", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _fio_result(proc: subprocess.Popen[str], timeout: float) -> dict[str, object]:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err
+    result: dict[str, object] = json.loads(out[out.index("{"):])
+    return result
+
+
+def _wait_for(what: str, cond: object, timeout: float) -> None:
+    deadline = time.monotonic() + timeout * SLOWDOWN
+    while not cond():  # type: ignore[operator]
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def waiting_device(disk: str) -> Iterator[imgrement_dm.TracedDevice]:
+    dev = imgrement_dm.wrap(disk, buffer_kb=64, overflow="wait", wait_ms=60000)
+    try:
+        sh("udevadm", "settle")
+        _drain(dev.name)
+        yield dev
+    finally:
+        if dev.name in [d.name for d in imgrement_dm.list_devices()]:
+            dev.unwrap()
+
+
+def test_a_suspend_does_not_wait_for_the_reader(waiting_device: imgrement_dm.TracedDevice,
+                                                 disk: str) -> None:
+    """wait_ms 60 s, a 64 KiB buffer, a reader that holds the stream open and
+    reads nothing, fio at QD4: once four bios wait, `dmsetup suspend` returns
+    within 2 s (it waited up to wait_ms for them before presuspend); the
+    waiting bios went on, their records dropped (no room), counted in status
+    and shown as exactly that many gaps in the stream from lost_from on; after
+    resume fio's data verifies and, idle, the device's inflight is 0 0."""
+    dev = waiting_device
+    reader = dev.records()
+    fio = _fio(dev.node, "--rw=randwrite", "--iodepth=4", "--size=2M",
+               "--verify=crc32c", "--do_verify=1")
+    try:
+        _wait_for("four bios never waited", lambda: dev.status().waiting == 4, 60)
+        before = dev.status()
+        start = time.monotonic()
+        subprocess.run(["dmsetup", "suspend", dev.name], check=True, timeout=120)
+        took = time.monotonic() - start
+        mid = dev.status()
+        subprocess.run(["dmsetup", "resume", dev.name], check=True, timeout=120)
+        assert took < 2 * SLOWDOWN, f"dmsetup suspend took {took:.1f} s"
+        assert mid.waiting == 0
+        lost = mid.dropped - before.dropped
+        # the four that waited, and any fio sent before dm held new I/O back
+        assert 4 <= lost <= 8 and mid.lost_from is not None, (before, mid)
+        items: list[Item] = []
+        stop = threading.Event()
+
+        def run() -> None:
+            while not stop.is_set():
+                items.extend(reader.read(timeout=0.2))
+
+        t = threading.Thread(target=run)
+        t.start()
+        try:
+            _fio_result(fio, 300 * SLOWDOWN)  # verify=crc32c: fio read back every block
+        finally:
+            stop.set()
+            t.join(timeout=60)
+        end = dev.status()
+        assert end.fallbacks == 0
+        items.extend(reader.read(timeout=1))
+        drops = [i for i in items if isinstance(i, Drop)]
+        assert sum(d.count for d in drops) == end.dropped - before.dropped
+        assert drops[0].first_seq == mid.lost_from
+        assert _idle_inflight(dev.node) == "0 0"
+    finally:
+        if fio.poll() is None:
+            fio.kill()
+            fio.communicate()
+        reader.close()
+
+
+TRICKLING_READER_PERIOD = 0.9
+
+
+def test_no_bio_waits_longer_than_wait_ms(disk: str) -> None:
+    """wait_ms 1000, fio at QD32, a reader that takes one record every 900 ms:
+    each freed record used to restart the stall's clock, so the N-th waiting
+    bio waited about N x 0.9 s; now the oldest waiting bio's age is the bound,
+    so no write's completion latency passes wait_ms plus emulation's slack,
+    the device falls back (counted), and idle, inflight is 0 0."""
+    dev = imgrement_dm.wrap(disk, buffer_kb=64, overflow="wait", wait_ms=1000)
+    stop = threading.Event()
+    try:
+        sh("udevadm", "settle")
+        _drain(dev.name)
+        fd = os.open(f"/sys/kernel/debug/imgrement/{dev.name}/records", os.O_RDONLY)
+
+        def trickle() -> None:
+            while not stop.wait(TRICKLING_READER_PERIOD):
+                try:
+                    os.read(fd, ONE_WRITE_RECORD)
+                except OSError:  # EINVAL: the next record is larger (not a 4 KiB write)
+                    os.read(fd, 1 << 20)
+
+        t = threading.Thread(target=trickle)
+        t.start()
+        try:
+            result = _fio_result(_fio(dev.node, "--rw=randwrite", "--iodepth=32",
+                                      "--size=16M", "--time_based", "--runtime=8"),
+                                 300 * SLOWDOWN)
+        finally:
+            stop.set()
+            t.join(timeout=60)
+            os.close(fd)
+        job = result["jobs"][0]  # type: ignore[index]
+        max_ms = job["write"]["clat_ns"]["max"] / 1e6
+        # the bound, plus what emulation adds to one I/O and to the work item
+        assert max_ms < 1000 + 1500 * SLOWDOWN, max_ms
+        st = dev.status()
+        assert st.fallbacks >= 1 and st.waited > 32, st
+        assert _idle_inflight(dev.node) == "0 0"
+    finally:
+        stop.set()
+        dev.unwrap()
+
+
+def test_a_thousand_stalls_leave_few_kernel_log_lines(disk: str) -> None:
+    """wait_ms 10, a 64 KiB buffer and a reader that drains it only between
+    writes: each 64 KiB write stalls (its fourth 16 KiB piece finds no room),
+    falls back, and the next drain ends the fallback.  1000 of them leave
+    1000 fallbacks in status and fewer than 20 lines in the kernel log (one
+    warning and one note per stall before)."""
+    stalls = 1000
+    dev = imgrement_dm.wrap(disk, buffer_kb=64, overflow="wait", wait_ms=10)
+    try:
+        sh("udevadm", "settle")
+        _drain(dev.name)
+        lines_before = len(sh("dmesg").splitlines())
+        buf = mmap.mmap(-1, 64 << 10)
+        buf[:] = os.urandom(64 << 10)
+        out = os.open(dev.node, os.O_WRONLY | os.O_DIRECT)
+        with dev.records() as reader:
+            try:
+                for i in range(stalls):
+                    os.pwrite(out, buf, (i % 64) * (64 << 10))
+                    reader.read(timeout=0)
+            finally:
+                os.close(out)
+        st = dev.status()
+        assert st.fallbacks == stalls, st
+        new = sh("dmesg").splitlines()[lines_before:]
+        ours = [line for line in new if dev.name in line]
+        assert len(ours) < 20, "\n".join(ours[:40])
+    finally:
+        dev.unwrap()
+
+
+SCSI_DEBUG = Path("/sys/bus/pseudo/drivers/scsi_debug")
+
+
+@pytest.fixture
+def scsi_disk() -> Iterator[str]:
+    """A scsi_debug disk: SCSI's DMA alignment (63) lets O_DIRECT buffers start
+    anywhere 64-byte aligned, so a 512-byte buffer may cross a page."""
+    subprocess.run(["modprobe", "scsi_debug", "dev_size_mb=8"], check=True)
+    try:
+        sh("udevadm", "settle")
+        disks = sorted(SCSI_DEBUG.glob("adapter*/host*/target*/*/block/*"))
+        assert len(disks) == 1, disks
+        yield f"/dev/{disks[0].name}"
+    finally:
+        sh("udevadm", "settle")
+        subprocess.run(["rmmod", "scsi_debug"], check=False)
+
+
+def test_segment_sectors_count_bytes_not_whole_sectors(scsi_disk: str) -> None:
+    """An O_DIRECT writev of four 512-byte buffers, each starting 64 bytes
+    before a page's end: the bio's segments are 64 + 448 bytes, four times.
+    Every segment's sector is the bio's plus the bytes before it // 512 (the
+    target added bv_len >> 9, which dropped the partial sectors and drifted),
+    and the payload is the data, byte for byte."""
+    dev = imgrement_dm.wrap(scsi_disk)
+    try:
+        sh("udevadm", "settle")
+        _drain(dev.name)
+        area = mmap.mmap(-1, 5 * 4096)
+        data = [os.urandom(512) for _ in range(4)]
+        views = []
+        for n, chunk in enumerate(data):
+            at = n * 4096 + 4096 - 64  # page offset 4032
+            area[at:at + 512] = chunk
+            views.append(memoryview(area)[at:at + 512])
+        with dev.records() as reader:
+            fd = os.open(dev.node, os.O_WRONLY | os.O_DIRECT)
+            try:
+                assert os.pwritev(fd, views, 64 << 10) == 2048
+            finally:
+                os.close(fd)
+            deadline = time.monotonic() + 30 * SLOWDOWN
+            writes: list[BioRecord] = []
+            while not writes:
+                assert time.monotonic() < deadline, "the write's record never came"
+                writes = [i for i in reader.read(timeout=1)
+                          if isinstance(i, BioRecord) and i.op_name == "write"]
+        for v in views:
+            v.release()
+        assert len(writes) == 1
+        rec = writes[0]
+        assert rec.sector == 128 and rec.size == 2048
+        segs = rec.segments
+        assert [s.len for s in segs] == [64, 448] * 4
+        done = 0
+        for s in segs:
+            assert s.sector == rec.sector + done // 512, (s, done)
+            done += s.len
+        assert bytes(rec.payload) == b"".join(data)
+    finally:
+        dev.unwrap()
