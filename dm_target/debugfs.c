@@ -17,6 +17,9 @@
  *            The file's size is the buffer's, the length to map.
  *   dropped  records dropped because the buffer was full, since creation
  *   stats    counters and buffer use, one "key value" per line
+ *   dev      the mapped device's major:minor.  The directory is named after
+ *            the device, and follows a rename at the next resume: until
+ *            then a reader finds it by this file.
  *
  * All files are mode 0400.  If debugfs is unavailable the target still
  * works; only the stream is missing.
@@ -160,6 +163,15 @@ static int stats_show(struct seq_file *m, void *v)
 }
 DEFINE_SHOW_ATTRIBUTE(stats);
 
+static int dev_show(struct seq_file *m, void *v)
+{
+	struct imgrement_dev *dev = m->private;
+
+	seq_printf(m, "%u:%u\n", MAJOR(dev->devt), MINOR(dev->devt));
+	return 0;
+}
+DEFINE_SHOW_ATTRIBUTE(dev);
+
 int imgrement_debugfs_init(void)
 {
 	imgrement_root = debugfs_create_dir("imgrement", NULL);
@@ -200,6 +212,7 @@ void imgrement_debugfs_add(struct imgrement_dev *dev)
 		d_inode(records)->i_size = dev->ring.size;
 	debugfs_create_file("dropped", 0400, dir, dev, &dropped_fops);
 	debugfs_create_file("stats", 0400, dir, dev, &stats_fops);
+	debugfs_create_file("dev", 0400, dir, dev, &dev_fops);
 }
 
 void imgrement_debugfs_remove(struct imgrement_dev *dev)

@@ -271,6 +271,7 @@ static struct imgrement_dev *imgrement_dev_get(struct dm_target *ti, u32 buffer_
 	dev->ops = &imgrement_stream_ops;
 	dev->ring.on_space = imgrement_on_space;
 	dev->md = md;
+	dev->devt = disk_devt(dm_disk(md));
 	if (dm_copy_name_and_uuid(md, dev->name, NULL))
 		strscpy(dev->name, dm_disk(md)->disk_name, sizeof(dev->name));
 	imgrement_debugfs_add(dev);
@@ -314,8 +315,12 @@ static void imgrement_dev_put(struct imgrement_dev *dev)
 
 /*
  * Keep the debugfs directory named after the device across renames.  A
- * rename reaches no target hook, so this runs at resume and at every status
- * query; the usual case, a name unchanged, takes only the device's own lock.
+ * rename reaches no target hook, so this runs at resume, the first hook dm
+ * calls after one that the device goes through anyway (a reload, LVM's
+ * suspend and resume); until then the directory keeps the old name, and
+ * its "dev" file (major:minor) is how readers find it.  .status stays a
+ * plain report.  The usual case, a name unchanged, takes only the device's
+ * own lock.
  */
 static void imgrement_dev_sync_name(struct imgrement_dev *dev)
 {
@@ -1075,7 +1080,6 @@ static void imgrement_status(struct dm_target *ti, status_type_t type,
 
 	switch (type) {
 	case STATUSTYPE_INFO:
-		imgrement_dev_sync_name(idev);
 		DMEMIT("bios=%lld bytes=%lld records=%lld dropped=%lld capture=%s buffer=%u used=%llu log=%s",
 		       (long long)atomic64_read(&idev->bios),
 		       (long long)atomic64_read(&idev->bytes),

@@ -60,6 +60,7 @@ struct imgrement_dev {
 	refcount_t users;		/* targets using it */
 	struct kref kref;		/* memory: the targets (one), open readers */
 	struct mapped_device *md;	/* identity; never dereferenced */
+	dev_t devt;			/* the mapped device's, for readers */
 	struct mutex name_lock;		/* name; renames also hold the list's */
 	char name[DM_NAME_LEN];		/* the dm name its directory carries */
 	struct dentry *dir;		/* /sys/kernel/debug/imgrement/<name> */

@@ -308,8 +308,47 @@ class _Gaps:
         return out
 
 
+def _devno(name: str) -> str | None:
+    """``major:minor`` of /dev/mapper/NAME, or None if there is no such node."""
+    try:
+        rdev = os.stat(Path("/dev/mapper") / name).st_rdev
+    except (OSError, ValueError):
+        return None
+    return f"{os.major(rdev)}:{os.minor(rdev)}"
+
+
+def _dev_of(folder: Path) -> str | None:
+    try:
+        return (folder / "dev").read_text().strip()
+    except OSError:
+        return None
+
+
 def stream_path(name: str) -> Path:
-    return STREAM_DIR / name / "records"
+    """The records file of traced device ``name``.
+
+    The stream's folder carries the device's name, but the target renames it
+    only at the device's next resume (a rename reaches no target hook, and
+    the target's status is a plain report), so after ``dmsetup rename`` the
+    folder of the new name is missing, or, if another device took the old
+    name meanwhile, someone else's.  Each folder's ``dev`` file holds the
+    mapped device's major:minor: the folder whose ``dev`` is this device's is
+    the one.  Without a /dev/mapper node, or with a module too old to have
+    ``dev`` files, the folder of the name.
+    """
+    named = STREAM_DIR / name
+    want = _devno(name)
+    have = _dev_of(named)
+    if want is None or have == want or (have is None and named.is_dir()):
+        return named / "records"
+    try:
+        folders = sorted(STREAM_DIR.iterdir())
+    except OSError:
+        folders = []
+    for folder in folders:
+        if _dev_of(folder) == want:
+            return folder / "records"
+    return named / "records"
 
 
 class RecordReader:

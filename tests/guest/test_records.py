@@ -23,7 +23,15 @@ import pytest
 
 import imgrement_dm
 from imgrement_dm import kmsg
-from imgrement_dm.records import BioRecord, Drop, Item, MarkRecord, RecordReader, decode
+from imgrement_dm.records import (
+    BioRecord,
+    Drop,
+    Item,
+    MarkRecord,
+    RecordReader,
+    decode,
+    stream_path,
+)
 from tests.guest.helpers import aligned, direct_read, direct_write, pattern, sh
 
 PAGE = mmap.PAGESIZE
@@ -499,15 +507,27 @@ def test_reload_suspend_and_rename_lose_nothing(make_traced: Callable[..., Trace
     assert "buffer size of an existing device cannot change" in sh("dmesg")
     subprocess.run(["dmsetup", "clear", "traced"], check=True)
 
-    # a rename moves the stream directory; the open reader goes on
+    # a rename: the open reader goes on, status moves nothing (a plain
+    # report), a new reader finds the stream by its dev file, and the
+    # directory takes the new name at the next resume
     subprocess.run(["dmsetup", "rename", "traced", "renamed"], check=True)
     sh("udevadm", "settle")
     t.dev.name = "renamed"
     t.dev.status()
-    assert (STREAMS / "renamed" / "records").exists()
-    assert not (STREAMS / "traced").exists()
+    assert (STREAMS / "traced" / "records").exists()
+    assert not (STREAMS / "renamed").exists()
+    rdev = os.stat("/dev/mapper/renamed").st_rdev
+    devno = f"{os.major(rdev)}:{os.minor(rdev)}"
+    assert (STREAMS / "traced" / "dev").read_text() == devno + "\n"
+    assert stream_path("renamed") == STREAMS / "traced" / "records"
+    RecordReader.live("renamed").close()  # opens the right file
     direct_write(Path("/dev/mapper/renamed"), 8192, pattern(2, 4096))
     assert [r.sector for r in mine(t.until_mark("renamed"))] == [16]
+    subprocess.run(["dmsetup", "suspend", "renamed"], check=True)
+    subprocess.run(["dmsetup", "resume", "renamed"], check=True)
+    assert (STREAMS / "renamed" / "records").exists()
+    assert not (STREAMS / "traced").exists()
+    assert stream_path("renamed") == STREAMS / "renamed" / "records"
 
 
 @pytest.mark.smoke
