@@ -259,7 +259,7 @@ def trace(name: str | None, from_file: Path | None, as_json: bool, hexdump: bool
     latency, status.
     """
     from imgrement_dm import recording
-    from imgrement_dm.output import atomic_output, check_writable
+    from imgrement_dm.output import atomic_output, check_writable, is_stdout, is_stream
     from imgrement_dm.records import RecordReader
 
     rng = _sector_range(sectors)
@@ -268,15 +268,19 @@ def trace(name: str | None, from_file: Path | None, as_json: bool, hexdump: bool
             raise click.UsageError(
                 f"-o saves a live device's stream, and {from_file} is saved already "
                 "(copy it with cp)")
-        check_writable(output)
+        if is_stdout(output) and not quiet:
+            raise click.UsageError("-o - writes the stream to standard output: add -q, so "
+                                   "that trace lines do not mix with it")
+        check_writable(output, stream_ok=True)
     with _reader(name, from_file) as source, contextlib.ExitStack() as stack:
         if (output is not None and isinstance(source, RecordReader) and quiet
-                and not (ops or rng or count)):
+                and not (ops or rng or count) and not is_stream(output)):
             # Only storing: whole records written through unchecked.
             with _until_interrupted():
                 recording.store_stream(source, output, duration)
             return
-        save = stack.enter_context(atomic_output(output)) if output is not None else None
+        save = (stack.enter_context(atomic_output(output, stream_ok=True))
+                if output is not None else None)
         with _until_interrupted():
             if save is not None and isinstance(source, RecordReader):
                 source.save_to(save)
@@ -479,10 +483,10 @@ def apply_cmd(base: Path, capture_file: Path, until_mark: str | None, output: Pa
             raise click.UsageError("--state builds one crash state: it takes neither "
                                    "--until-mark nor --format qcow2")
         out = output or base.with_name(base.name + ".state")
-        check_writable(out)
+        check_writable(out, inputs=(base, capture_file))
         bounds, size = crash.load(capture_file)
         state = crash.find(bounds, state_id)
-        with atomic_path(out) as part:
+        with atomic_path(out, inputs=(base, capture_file)) as part:
             crash.build(state, base, part, size)
         click.echo(f"{out}: {state.describe()}, {len(state.writes())} writes")
         return
@@ -653,14 +657,17 @@ def export(capture_file: Path, fmt_name: str, output: Path, device: str, payload
     from imgrement_dm.formats import export as export_fmt
     from imgrement_dm.formats import files
     from imgrement_dm.formats.capture import CaptureReader
-    from imgrement_dm.output import atomic_output, check_writable
+    from imgrement_dm.output import atomic_output, check_writable, is_stdout
     from imgrement_dm.records import BioRecord
 
     major, _, minor = device.partition(":")
     if not (major.isdigit() and minor.isdigit()):
         raise click.BadParameter(f"{device!r} is not major:minor", param_hint="--device")
-    dest = Path(f"{output}.blktrace.0") if fmt_name == "blktrace" else output
-    check_writable(dest)
+    to_stdout = is_stdout(output)
+    dest = Path(f"{output}.blktrace.0") if fmt_name == "blktrace" and not to_stdout else output
+    # log-writes seeks back to its super block: a file; the others stream
+    streams = fmt_name != "log-writes"
+    check_writable(dest, inputs=(capture_file,), stream_ok=streams)
     files.require_capture(capture_file, "export")
     with CaptureReader(capture_file) as reader:
         items = list(reader.items())  # checks every chunk and the trailer as it goes
@@ -674,17 +681,19 @@ def export(capture_file: Path, fmt_name: str, output: Path, device: str, payload
                 f"{capture_file} lacks data ({missing} writes without payload, "
                 f"{info.drops} drops): a log-writes log must hold every write"
             )
-    with atomic_output(dest) as f:
+    with atomic_output(dest, inputs=(capture_file,), stream_ok=streams) as f:
         if fmt_name == "blktrace":
             counts = export_fmt.blktrace(items, f, (int(major), int(minor)))
         elif fmt_name == "jsonl":
             n = export_fmt.jsonl(items, f, with_payload=payload)
         else:
             n = export_fmt.log_writes(items, f)
+    # with -o -, the data is standard output: the summary goes to stderr
     if fmt_name == "blktrace":
-        click.echo(f"{dest}: {counts['queue']} bios; read it with 'blkparse -i {output}'")
+        click.echo(f"{dest}: {counts['queue']} bios; read it with 'blkparse -i {output}'",
+                   err=to_stdout)
     else:
-        click.echo(f"{output}: {n} entries")
+        click.echo(f"{output}: {n} entries", err=to_stdout)
 
 
 @main.command("plot")
@@ -696,15 +705,16 @@ def plot_cmd(capture_file: Path, output: Path) -> None:
     from imgrement_dm.formats import files
     from imgrement_dm.formats.capture import CaptureReader
     from imgrement_dm.formats.plot import plot
-    from imgrement_dm.output import atomic_output, check_writable
+    from imgrement_dm.output import atomic_output, check_writable, is_stdout
 
-    check_writable(output)
+    check_writable(output, inputs=(capture_file,), stream_ok=True)
     files.require_capture(capture_file, "plot")
     # items() raises on any damage; the PNG is then never renamed into place
-    with CaptureReader(capture_file) as reader, atomic_output(output) as f:
+    with CaptureReader(capture_file) as reader, \
+            atomic_output(output, inputs=(capture_file,), stream_ok=True) as f:
         counts = plot(reader.items(), f, title=f"{reader.device}: sector over time")
     click.echo(f"{output}: {counts['reads']} reads, {counts['writes']} writes, "
-               f"{counts['marks']} marks")
+               f"{counts['marks']} marks", err=is_stdout(output))
 
 
 @main.group()

@@ -177,16 +177,18 @@ def apply(base: Path, capture: Path, out: Path, stop: StopAt = StopAt(), *,
           force: bool = False, progress: Callable[[int, int], None] | None = None) -> Selection:
     """Copy ``base`` to ``out`` and apply the capture up to ``stop``.
 
-    The result is written to OUT.part and renamed only when complete, so an
-    interrupted apply never leaves a half-made image under the final name,
-    and a failed one leaves OUT as it was.
+    The result is written to a temporary file beside OUT and renamed only
+    when complete (output.py), so an interrupted apply never leaves a
+    half-made image under the final name, a failed one leaves OUT as it was,
+    and OUT may not be BASE or the capture.
     """
-    check_writable(out)
+    inputs = (base, capture)
+    check_writable(out, inputs=inputs)
     reader, sel = _load(capture, stop, force=force, command="apply")
     with reader:
         if base.stat().st_size < reader.sectors * 512:
             raise too_small(base, base.stat().st_size, reader.sectors * 512)
-        with atomic_path(out) as part:
+        with atomic_path(out, inputs=inputs) as part:
             shutil.copyfile(base, part)
             fd = os.open(part, os.O_RDWR | os.O_CLOEXEC)
             try:
@@ -206,7 +208,8 @@ def apply_qcow2(base: Path, capture: Path, out: Path, stop: StopAt = StopAt(), *
     ``backing_name`` is the backing file the overlay names, by default
     ``base`` as an absolute path; BASE itself is only read, never changed.
     """
-    check_writable(out)
+    inputs = (base, capture)
+    check_writable(out, inputs=inputs)
     reader, sel = _load(capture, stop, force=force, command="apply")
     with reader:
         size = reader.sectors * 512
@@ -217,7 +220,7 @@ def apply_qcow2(base: Path, capture: Path, out: Path, stop: StopAt = StopAt(), *
                 raise IncrementError(f"record {r.seq} writes past the end of the traced "
                                      f"device ({r.sector * 512 + r.size} > {size} bytes)")
         name = backing_name or str(base.resolve())
-        with atomic_output(out) as f:
+        with atomic_output(out, inputs=inputs) as f:
             stored, zeroed = qcow2.write(f, base, size, sel.changes, name)
     return sel, stored, zeroed
 

@@ -60,6 +60,16 @@ TRACE_HEADER = (
 )
 
 
+def printable(text: str) -> str:
+    """``text`` safe for a terminal: control characters (an ESC that starts a
+    terminal sequence, a BEL, a newline) and other unprintable ones shown as
+    escapes, as repr() would; printable text, non-ASCII letters too, as is.
+    Any process on a traced machine chooses its own command name."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def flag_letters(names: list[str]) -> str:
     return "".join(FLAG_LETTERS.get(n, "?") for n in names) or "-"
 
@@ -74,7 +84,7 @@ def trace_line(item: Item, t0: int, *, hexdump: bool = False) -> str:
     r = item
     status = "ok" if r.status == 0 else f"err {r.status}"
     line = (
-        f"{r.seq:>8} {(r.submit_ns - t0) / 1e9:>12.6f} {r.comm[:15]:<15} {r.pid:>7} "
+        f"{r.seq:>8} {(r.submit_ns - t0) / 1e9:>12.6f} {printable(r.comm[:15]):<15} {r.pid:>7} "
         f"{OP_LETTERS.get(r.op_name, '?'):<2} {flag_letters(r.flag_names):<5} "
         f"{f'{r.sector} + {r.sectors}':<24} {r.nr_segments:>4} "
         f"{r.latency_ns / 1000:>9.1f} {status}"

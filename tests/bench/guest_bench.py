@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import imgrement_dm
+from imgrement_dm.output import parts_of
 from imgrement_dm.records import stream_path
 
 WORKLOADS: dict[str, list[str]] = {
@@ -233,8 +234,7 @@ def paired(disk_name: str, disk: str, mode: str, workload: str) -> dict[str, Any
             got = {}
             for s in (linear, traced) if i % 2 == 0 else (traced, linear):
                 got[s.config] = fio(s.path, workload, f"--runtime={PAIR_RUNTIME}")[metric]
-                part = traced.stream.with_name(traced.stream.name + ".part")  # trace -o's
-                if part.exists():
+                for part in parts_of(traced.stream):  # trace -o's temporary file
                     # keep the stream file within the tmpfs: drop what is stored
                     # (the consumer writes on past a hole, at the same cost)
                     os.truncate(part, 0)

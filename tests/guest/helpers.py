@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from imgrement_dm import api
+from imgrement_dm.output import parts_of
 from imgrement_dm.records import Item, MarkRecord, RecordReader
 
 CLI = [sys.executable, "-m", "imgrement_dm.cli"]
@@ -149,14 +150,14 @@ def read_until_mark(reader: RecordReader, seq: int, timeout: float = 60) -> list
 
 def start_record(name: str, out: Path) -> subprocess.Popen[str]:
     """``imgrement-dm record NAME -o OUT -q``, returned once it is really recording:
-    its reader open (record opens the stream before it creates OUT.part) and the
+    its reader open (record opens the stream before it creates its temporary
+    file beside OUT, output.parts_of) and the
     device switched to wait mode (after that).  A fixed sleep was not enough: a
     loaded guest started the CLI after the workload had already run."""
     rec = subprocess.Popen([*CLI, "record", name, "-o", str(out), "-q"],
                            stderr=subprocess.PIPE, text=True)
-    part = Path(str(out) + ".part")
     deadline = time.monotonic() + 120 * SLOWDOWN
-    while not (part.exists() and api.status(name).overflow == "wait"):
+    while not (parts_of(out) and api.status(name).overflow == "wait"):
         if rec.poll() is not None:
             raise AssertionError(f"record ended early: {rec.stderr.read() if rec.stderr else ''}")
         assert time.monotonic() < deadline, "record did not start"

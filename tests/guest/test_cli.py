@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import imgrement_dm
+from imgrement_dm.output import parts_of
 from imgrement_dm.records import STREAM_DIR, BioRecord, RecordReader
 from imgrement_dm.udevsync import udev_running
 from tests.guest.helpers import CLI, cli, direct_read, direct_write, dm_devices, pattern, sh
@@ -113,7 +114,7 @@ def test_trace_to_file_then_read_back_and_stats(wrapped: str, tmp_path: Path) ->
     tracer.send_signal(signal.SIGINT)
     _, err = tracer.communicate(timeout=60)
     assert tracer.returncode == 0, err
-    assert saved.exists() and not Path(str(saved) + ".part").exists()
+    assert saved.exists() and not parts_of(saved)
 
     with RecordReader.from_file(saved) as reader:
         items = list(reader)

@@ -17,6 +17,7 @@ import pytest
 
 from imgrement_dm import increment
 from imgrement_dm.formats.capture import CaptureReader
+from imgrement_dm.output import parts_of
 from imgrement_dm.records import BioRecord
 from tests.guest.helpers import CLI, cli, sh, sha256, start_record
 
@@ -82,7 +83,7 @@ def test_apply_reproduces_the_device_at_each_mark(session: dict[str, object],
         args += ["--until-mark", point]
     r = cli(*args)
     assert r.returncode == 0, r.stderr
-    assert not Path(str(out) + ".part").exists()
+    assert not parts_of(out)
     shas = session["shas"]
     assert isinstance(shas, dict)
     assert sha256(out) == shas[point]
@@ -251,7 +252,7 @@ def test_damaged_captures_are_refused(session: dict[str, object]) -> None:
     out = d / "never.img"
     r = cli("apply", str(base), str(cut), "-o", str(out))
     assert r.returncode == 9 and "is truncated" in r.stderr and "Traceback" not in r.stderr
-    assert not out.exists() and not Path(str(out) + ".part").exists()
+    assert not out.exists() and not parts_of(out)
     flipped = bytearray(raw)
     flipped[len(raw) // 3] ^= 0xFF
     bad = d / "bad.cap"
@@ -268,7 +269,7 @@ def test_record_is_stopped_cleanly_by_ctrl_c(tmp_path: Path, disk: str) -> None:
         rec = subprocess.Popen([*CLI, "record", "traced", "-o", str(out)],
                                stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 60  # the CLI starts slowly under emulation
-        while not Path(str(out) + ".part").exists():
+        while not parts_of(out):
             assert time.monotonic() < deadline and rec.poll() is None
             time.sleep(0.2)
         time.sleep(1)

@@ -26,6 +26,7 @@ import pytest
 import imgrement_dm
 from imgrement_dm.errors import ImgrementError
 from imgrement_dm.formats.capture import IN_PLACE_MIN, CaptureReader
+from imgrement_dm.output import parts_of
 from imgrement_dm.records import BioRecord, Drop, Item, MarkRecord, RecordReader, _Gaps, decode
 from tests.guest.helpers import (
     CLI,
@@ -488,16 +489,16 @@ def test_large_windows_are_stored_with_o_direct_from_the_buffer(
         sh("udevadm", "settle")
         _drain(dev)
         out = fs / "out"
-        part = Path(str(out) + ".part")
         if command == "record":
             proc = start_record(dev.name, out)
         else:
             proc = subprocess.Popen([*CLI, "trace", dev.name, "-q", "-o", str(out)],
                                     stderr=subprocess.PIPE, text=True)
             deadline = time.monotonic() + 120 * SLOWDOWN
-            while not part.exists():
+            while not parts_of(out):
                 assert proc.poll() is None and time.monotonic() < deadline, "trace did not start"
                 time.sleep(0.2)
+        [part] = parts_of(out)
         try:
             flags = _open_flags(proc.pid, part)
             assert flags & os.O_DIRECT, f"output opened without O_DIRECT: {flags:o}"

@@ -155,6 +155,8 @@ def test_no_permission_to_write_the_output(files: dict[str, Path], open_dir: Pat
     ro = open_dir / "ro"
     ro.mkdir(mode=0o555)
     cap, base = shutil.copy(files["cap"], open_dir), shutil.copy(files["base"], open_dir)
+    for f in (cap, base):
+        os.chmod(f, 0o644)  # captures are made 0600: this one is shared on purpose
     code, err = _as_user("apply", str(base), str(cap), "-o", str(ro / "x.img"))
     assert code == 13, err
     assert err.startswith("imgrement-dm: error: cannot write")
