@@ -57,10 +57,20 @@ class Policy:
                 f"no autowrap policy at {path}: write one (see 'imgrement-dm autowrap --help') "
                 "to say which disks to wrap"
             )
+        try:
+            text = path.read_text(encoding="utf-8")
+        except IsADirectoryError:
+            raise PolicyError(f"{path} is a directory: the policy is a file (see "
+                              "'imgrement-dm autowrap example')") from None
+        except UnicodeDecodeError as e:
+            raise PolicyError(f"{path} is not UTF-8 text (byte {e.start}): write the "
+                              "policy as UTF-8") from None
+        except OSError as e:
+            raise PolicyError(f"cannot read {path}: {e.strerror}") from None
         cp = configparser.ConfigParser(interpolation=None)
         cp.optionxform = str  # type: ignore[assignment,method-assign]
         try:
-            cp.read(path)
+            cp.read_string(text, source=str(path))
         except configparser.Error as e:
             raise PolicyError(f"{path}: {e}") from None
         if not cp.has_section("match") or not cp["match"]:

@@ -7,6 +7,7 @@ and turned into the error's exit code (tracebacks only with ``--debug``).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import sys
@@ -56,6 +57,23 @@ class _Group(click.Group):
             sys.exit(1)
 
 
+class _Seconds(click.FloatRange):
+    """A duration in seconds: a positive, finite number (FloatRange lets nan
+    through, since every comparison with nan is false)."""
+
+    name = "seconds"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
+        seconds = float(super().convert(value, param, ctx))
+        if not math.isfinite(seconds):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        return seconds
+
+
+SECONDS = _Seconds(min=0, min_open=True)
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.version_option(version=resources.version(), prog_name="imgrement-dm")
@@ -64,6 +82,12 @@ def main(ctx: click.Context, debug: bool) -> None:
     """See, and keep, every I/O that reaches a disk."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    # A file name need not be UTF-8 (Python carries its bytes as surrogates):
+    # messages that name one show those bytes as escapes instead of failing.
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
 
 
 @main.command()
@@ -244,7 +268,7 @@ def _sector_range(text: str | None) -> tuple[int, int] | None:
 @click.option("--sector", "sectors", metavar="START-END",
               help="Show only bios that touch sectors START..END.")
 @click.option("--count", "-c", type=click.IntRange(min=1), help="Stop after COUNT records.")
-@click.option("--duration", "-d", type=click.FloatRange(min=0, min_open=True),
+@click.option("--duration", "-d", type=SECONDS,
               help="Stop after this many seconds.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing (use with -o).")
 def trace(name: str | None, from_file: Path | None, as_json: bool, hexdump: bool,
@@ -324,7 +348,7 @@ def _show(source: Iterator[Item] | RecordReader, *, as_json: bool, hexdump: bool
 @click.option("--file", "-f", "from_file", type=click.Path(path_type=Path, dir_okay=False),
               help="Summarise a capture (from record) or a saved stream (from trace -o) "
                    "instead of a live device.")
-@click.option("--duration", "-d", type=click.FloatRange(min=0, min_open=True),
+@click.option("--duration", "-d", type=SECONDS,
               help="Stop reading a live device after this many seconds.")
 @click.option("--json", "as_json", is_flag=True, help="As one JSON object.")
 def stats(name: str | None, from_file: Path | None, duration: float | None,
@@ -406,7 +430,7 @@ def _stop_at(until_mark: str | None, until_flush: int | None = None,
 @click.argument("name")
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False),
               required=True, help="The capture file to write.")
-@click.option("--duration", "-d", type=click.FloatRange(min=0, min_open=True),
+@click.option("--duration", "-d", type=SECONDS,
               help="Stop after this many seconds.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress line.")
 @click.option("--allow-drops", is_flag=True,
@@ -663,6 +687,9 @@ def export(capture_file: Path, fmt_name: str, output: Path, device: str, payload
     major, _, minor = device.partition(":")
     if not (major.isdigit() and minor.isdigit()):
         raise click.BadParameter(f"{device!r} is not major:minor", param_hint="--device")
+    if int(major) >= 1 << 12 or int(minor) >= 1 << 20:
+        raise click.BadParameter(f"{device!r}: a Linux device number has a major below 4096 "
+                                 "and a minor below 1048576", param_hint="--device")
     to_stdout = is_stdout(output)
     dest = Path(f"{output}.blktrace.0") if fmt_name == "blktrace" and not to_stdout else output
     # log-writes seeks back to its super block: a file; the others stream

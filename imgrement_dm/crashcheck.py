@@ -217,7 +217,11 @@ def find(bounds: Sequence[Boundary], state_id: str) -> State:
     b = bounds[index]
     if kept_text == "all":
         return State(b, None)
-    kept = () if kept_text == "none" else tuple(int(x) for x in kept_text.split(","))
+    parts = [] if kept_text == "none" else kept_text.split(",")
+    if not all(p.isdigit() for p in parts):
+        raise CrashCheckError(f"{state_id!r} is not a state id: after the colon comes all, "
+                              "none or sequence numbers separated by commas (BOUNDARY:SEQ,SEQ)")
+    kept = tuple(int(x) for x in parts)
     unknown = set(kept) - {w.seq for w in b.unflushed}
     if unknown:
         raise CrashCheckError(f"write(s) {sorted(unknown)} are not among boundary {index}'s "

@@ -220,6 +220,7 @@ def apply_qcow2(base: Path, capture: Path, out: Path, stop: StopAt = StopAt(), *
                 raise IncrementError(f"record {r.seq} writes past the end of the traced "
                                      f"device ({r.sector * 512 + r.size} > {size} bytes)")
         name = backing_name or str(base.resolve())
+        qcow2.backing_name_bytes(name)  # refused before any work
         with atomic_output(out, inputs=inputs) as f:
             stored, zeroed = qcow2.write(f, base, size, sel.changes, name)
     return sel, stored, zeroed

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
+from imgrement_dm.errors import IncrementError
 from imgrement_dm.records import BioRecord
 
 CLUSTER_BITS = 16
@@ -54,6 +55,21 @@ def _ceil(a: int, b: int) -> int:
 def _clusters_of(change: BioRecord) -> range:
     start = change.sector * 512
     return range(start // CLUSTER, _ceil(start + change.size, CLUSTER))
+
+
+#: The qcow2 format's limit on the backing file's name (QEMU refuses more).
+BACKING_NAME_MAX = 1023
+
+
+def backing_name_bytes(name: str) -> bytes:
+    """``name`` as the image records it: the file system's bytes, as the OS
+    gave them (a name that is not UTF-8 stays itself), at most 1023."""
+    raw = os.fsencode(name)
+    if not raw or len(raw) > BACKING_NAME_MAX:
+        raise IncrementError(f"the backing file name is {len(raw)} bytes; qcow2 allows 1 to "
+                             f"{BACKING_NAME_MAX}: give a shorter --backing (a relative path "
+                             "is resolved against the image's folder)")
+    return raw
 
 
 def write(out: BinaryIO, base: Path, size: int, changes: Sequence[BioRecord],
@@ -104,14 +120,12 @@ def _write(out: BinaryIO, fd: int, size: int, changes: Sequence[BioRecord],
     l2_at = l1_at + l1_clusters
     data_at = l2_at + len(l2_regions)
 
-    name = backing_name.encode()
+    name = backing_name_bytes(backing_name)
     fmt = b"raw"
     ext = _EXT.pack(BACKING_FORMAT_EXT, len(fmt)) + fmt.ljust(_ceil(len(fmt), 8) * 8, b"\0")
     ext += _EXT.pack(0, 0)
     header_length = _HEADER.size
     backing_offset = header_length + len(ext)
-    if backing_offset + len(name) > CLUSTER:
-        raise ValueError(f"backing file name too long: {backing_name!r}")
     head = _HEADER.pack(b"QFI\xfb", 3, backing_offset, len(name), CLUSTER_BITS, size, 0,
                         l1_size, l1_at * CLUSTER, rt_at * CLUSTER, rt_clusters, 0, 0,
                         0, 0, 0, REFCOUNT_ORDER, header_length)

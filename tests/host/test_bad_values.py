@@ -1,0 +1,95 @@
+"""Values that used to end in a traceback (exit 1) or be taken silently:
+each now gives one line naming the problem, with the documented exit code,
+or, where the value is fine after all, the right result."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from imgrement_dm import cli
+from imgrement_dm.formats.capture import write_capture
+from tests.host import streams
+
+W, FLUSH = 1, 2
+
+
+@pytest.fixture
+def cap(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "s.cap"
+    with write_capture(path, "traced", 64) as w:
+        w.add(streams.bio(0, sector=0, op=W, payload=b"A" * 4096, complete_ns=10))
+        w.add(streams.bio(1, sector=8, op=W, payload=b"B" * 4096, complete_ns=11))
+        w.add(streams.bio(2, sector=0, op=FLUSH, flags=2, complete_ns=12))
+    yield path
+
+
+def run(*args: object, env: dict[str, str] | None = None) -> Result:
+    return CliRunner(env=env).invoke(cli.main, [str(a) for a in args], catch_exceptions=True)
+
+
+def _fails(r: Result, code: int, *words: str) -> None:
+    assert r.exit_code == code, (r.exit_code, r.output, r.exception)
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    assert "Traceback" not in r.output
+    for w in words:
+        assert w in r.stderr, (w, r.stderr)
+
+
+def test_a_base_whose_name_is_not_utf8_makes_a_qcow2(cap: Path, tmp_path: Path) -> None:
+    raw = os.fsencode(tmp_path) + b"/\xe9t\xe9.img"
+    with open(raw, "wb") as f:
+        f.truncate(64 * 512)
+    out = tmp_path / "inc.qcow2"
+    r = run("apply", os.fsdecode(raw), cap, "--format", "qcow2", "-o", out)
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert raw in out.read_bytes()[:65536]  # the backing name, byte for byte
+
+
+def test_a_backing_name_longer_than_qcow2_allows(cap: Path, tmp_path: Path) -> None:
+    base = tmp_path / "base.img"
+    base.write_bytes(bytes(64 * 512))
+    out = tmp_path / "inc.qcow2"
+    _fails(run("apply", base, cap, "--format", "qcow2", "--backing", "b" * 70000, "-o", out),
+           11, "backing file name is 70000 bytes")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("state", ["0:abc", "0:1,,2", "0:-1"])
+def test_a_malformed_state_id(cap: Path, tmp_path: Path, state: str) -> None:
+    base = tmp_path / "base.img"
+    base.write_bytes(bytes(64 * 512))
+    _fails(run("apply", base, cap, "--state", state, "-o", tmp_path / "x.img"), 11,
+           "is not a state id")
+
+
+@pytest.mark.parametrize("device", ["4096:0", "1:1048576"])
+def test_a_device_number_linux_cannot_have(cap: Path, tmp_path: Path, device: str) -> None:
+    _fails(run("export", cap, "--format", "blktrace", "--device", device, "-o",
+               tmp_path / "t"), 2, "major below 4096")
+    assert not list(tmp_path.glob("t*"))
+
+
+@pytest.mark.parametrize("command", ["trace", "stats"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_duration_that_is_not_a_number_of_seconds(cap: Path, command: str,
+                                                    value: str) -> None:
+    _fails(run(command, "-f", cap, "-d", value), 2, "--duration")
+
+
+def test_a_policy_that_is_not_utf8_or_is_a_folder(tmp_path: Path) -> None:
+    bad = tmp_path / "autowrap.conf"
+    bad.write_bytes(b"[match]\nID_MODEL = \xff\xfe\n")
+    _fails(run("autowrap", "handle", "/dev/null", env={"IMGREMENT_AUTOWRAP_CONF": str(bad)}),
+           12, "is not UTF-8 text")
+    _fails(run("autowrap", "handle", "/dev/null",
+               env={"IMGREMENT_AUTOWRAP_CONF": str(tmp_path)}), 12, "is a directory")
+    junk = tmp_path / "junk.conf"
+    junk.write_text("no section\n")
+    r = run("autowrap", "handle", "/dev/null", env={"IMGREMENT_AUTOWRAP_CONF": str(junk)})
+    _fails(r, 12, str(junk))
+    assert "PosixPath" not in r.stderr
