@@ -568,8 +568,7 @@ def crashcheck(capture_file: Path, base: Path, check: tuple[str, ...], max_state
     from imgrement_dm import increment, render
 
     bounds, size = crash.load(capture_file)
-    if base.stat().st_size < size:
-        raise increment.too_small(base, base.stat().st_size, size)
+    increment.check_base(base, size)
 
     def show(r: crash.Result) -> None:
         if as_json:

@@ -26,6 +26,7 @@ import hashlib
 import itertools
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -239,15 +240,19 @@ def clone(base: Path, dest: Path) -> None:
             return
         except OSError:
             pass
-        size = os.fstat(src.fileno()).st_size
+        size = increment.size_of(base)
+        device = stat.S_ISBLK(os.fstat(src.fileno()).st_mode)
         in_kernel = True
         at = 0
         while at < size:
-            try:
-                start = os.lseek(src.fileno(), at, os.SEEK_DATA)
-            except OSError:
-                break  # no data past here
-            end = os.lseek(src.fileno(), start, os.SEEK_HOLE)
+            if device:  # no holes to find: all of it is data
+                start, end = at, size
+            else:
+                try:
+                    start = os.lseek(src.fileno(), at, os.SEEK_DATA)
+                except OSError:
+                    break  # no data past here
+                end = os.lseek(src.fileno(), start, os.SEEK_HOLE)
             while start < end:
                 n = 0
                 if in_kernel:
@@ -268,8 +273,7 @@ def clone(base: Path, dest: Path) -> None:
 
 def build(state: State, base: Path, dest: Path, size: int) -> None:
     """The state's image at ``dest``: a cheap copy of ``base`` with its writes."""
-    if base.stat().st_size < size:
-        raise increment.too_small(base, base.stat().st_size, size)
+    increment.check_base(base, size)
     clone(base, dest)
     fd = os.open(dest, os.O_RDWR | os.O_CLOEXEC)
     try:

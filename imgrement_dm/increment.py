@@ -166,6 +166,27 @@ def _size_of(fd: int) -> int:
     return st.st_size
 
 
+def size_of(path: Path) -> int:
+    """Bytes in ``path``: an image file's size, or a block device's (whose
+    st_size is 0)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise IncrementError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        return _size_of(fd)
+    finally:
+        os.close(fd)
+
+
+def check_base(base: Path, needed: int) -> None:
+    """Refuse a BASE (an image file or a block device) smaller than the traced
+    device: it cannot be a copy of that disk."""
+    size = size_of(base)
+    if size < needed:
+        raise too_small(base, size, needed)
+
+
 def too_small(what: Path, size: int, needed: int) -> IncrementError:
     return IncrementError(
         f"{what} is {size} bytes, smaller than the traced device ({needed} bytes): it is "
@@ -186,8 +207,7 @@ def apply(base: Path, capture: Path, out: Path, stop: StopAt = StopAt(), *,
     check_writable(out, inputs=inputs)
     reader, sel = _load(capture, stop, force=force, command="apply")
     with reader:
-        if base.stat().st_size < reader.sectors * 512:
-            raise too_small(base, base.stat().st_size, reader.sectors * 512)
+        check_base(base, reader.sectors * 512)
         with atomic_path(out, inputs=inputs) as part:
             shutil.copyfile(base, part)
             fd = os.open(part, os.O_RDWR | os.O_CLOEXEC)
@@ -213,8 +233,7 @@ def apply_qcow2(base: Path, capture: Path, out: Path, stop: StopAt = StopAt(), *
     reader, sel = _load(capture, stop, force=force, command="apply")
     with reader:
         size = reader.sectors * 512
-        if base.stat().st_size < size:
-            raise too_small(base, base.stat().st_size, size)
+        check_base(base, size)
         for r in sel.changes:
             if r.sector * 512 + r.size > size:
                 raise IncrementError(f"record {r.seq} writes past the end of the traced "
