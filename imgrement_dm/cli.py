@@ -566,9 +566,14 @@ def crashcheck(capture_file: Path, base: Path, check: tuple[str, ...], max_state
     """
     from imgrement_dm import crashcheck as crash
     from imgrement_dm import increment, render
+    from imgrement_dm.errors import CrashCheckError
 
     bounds, size = crash.load(capture_file)
     increment.check_base(base, size)
+    if not bounds:
+        raise CrashCheckError(f"{capture_file} has no flush, FUA write or mark: there is no "
+                              "point a power cut could have left, so nothing to check "
+                              "(sync or mark inside the workload)")
 
     def show(r: crash.Result) -> None:
         if as_json:
@@ -590,11 +595,12 @@ def crashcheck(capture_file: Path, base: Path, check: tuple[str, ...], max_state
         click.echo(f"first failing boundary: {first.state.boundary.index} "
                    f"{first.state.boundary.describe()} (state {first.state.id})", err=True)
         sys.exit(1)
-    todo, enumerated = crash.unique_states(bounds, exhaustive=exhaustive, limit=max_states)
+    todo, enumerated, stopped = crash.unique_states(bounds, exhaustive=exhaustive,
+                                                    limit=max_states)
     results = crash.check_all(todo, base, size, check, jobs=jobs, workdir=workdir,
                               keep_failing=keep_failing, report=show)
     failed = [r for r in results if not r.passed]
-    more = "" if len(todo) < max_states else f" (stopped at --max-states {max_states})"
+    more = f" (stopped at --max-states {max_states}: there are more)" if stopped else ""
     click.echo(f"{len(bounds)} boundaries, {enumerated} states enumerated, {len(todo)} "
                f"distinct checked{more}: {len(failed)} failed", err=True)
     if failed:

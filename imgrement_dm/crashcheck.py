@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from imgrement_dm import increment
 from imgrement_dm.errors import CrashCheckError
@@ -175,22 +176,31 @@ def content_key(writes: Sequence[BioRecord]) -> str:
     return h.hexdigest()
 
 
+class Unique(NamedTuple):
+    states: list[State]  # deduplicated by content, at most the limit
+    enumerated: int  # states looked at to find them
+    stopped: bool  # the limit left out at least one more distinct state
+
+
 def unique_states(bounds: Sequence[Boundary], *, exhaustive: int = 6,
-                  limit: int | None = None) -> tuple[list[State], int]:
-    """States deduplicated by content, at most ``limit``; and how many were enumerated."""
+                  limit: int | None = None) -> Unique:
+    """States deduplicated by content, at most ``limit``; how many were
+    enumerated; and whether the limit left out another distinct one (looked
+    for, so that a capture with exactly ``limit`` states is not said to stop)."""
     seen: set[str] = set()
     out: list[State] = []
     enumerated = 0
     for st in states(bounds, exhaustive):
-        enumerated += 1
         key = content_key(st.writes())
         if key in seen:
+            enumerated += 1
             continue
+        if limit is not None and len(out) >= limit:
+            return Unique(out, enumerated, True)
+        enumerated += 1
         seen.add(key)
         out.append(st)
-        if limit is not None and len(out) >= limit:
-            break
-    return out, enumerated
+    return Unique(out, enumerated, False)
 
 
 def load(capture: Path) -> tuple[list[Boundary], int]:

@@ -410,7 +410,13 @@ class RecordReader:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
             raise StreamError(f"cannot open {path}: {e.strerror}") from None
-        magic = os.read(fd, len(STREAM_MAGIC))
+        return cls.from_open(fd, path, os.read(fd, len(STREAM_MAGIC)))
+
+    @classmethod
+    def from_open(cls, fd: int, path: str | Path, magic: bytes) -> RecordReader:
+        """A saved stream open at ``fd``, whose first bytes, ``magic``, were
+        read already: a pipe (``trace -f <(...)``) can be read only once.
+        The reader owns ``fd`` from here on, and closes it on any error."""
         if magic[:15] != STREAM_MAGIC[:15]:
             os.close(fd)
             raise StreamError(f"{path} is not a saved imgrement record stream")

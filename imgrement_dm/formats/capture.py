@@ -177,8 +177,8 @@ class CaptureReader:
     def _fail(self, what: str, chunks: int, records: int) -> CaptureError:
         return CaptureError(
             f"{self.path} is {what} after {chunks} intact chunk(s) ({records} records); "
-            "it was not applied. Record again, or use the intact part with --force "
-            "where the command offers it"
+            "it was refused whole, and nothing was written from it: record again (the "
+            "tools take only captures that end with their trailer)"
         )
 
     def _left(self) -> int:

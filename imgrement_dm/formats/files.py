@@ -12,6 +12,8 @@ and which they take.
 from __future__ import annotations
 
 import contextlib
+import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,13 +56,49 @@ def require_capture(path: Path, command: str) -> None:
         )
 
 
+def _read_head(fd: int, n: int) -> bytes:
+    """The first ``n`` bytes (fewer at end of file): a pipe may give them in pieces."""
+    head = b""
+    while len(head) < n:
+        got = os.read(fd, n - len(head))
+        if not got:
+            break
+        head += got
+    return head
+
+
 @contextlib.contextmanager
 def file_items(path: Path) -> Iterator[Iterator[Item]]:
-    """The records and drops of a file of either kind, checked as they are read."""
-    if kind_of(path) == CAPTURE:
+    """The records and drops of a file of either kind, checked as they are read.
+
+    The file is opened once: a pipe (``trace -f <(cat s.rec)``) can be read
+    only once, so what was read to tell its kind is read from no other open.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except IsADirectoryError:
+        raise StreamError(f"{path} is a directory; give {KINDS}") from None
+    except OSError as e:
+        raise StreamError(f"cannot open {path}: {e.strerror}") from None
+    try:
+        head = _read_head(fd, len(STREAM_MAGIC))  # the longer of the two magics
+        seekable = stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError as e:
+        os.close(fd)
+        raise StreamError(f"cannot read {path}: {e.strerror}") from None
+    if head.startswith(CAPTURE_MAGIC):
+        os.close(fd)
+        if not seekable:
+            raise CaptureError(f"{path} is a capture arriving through a pipe: a capture is "
+                               "checked against its size and end marker, so give the file "
+                               "itself")
         with CaptureReader(path) as capture:
             yield capture.items()
         return
-    with RecordReader.from_file(path) as reader:
+    if not head.startswith(STREAM_MAGIC[:15]):
+        os.close(fd)
+        what = "empty" if not head else "not an imgrement file"
+        raise StreamError(f"{path} is {what}; give {KINDS}")
+    with RecordReader.from_open(fd, path, head) as reader:
         yield iter(reader)
 

@@ -4,8 +4,10 @@ or, where the value is fine after all, the right result."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from click.testing import CliRunner, Result
 
 from imgrement_dm import cli
 from imgrement_dm.formats.capture import write_capture
+from imgrement_dm.records import STREAM_MAGIC
 from tests.host import streams
 
 W, FLUSH = 1, 2
@@ -126,3 +129,43 @@ def test_a_block_device_serves_as_base(cap: Path, tmp_path: Path, loop_base: str
     assert state.read_bytes() == bytes(want)
     r = run("crashcheck", cap, loop_base, "--", "true")
     assert r.exit_code == 0, (r.output, r.exception)
+
+
+def test_a_capture_with_no_boundary_has_nothing_to_check(tmp_path: Path) -> None:
+    cap = tmp_path / "plain.cap"
+    with write_capture(cap, "traced", 64) as w:
+        w.add(streams.bio(0, sector=0, op=W, payload=b"A" * 4096, complete_ns=10))
+    base = tmp_path / "base.img"
+    base.write_bytes(bytes(64 * 512))
+    _fails(run("crashcheck", cap, base, "--", "true"), 11, "nothing to check")
+
+
+def test_max_states_equal_to_the_states_is_not_said_to_stop(cap: Path, tmp_path: Path) -> None:
+    base = tmp_path / "base.img"
+    base.write_bytes(bytes(64 * 512))
+    r = run("crashcheck", cap, base, "--max-states", "1000", "--", "true")
+    assert r.exit_code == 0, r.output
+    n = int(r.stderr.split(" states enumerated, ")[1].split()[0])
+    r = run("crashcheck", cap, base, "--max-states", n, "--", "true")
+    assert r.exit_code == 0 and "stopped" not in r.stderr, r.stderr
+    if n > 1:
+        r = run("crashcheck", cap, base, "--max-states", n - 1, "--", "true")
+        assert "stopped at --max-states" in r.stderr, r.stderr
+
+
+def test_a_saved_stream_through_a_pipe_is_read_once(tmp_path: Path) -> None:
+    saved = tmp_path / "s.rec"
+    saved.write_bytes(STREAM_MAGIC + streams.bio(0, sector=8, op=W, complete_ns=5))
+    r = subprocess.run(["bash", "-c", f'"$0" -m imgrement_dm.cli trace -f <(cat {saved}) --json',
+                        sys.executable], capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.splitlines()[0])["sector"] == 8
+
+
+def test_a_truncated_capture_names_no_option_that_does_not_exist(cap: Path,
+                                                                 tmp_path: Path) -> None:
+    cut = tmp_path / "cut.cap"
+    cut.write_bytes(cap.read_bytes()[:-40])
+    r = run("export", cut, "--format", "jsonl", "-o", tmp_path / "x.jsonl")
+    _fails(r, 9, "record again")
+    assert "--force" not in r.stderr

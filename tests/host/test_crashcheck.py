@@ -86,12 +86,15 @@ def test_the_state_count_is_what_the_rules_say(cap: Path, exhaustive: int,
     exhaustive 1: 1 + (1 + 5) + (1 + 5) + 1 = 14 (all, none, each alone, all but each).
     Either way 8 distinct: 1:none is 0:all's content, 3:all is 2:all's."""
     bounds, _ = crash.load(cap)
-    todo, n = crash.unique_states(bounds, exhaustive=exhaustive)
-    assert n == enumerated
+    todo, n, stopped = crash.unique_states(bounds, exhaustive=exhaustive)
+    assert n == enumerated and not stopped
     assert [s.id for s in todo] == ["0:all", "1:all", "1:3", "1:4", "2:all", "2:none",
                                     "2:3", "2:4"]
-    limited, _ = crash.unique_states(bounds, exhaustive=exhaustive, limit=3)
-    assert [s.id for s in limited] == ["0:all", "1:all", "1:3"]
+    limited, _, stopped = crash.unique_states(bounds, exhaustive=exhaustive, limit=3)
+    assert [s.id for s in limited] == ["0:all", "1:all", "1:3"] and stopped
+    # exactly as many as the limit: all of them, and nothing left out
+    exact, _, stopped = crash.unique_states(bounds, exhaustive=exhaustive, limit=8)
+    assert [s.id for s in exact] == [s.id for s in todo] and not stopped
 
 
 def test_crashcheck_names_exactly_the_failing_states(cap: Path, base: Path,
