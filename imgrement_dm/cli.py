@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -227,6 +228,32 @@ def _reader(name: str | None, from_file: Path | None) -> Iterator[Iterator[Item]
     api.status(name)  # refuses a device that is not ours, with a clear message
     with RecordReader.live(name) as reader:
         yield reader
+
+
+class _Stop:
+    """Which signal asked a long run to stop (0: none), and its flag."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.signum = 0
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[_Stop]:
+    """Ctrl-C and SIGTERM set a flag instead of ending the process, so the run
+    can end its children, remove its files and say what it did so far."""
+    stop = _Stop()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.signum = stop.signum or signum
+        stop.event.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
 @contextlib.contextmanager
@@ -545,11 +572,15 @@ def apply_cmd(base: Path, capture_file: Path, until_mark: str | None, output: Pa
               help="Only find the first boundary whose in-order state fails.")
 @click.option("--workdir", type=click.Path(path_type=Path, file_okay=False),
               help="Where state images are made [default: a new folder beside BASE].")
-@click.option("--keep-failing", is_flag=True, help="Keep the images of failing states.")
+@click.option("--keep-failing", is_flag=True,
+              help="Keep the images of failing states (and say where).")
+@click.option("--timeout", type=SECONDS, default=None,
+              help="Seconds one check may run; one that runs longer is killed and its "
+                   "state fails as timed out.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per state checked.")
 def crashcheck(capture_file: Path, base: Path, check: tuple[str, ...], max_states: int,
                exhaustive: int, jobs: int, bisect: bool, workdir: Path | None,
-               keep_failing: bool, as_json: bool) -> None:
+               keep_failing: bool, timeout: float | None, as_json: bool) -> None:
     """Run CHECK on every disk state a power cut could have left.
 
     BASE is the disk as it was when CAPTURE (a lossless capture) began. At
@@ -562,7 +593,9 @@ def crashcheck(capture_file: Path, base: Path, check: tuple[str, ...], max_state
     imgrement-dm crashcheck s.cap base.img -- e2fsck -fn {}
 
     Exit 0 if every state passed, 1 if any failed; each failure is named by
-    its state id, which 'apply --state ID' rebuilds alone.
+    its state id, which 'apply --state ID' rebuilds alone. Ctrl-C or SIGTERM
+    ends the running checks, removes their images, prints the summary so far
+    and exits 130 or 143.
     """
     from imgrement_dm import crashcheck as crash
     from imgrement_dm import increment, render
@@ -581,10 +614,12 @@ def crashcheck(capture_file: Path, base: Path, check: tuple[str, ...], max_state
                                      "kind": r.state.boundary.kind,
                                      "record": r.state.boundary.seq,
                                      "kept": r.state.kept, "exit": r.code,
-                                     "passed": r.passed, "output": r.output[-2000:]}))
+                                     "timed_out": r.timed_out, "passed": r.passed,
+                                     "output": r.output[-2000:]}))
         elif not r.passed:
             last = r.output.splitlines()[-1] if r.output else ""
-            click.echo(f"FAIL {r.state.describe()}: exit {r.code}: {last}")
+            how = f"timed out after {timeout:g} s" if r.timed_out else f"exit {r.code}"
+            click.echo(f"FAIL {r.state.describe()}: {how}: {last}")
 
     if bisect:
         first = crash.bisect(bounds, base, size, check, workdir=workdir, report=show)
@@ -597,12 +632,24 @@ def crashcheck(capture_file: Path, base: Path, check: tuple[str, ...], max_state
         sys.exit(1)
     todo, enumerated, stopped = crash.unique_states(bounds, exhaustive=exhaustive,
                                                     limit=max_states)
-    results = crash.check_all(todo, base, size, check, jobs=jobs, workdir=workdir,
-                              keep_failing=keep_failing, report=show)
+    with _stop_on_signals() as stop:
+        results = crash.check_all(todo, base, size, check, jobs=jobs, workdir=workdir,
+                                  keep_failing=keep_failing, report=show, timeout=timeout,
+                                  stop=stop.event)
     failed = [r for r in results if not r.passed]
+    timed_out = sum(r.timed_out for r in failed)
     more = f" (stopped at --max-states {max_states}: there are more)" if stopped else ""
+    slow = f" ({timed_out} timed out)" if timed_out else ""
+    cut = (f", interrupted by {signal.Signals(stop.signum).name} after {len(results)} of "
+           f"{len(todo)}" if stop.signum else "")
     click.echo(f"{len(bounds)} boundaries, {enumerated} states enumerated, {len(todo)} "
-               f"distinct checked{more}: {len(failed)} failed", err=True)
+               f"distinct to check{more}{cut}: {len(results)} checked, {len(failed)} "
+               f"failed{slow}", err=True)
+    kept = sorted({str(r.image.parent) for r in failed if r.image is not None})
+    if kept:
+        click.echo(f"failing states' images kept in {', '.join(kept)}", err=True)
+    if stop.signum:
+        sys.exit(128 + stop.signum)
     if failed:
         sys.exit(1)
 

@@ -26,9 +26,12 @@ import hashlib
 import itertools
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -297,37 +300,83 @@ class Result:
     state: State
     code: int
     output: str = field(repr=False)
+    timed_out: bool = False  # the check ran past --timeout and was killed
+    image: Path | None = None  # where the state's image was kept (a failing one)
 
     @property
     def passed(self) -> bool:
-        return self.code == 0
+        return self.code == 0 and not self.timed_out
+
+
+#: How often a running check looks at the stop flag and its time limit.
+_POLL = 0.2
+
+
+def _end(proc: subprocess.Popen[str], sig: int) -> tuple[str, str]:
+    """Signal the check's whole process group (it runs in a session of its
+    own) and collect what it printed."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    try:
+        return proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        return proc.communicate()
 
 
 def run_check(state: State, base: Path, size: int, check: Sequence[str], workdir: Path,
-              keep: bool) -> Result:
+              keep: bool, *, timeout: float | None = None,
+              stop: threading.Event | None = None) -> Result | None:
     """Build the state, run CHECK on it ({} is its path, also in $IMGREMENT_STATE, and
-    its id in $IMGREMENT_STATE_ID), and remove it unless it failed and is to be kept."""
+    its id in $IMGREMENT_STATE_ID), and remove it unless it failed and is to be kept.
+
+    A check that runs past ``timeout`` seconds is killed (its process group)
+    and fails as timed out.  Once ``stop`` is set, the check is ended and
+    None returned: the state was not decided.  The check runs in a session of
+    its own, so a Ctrl-C at the terminal reaches crashcheck, which ends it."""
+    if stop is not None and stop.is_set():
+        return None
     img = workdir / f"state-{state.id.replace(':', '-').replace(',', '_')}.img"
     build(state, base, img, size)
     argv = [a.replace("{}", str(img)) for a in check]
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, check=False,
-                              stdin=subprocess.DEVNULL,
-                              env={**os.environ, "IMGREMENT_STATE": str(img),
-                                   "IMGREMENT_STATE_ID": state.id})
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, stdin=subprocess.DEVNULL, start_new_session=True,
+                                env={**os.environ, "IMGREMENT_STATE": str(img),
+                                     "IMGREMENT_STATE_ID": state.id})
     except OSError as e:
         img.unlink(missing_ok=True)
         raise CrashCheckError(f"cannot run the check {argv[0]!r}: {e.strerror}") from None
-    result = Result(state, proc.returncode, (proc.stdout + proc.stderr).strip())
+    deadline = None if timeout is None else time.monotonic() + timeout
+    timed_out = False
+    while True:
+        try:
+            out, err = proc.communicate(timeout=_POLL)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+        if stop is not None and stop.is_set():
+            _end(proc, signal.SIGTERM)
+            img.unlink(missing_ok=True)
+            return None
+        if deadline is not None and time.monotonic() > deadline:
+            out, err = _end(proc, signal.SIGKILL)
+            timed_out = True
+            break
+    result = Result(state, proc.returncode, (out + err).strip(), timed_out=timed_out)
     if result.passed or not keep:
         img.unlink(missing_ok=True)
+    else:
+        result.image = img
     return result
 
 
 @contextlib.contextmanager
 def _workdir(where: Path | None, base: Path) -> Iterator[Path]:
     """``where``, or a new folder beside BASE (the same file system: reflinks can
-    share its extents), or in /var/tmp when BASE's folder is not writable."""
+    share its extents), or in /var/tmp when BASE's folder is not writable.  A
+    new folder goes at the end unless a kept image is in it."""
     if where is not None:
         where.mkdir(parents=True, exist_ok=True)
         yield where
@@ -339,19 +388,26 @@ def _workdir(where: Path | None, base: Path) -> Iterator[Path]:
     try:
         yield d
     finally:
-        shutil.rmtree(d, ignore_errors=True)
+        if not any(d.glob("state-*.img")):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def check_all(todo: Sequence[State], base: Path, size: int, check: Sequence[str], *,
               jobs: int, workdir: Path | None = None, keep_failing: bool = False,
-              report: Callable[[Result], None] | None = None) -> list[Result]:
-    """Run CHECK on every state, ``jobs`` at a time; results in state order."""
+              report: Callable[[Result], None] | None = None, timeout: float | None = None,
+              stop: threading.Event | None = None) -> list[Result]:
+    """Run CHECK on every state, ``jobs`` at a time; results in state order.
+    Once ``stop`` is set, running checks are ended and no more start: the
+    results are those decided so far."""
     with _workdir(workdir, base) as wd, ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(run_check, st, base, size, check, wd, keep_failing)
+        futures = [pool.submit(run_check, st, base, size, check, wd, keep_failing,
+                               timeout=timeout, stop=stop)
                    for st in todo]
         results = []
         for f in futures:
             r = f.result()
+            if r is None:
+                continue
             if report:
                 report(r)
             results.append(r)
@@ -367,6 +423,7 @@ def bisect(bounds: Sequence[Boundary], base: Path, size: int, check: Sequence[st
     with _workdir(workdir, base) as wd:
         def test(i: int) -> Result:
             r = run_check(State(bounds[i], None), base, size, check, wd, keep=False)
+            assert r is not None  # without a stop flag, every state is decided
             if report:
                 report(r)
             return r

@@ -108,7 +108,8 @@ def test_crashcheck_names_exactly_the_failing_states(cap: Path, base: Path,
         ("0:all", True), ("1:all", True), ("1:3", True), ("1:4", False), ("2:all", True),
         ("2:none", True), ("2:3", True), ("2:4", False)]
     assert lines[3]["kind"] == "mark" and lines[3]["kept"] == [4]
-    assert "4 boundaries, 10 states enumerated, 8 distinct checked: 2 failed" in r.stderr
+    assert ("4 boundaries, 10 states enumerated, 8 distinct to check: 8 checked, "
+            "2 failed") in r.stderr
     assert not list((tmp_path / "wd").iterdir())  # nothing left without --keep-failing
 
 
