@@ -498,9 +498,9 @@ def record(name: str, output: Path, duration: float | None, quiet: bool,
 
 
 @main.command("apply")
+@click.argument("capture_file", metavar="FILE", type=click.Path(path_type=Path))
 @click.argument("base", type=click.Path(path_type=Path, dir_okay=False, exists=True,
                                         readable=True))
-@click.argument("capture_file", metavar="FILE", type=click.Path(path_type=Path))
 @click.option("--until-mark", help="Stop at the mark with this label.")
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False),
               help="The image to write [default: BASE.applied, or BASE.applied.qcow2].")
@@ -513,11 +513,13 @@ def record(name: str, output: Path, duration: float | None, quiet: bool,
 @click.option("--state", "state_id", metavar="ID",
               help="Build the crash state crashcheck reported as ID instead (raw only).")
 @click.option("--force", is_flag=True, help="Apply even if records were dropped.")
-def apply_cmd(base: Path, capture_file: Path, until_mark: str | None, output: Path | None,
+def apply_cmd(capture_file: Path, base: Path, until_mark: str | None, output: Path | None,
               fmt_name: str, backing: str | None, state_id: str | None, force: bool) -> None:
     """Apply the captured writes in FILE onto a copy of BASE.
 
-    BASE is an image of the disk as it was when recording began. Writes,
+    FILE comes first, as in crashcheck, replay, diff and export ('apply BASE
+    FILE', the old order, still works this release, with a warning). BASE is
+    an image of the disk (or the disk itself) as it was when recording began. Writes,
     discards and write-zeroes are applied in completion order, up to the
     mark if given; the result equals the disk at that point. With --format
     qcow2 the result is a qcow2 overlay on BASE that stores only the 64 KiB
@@ -525,8 +527,14 @@ def apply_cmd(base: Path, capture_file: Path, until_mark: str | None, output: Pa
     """
     from imgrement_dm import crashcheck as crash
     from imgrement_dm import increment
+    from imgrement_dm.formats import files
     from imgrement_dm.output import atomic_path, check_writable
 
+    if files.is_capture(base) and not files.is_capture(capture_file):
+        click.echo("imgrement-dm: warning: 'apply BASE FILE' is the old order: write 'apply "
+                   "FILE BASE' (FILE first, as in crashcheck, replay and export); the old "
+                   "order goes in the next release", err=True)
+        capture_file, base = base, capture_file
     if backing is not None and fmt_name != "qcow2":
         raise click.UsageError("--backing is for --format qcow2")
     if state_id is not None:

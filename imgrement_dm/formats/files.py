@@ -46,6 +46,15 @@ def kind_of(path: Path) -> str:
     raise StreamError(f"{path} is {what}; give {KINDS}")
 
 
+def is_capture(path: Path) -> bool:
+    """Does ``path`` start as a capture file does (no error if it cannot be read)?"""
+    try:
+        with path.open("rb") as f:
+            return f.read(len(CAPTURE_MAGIC)) == CAPTURE_MAGIC
+    except OSError:
+        return False
+
+
 def require_capture(path: Path, command: str) -> None:
     """Refuse anything but a capture file, saying what was given instead."""
     if kind_of(path) == STREAM:

@@ -148,7 +148,7 @@ def test_the_rename_pattern(tmp_path: Path, fsync: bool) -> None:
     # the first failing state, rebuilt alone, shows the same
     first = failed[0]["state"]
     img = tmp_path / "state.img"
-    rebuilt = cli("apply", str(base), str(cap), "--state", first, "-o", str(img))
+    rebuilt = cli("apply", str(cap), str(base), "--state", first, "-o", str(img))
     assert rebuilt.returncode == 0, rebuilt.stderr
     again = subprocess.run([sys.executable, str(check), str(img)], capture_output=True,
                            text=True, check=False)

@@ -78,7 +78,7 @@ def test_apply_reproduces_the_device_at_each_mark(session: dict[str, object],
                                                   point: str) -> None:
     d, base, cap = Path(str(session["dir"])), Path(str(session["base"])), session["cap"]
     out = d / f"applied-{point}.img"
-    args = ["apply", str(base), str(cap), "-o", str(out)]
+    args = ["apply", str(cap), str(base), "-o", str(out)]
     if point != "end":
         args += ["--until-mark", point]
     r = cli(*args)
@@ -97,7 +97,7 @@ def test_a_qcow2_increment_reads_as_the_device(session: dict[str, object], point
     d, base, cap = (Path(str(session[k])) for k in ("dir", "base", "cap"))
     out = d / f"inc-{point}.qcow2"
     raw = d / f"inc-{point}.raw"
-    args = ["apply", str(base), str(cap), "-o", str(out), "--format", "qcow2"]
+    args = ["apply", str(cap), str(base), "-o", str(out), "--format", "qcow2"]
     if point != "end":
         args += ["--until-mark", point]
     r = cli(*args)
@@ -250,14 +250,14 @@ def test_damaged_captures_are_refused(session: dict[str, object]) -> None:
     cut = d / "cut.cap"
     cut.write_bytes(raw[: len(raw) // 2])
     out = d / "never.img"
-    r = cli("apply", str(base), str(cut), "-o", str(out))
+    r = cli("apply", str(cut), str(base), "-o", str(out))
     assert r.returncode == 9 and "is truncated" in r.stderr and "Traceback" not in r.stderr
     assert not out.exists() and not parts_of(out)
     flipped = bytearray(raw)
     flipped[len(raw) // 3] ^= 0xFF
     bad = d / "bad.cap"
     bad.write_bytes(bytes(flipped))
-    r = cli("apply", str(base), str(bad), "-o", str(out))
+    r = cli("apply", str(bad), str(base), "-o", str(out))
     assert r.returncode == 9 and "corrupted" in r.stderr
     assert not out.exists()
 

@@ -208,7 +208,7 @@ def _applied_equals(dev: str, cap: Path, want: str, tmp_path: Path) -> None:
     with base.open("wb") as f:
         f.truncate(sectors_of(dev) * 512)
     out = tmp_path / "applied.img"
-    r = cli("apply", str(base), str(cap), "-o", str(out))
+    r = cli("apply", str(cap), str(base), "-o", str(out))
     assert r.returncode == 0, r.stderr  # apply refuses a capture with a single drop
     assert sha256(out, SIZE) == want
 

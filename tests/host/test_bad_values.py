@@ -49,7 +49,7 @@ def test_a_base_whose_name_is_not_utf8_makes_a_qcow2(cap: Path, tmp_path: Path) 
     with open(raw, "wb") as f:
         f.truncate(64 * 512)
     out = tmp_path / "inc.qcow2"
-    r = run("apply", os.fsdecode(raw), cap, "--format", "qcow2", "-o", out)
+    r = run("apply", cap, os.fsdecode(raw), "--format", "qcow2", "-o", out)
     assert r.exit_code == 0, (r.output, r.exception)
     assert raw in out.read_bytes()[:65536]  # the backing name, byte for byte
 
@@ -58,7 +58,7 @@ def test_a_backing_name_longer_than_qcow2_allows(cap: Path, tmp_path: Path) -> N
     base = tmp_path / "base.img"
     base.write_bytes(bytes(64 * 512))
     out = tmp_path / "inc.qcow2"
-    _fails(run("apply", base, cap, "--format", "qcow2", "--backing", "b" * 70000, "-o", out),
+    _fails(run("apply", cap, base, "--format", "qcow2", "--backing", "b" * 70000, "-o", out),
            11, "backing file name is 70000 bytes")
     assert not out.exists()
 
@@ -67,7 +67,7 @@ def test_a_backing_name_longer_than_qcow2_allows(cap: Path, tmp_path: Path) -> N
 def test_a_malformed_state_id(cap: Path, tmp_path: Path, state: str) -> None:
     base = tmp_path / "base.img"
     base.write_bytes(bytes(64 * 512))
-    _fails(run("apply", base, cap, "--state", state, "-o", tmp_path / "x.img"), 11,
+    _fails(run("apply", cap, base, "--state", state, "-o", tmp_path / "x.img"), 11,
            "is not a state id")
 
 
@@ -120,11 +120,11 @@ def test_a_block_device_serves_as_base(cap: Path, tmp_path: Path, loop_base: str
     want[0:4096] = b"A" * 4096
     want[4096:8192] = b"B" * 4096
     out = tmp_path / "applied.img"
-    r = run("apply", loop_base, cap, "-o", out)
+    r = run("apply", cap, loop_base, "-o", out)
     assert r.exit_code == 0, (r.output, r.exception)
     assert out.read_bytes() == bytes(want)
     state = tmp_path / "state.img"
-    r = run("apply", loop_base, cap, "--state", "0:all", "-o", state)
+    r = run("apply", cap, loop_base, "--state", "0:all", "-o", state)
     assert r.exit_code == 0, (r.output, r.exception)
     assert state.read_bytes() == bytes(want)
     r = run("crashcheck", cap, loop_base, "--", "true")
@@ -169,3 +169,18 @@ def test_a_truncated_capture_names_no_option_that_does_not_exist(cap: Path,
     r = run("export", cut, "--format", "jsonl", "-o", tmp_path / "x.jsonl")
     _fails(r, 9, "record again")
     assert "--force" not in r.stderr
+
+
+def test_apply_takes_the_capture_first_and_the_old_order_with_a_warning(
+        cap: Path, tmp_path: Path) -> None:
+    """FILE BASE, as crashcheck, replay and export take theirs; BASE FILE still
+    works this release, told apart by the capture's magic, with a warning."""
+    base = tmp_path / "base.img"
+    base.write_bytes(bytes(64 * 512))
+    new, old = tmp_path / "new.img", tmp_path / "old.img"
+    r = run("apply", cap, base, "-o", new)
+    assert r.exit_code == 0 and "warning" not in r.stderr, r.output
+    r = run("apply", base, cap, "-o", old)
+    assert r.exit_code == 0, r.output
+    assert "'apply BASE FILE' is the old order" in r.stderr
+    assert new.read_bytes() == old.read_bytes() and new.read_bytes()[:4096] == b"A" * 4096

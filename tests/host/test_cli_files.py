@@ -119,7 +119,7 @@ def test_unwritable_outputs_are_refused_before_any_work(files: dict[str, Path],
     missing = make == "missing dir"
     out, why = (d / "nowhere" / "x.out", "the directory does not exist") if missing else (
         d, "is a directory")
-    for args in (["apply", files["base"], files["cap"], "-o", out],
+    for args in (["apply", files["cap"], files["base"], "-o", out],
                  ["export", files["cap"], "--format", "jsonl", "-o", out],
                  ["plot", files["cap"], "-o", out],
                  ["trace", "nosuch", "-o", out],
@@ -157,7 +157,7 @@ def test_no_permission_to_write_the_output(files: dict[str, Path], open_dir: Pat
     cap, base = shutil.copy(files["cap"], open_dir), shutil.copy(files["base"], open_dir)
     for f in (cap, base):
         os.chmod(f, 0o644)  # captures are made 0600: this one is shared on purpose
-    code, err = _as_user("apply", str(base), str(cap), "-o", str(ro / "x.img"))
+    code, err = _as_user("apply", str(cap), str(base), "-o", str(ro / "x.img"))
     assert code == 13, err
     assert err.startswith("imgrement-dm: error: cannot write")
     assert "permission denied" in err and "Traceback" not in err
@@ -179,7 +179,7 @@ def test_enospc_while_writing_leaves_nothing(files: dict[str, Path],
 
 def test_apply_replaces_its_output_whole(files: dict[str, Path]) -> None:
     out = files["old"]
-    r = run("apply", files["base"], files["cap"], "-o", out)
+    r = run("apply", files["cap"], files["base"], "-o", out)
     assert r.exit_code == 0, r.output
     assert r.stdout.strip().endswith(f"{out}: 2 changes applied")
     img = out.read_bytes()
@@ -210,7 +210,7 @@ def test_capture_commands_name_the_kind_they_were_given(files: dict[str, Path],
                                                         command: str) -> None:
     def args(f: Path) -> list[object]:
         return {
-            "apply": ["apply", files["base"], f, "-o", files["old"]],
+            "apply": ["apply", f, files["base"], "-o", files["old"]],
             "replay": ["replay", f, files["old"]],
             "diff": ["diff", f],
             "export": ["export", f, "--format", "jsonl", "-o", files["old"]],

@@ -116,7 +116,7 @@ def test_crashcheck_names_exactly_the_failing_states(cap: Path, base: Path,
 def test_apply_state_rebuilds_a_failing_state_alone(cap: Path, base: Path,
                                                     tmp_path: Path) -> None:
     out = tmp_path / "state.img"
-    r = CliRunner().invoke(cli.main, ["apply", str(base), str(cap), "--state", "2:4",
+    r = CliRunner().invoke(cli.main, ["apply", str(cap), str(base), "--state", "2:4",
                                       "-o", str(out)])
     assert r.exit_code == 0, r.output
     want = bytearray(SECTORS * 512)
@@ -125,7 +125,7 @@ def test_apply_state_rebuilds_a_failing_state_alone(cap: Path, base: Path,
     assert out.read_bytes() == bytes(want)
     for bad, why in (("9:all", "there is no boundary 9"), ("0:3", "not among boundary 0"),
                      ("x", "is not a state id")):
-        r = CliRunner().invoke(cli.main, ["apply", str(base), str(cap), "--state", bad,
+        r = CliRunner().invoke(cli.main, ["apply", str(cap), str(base), "--state", bad,
                                           "-o", str(tmp_path / "no.img")])
         assert r.exit_code == 11 and why in r.output, r.output
         assert not (tmp_path / "no.img").exists()

@@ -55,8 +55,8 @@ def _refused(r: Result, *words: str) -> None:
 
 def _commands(cap: Path, base: Path, out: Path) -> list[list[object]]:
     return [
-        ["apply", base, cap, "-o", out],
-        ["apply", base, cap, "--format", "qcow2", "-o", out],
+        ["apply", cap, base, "-o", out],
+        ["apply", cap, base, "--format", "qcow2", "-o", out],
         ["export", cap, "--format", "jsonl", "-o", out],
         ["export", cap, "--format", "log-writes", "-o", out],
         ["plot", cap, "-o", out],
@@ -79,7 +79,7 @@ def test_an_output_that_is_the_base_through_a_link_is_refused(cap: Path, base: P
     hard = tmp_path / "hard.img"
     os.link(base, hard)
     for out in (base, link, hard):
-        _refused(run("apply", base, cap, "-o", out), "an input of this command")
+        _refused(run("apply", cap, base, "-o", out), "an input of this command")
     assert base.read_bytes() == bytes(64 * 512)
 
 
@@ -87,7 +87,7 @@ def test_a_block_device_is_refused_and_replay_named(cap: Path, base: Path,
                                                     tmp_path: Path) -> None:
     dev = tmp_path / "blk"
     os.mknod(dev, stat.S_IFBLK | 0o600, os.makedev(7, 200))
-    _refused(run("apply", base, cap, "-o", dev), "is a block device", "replay")
+    _refused(run("apply", cap, base, "-o", dev), "is a block device", "replay")
     assert stat.S_ISBLK(os.lstat(dev).st_mode)
 
 
@@ -99,7 +99,7 @@ def test_a_character_device_or_fifo_is_a_stream_where_the_command_streams(
     assert r.exit_code == 0, r.output
     assert stat.S_ISCHR(os.lstat(null).st_mode), "the node was replaced by a file"
     # a file that must be seekable: refused, the node kept
-    _refused(run("apply", base, cap, "-o", null), "character device")
+    _refused(run("apply", cap, base, "-o", null), "character device")
     assert stat.S_ISCHR(os.lstat(null).st_mode)
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
@@ -138,7 +138,7 @@ def test_a_users_part_file_is_not_taken(cap: Path, base: Path, tmp_path: Path) -
     out = tmp_path / "res.img"
     notes = tmp_path / "res.img.part"
     notes.write_text("notes\n")
-    assert run("apply", base, cap, "-o", out).exit_code == 0
+    assert run("apply", cap, base, "-o", out).exit_code == 0
     assert notes.read_text() == "notes\n"
     assert out.read_bytes()[:4096] == DATA
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".part")] == ["res.img.part"]
@@ -158,7 +158,7 @@ def test_new_outputs_are_the_owners_alone_and_replaced_ones_keep_their_mode(
     old = os.umask(0o022)
     try:
         out = tmp_path / "new.img"
-        assert run("apply", base, cap, "-o", out).exit_code == 0
+        assert run("apply", cap, base, "-o", out).exit_code == 0
         assert stat.S_IMODE(out.stat().st_mode) == 0o600
         shared = tmp_path / "shared.jsonl"
         shared.write_text("x")

@@ -69,9 +69,9 @@ def test_the_overlay_reads_as_the_raw_result_and_stores_only_changed_clusters(
     runner = CliRunner()
     raw = case["dir"] / "raw.img"
     over = case["dir"] / "over.qcow2"
-    r = runner.invoke(cli.main, ["apply", str(case["base"]), str(case["cap"]), "-o", str(raw)])
+    r = runner.invoke(cli.main, ["apply", str(case["cap"]), str(case["base"]), "-o", str(raw)])
     assert r.exit_code == 0, r.output
-    r = runner.invoke(cli.main, ["apply", str(case["base"]), str(case["cap"]), "-o", str(over),
+    r = runner.invoke(cli.main, ["apply", str(case["cap"]), str(case["base"]), "-o", str(over),
                                  "--format", "qcow2"])
     assert r.exit_code == 0, r.output
     # clusters: 0 and 1 (the write at byte 61440 straddles them), 48 and 49 (70 KiB of
@@ -103,20 +103,20 @@ def test_the_overlay_reads_as_the_raw_result_and_stores_only_changed_clusters(
 def test_a_relative_backing_name_and_refusals(case: dict[str, Path]) -> None:
     runner = CliRunner()
     over = case["dir"] / "rel.qcow2"
-    r = runner.invoke(cli.main, ["apply", str(case["base"]), str(case["cap"]), "-o", str(over),
+    r = runner.invoke(cli.main, ["apply", str(case["cap"]), str(case["base"]), "-o", str(over),
                                  "--format", "qcow2", "--backing", "base.img"])
     assert r.exit_code == 0, r.output
     info = json.loads(_qemu_img("info", "--output=json", str(over)))
     assert info["backing-filename"] == "base.img"
     _qemu_img("check", str(over))
 
-    r = runner.invoke(cli.main, ["apply", str(case["base"]), str(case["cap"]), "--backing",
+    r = runner.invoke(cli.main, ["apply", str(case["cap"]), str(case["base"]), "--backing",
                                  "x"])
     assert r.exit_code == 2 and "--backing is for --format qcow2" in r.output
 
     small = case["dir"] / "small.img"
     small.write_bytes(bytes(MIB))
-    r = runner.invoke(cli.main, ["apply", str(small), str(case["cap"]), "-o",
+    r = runner.invoke(cli.main, ["apply", str(case["cap"]), str(small), "-o",
                                  str(case["dir"] / "no.qcow2"), "--format", "qcow2"])
     assert r.exit_code == 11 and "smaller than the traced device" in r.output
     assert not (case["dir"] / "no.qcow2").exists()
@@ -149,7 +149,7 @@ def test_diff_maps_in_bytes_and_qemu_img_s_own_shape(case: dict[str, Path]) -> N
 
     # the qcow2 overlay, mapped by qemu-img, holds every changed byte (in whole clusters)
     over = case["dir"] / "over.qcow2"
-    assert runner.invoke(cli.main, ["apply", str(case["base"]), str(case["cap"]), "-o",
+    assert runner.invoke(cli.main, ["apply", str(case["cap"]), str(case["base"]), "-o",
                                     str(over), "--format", "qcow2"]).exit_code == 0
     theirs = [(e["start"], e["start"] + e["length"])
               for e in json.loads(_qemu_img("map", "--output=json", str(over)))
