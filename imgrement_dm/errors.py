@@ -26,7 +26,7 @@ class NotRootError(ImgrementError, PermissionError):
     exit_code = 3
 
 
-class DeviceError(ImgrementError):
+class DeviceError(ImgrementError, ValueError):
     """The block device named by the user cannot be used as asked."""
 
     exit_code = 4
@@ -62,7 +62,7 @@ class NoSuchMappingError(ImgrementError, LookupError):
     exit_code = 6
 
 
-class TargetNotLoadedError(ImgrementError):
+class TargetNotLoadedError(ImgrementError, LookupError):
     """The kernel does not know the ``imgrement`` target type."""
 
     exit_code = 7
@@ -92,25 +92,44 @@ class DeviceMapperError(ImgrementError, OSError):
         return str(self.args[0])
 
 
-class StreamError(ImgrementError):
+class StreamError(ImgrementError, ValueError):
     """The record stream cannot be opened or is not a valid stream."""
 
     exit_code = 9
 
 
-class CaptureError(ImgrementError):
+class CaptureError(ImgrementError, ValueError):
     """A capture file is missing, truncated, corrupted or not a capture."""
 
     exit_code = 9
 
 
-class SandboxError(ImgrementError):
+class StreamNotFoundError(StreamError, FileNotFoundError):
+    """A saved stream (or a live device's stream) that does not exist."""
+
+
+class CaptureNotFoundError(CaptureError, FileNotFoundError):
+    """A capture file that does not exist."""
+
+
+def cannot_open(kind: type[StreamError] | type[CaptureError], path: object,
+                err: OSError) -> ImgrementError:
+    """``kind``'s error for an input that cannot be opened; for a missing one,
+    its FileNotFoundError variant, so that scripts can catch what they expect."""
+    message = f"cannot open {path}: {err.strerror}"
+    if isinstance(err, FileNotFoundError):
+        return (CaptureNotFoundError if issubclass(kind, CaptureError)
+                else StreamNotFoundError)(message)
+    return kind(message)
+
+
+class SandboxError(ImgrementError, RuntimeError):
     """The sandbox could not be prepared or run."""
 
     exit_code = 10
 
 
-class IncrementError(ImgrementError):
+class IncrementError(ImgrementError, ValueError):
     """The capture cannot be used as asked."""
 
     exit_code = 11
@@ -120,19 +139,19 @@ class CrashCheckError(IncrementError):
     """The capture cannot be explored as asked."""
 
 
-class PolicyError(ImgrementError):
+class PolicyError(ImgrementError, ValueError):
     """The autowrap policy file is missing or invalid."""
 
     exit_code = 12
 
 
-class OutputError(ImgrementError):
+class OutputError(ImgrementError, ValueError):
     """An output file cannot be written where the user asked."""
 
     exit_code = 13
 
 
-class MissingResourceError(ImgrementError):
+class MissingResourceError(ImgrementError, FileNotFoundError):
     """A file the package should carry is nowhere to be found."""
 
 

@@ -21,7 +21,7 @@ from typing import Any, BinaryIO, TypeVar, Union
 
 from imgrement_dm import layout
 from imgrement_dm._kernel_ffi import ffi, lib
-from imgrement_dm.errors import StreamError
+from imgrement_dm.errors import StreamError, StreamNotFoundError, cannot_open
 from imgrement_dm.window import UNSUPPORTED, MappedStream
 
 DEBUGFS = Path("/sys/kernel/debug")
@@ -391,11 +391,11 @@ class RecordReader:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             if not STREAM_DIR.exists():
-                raise StreamError(
+                raise StreamNotFoundError(
                     f"{STREAM_DIR} does not exist: mount debugfs ('mount -t debugfs none "
                     f"{DEBUGFS}') and load the imgrement module"
                 ) from None
-            raise StreamError(
+            raise StreamNotFoundError(
                 f"no record stream for {name!r} ({path}): is it an imgrement device? "
                 "'imgrement-dm list' shows them"
             ) from None
@@ -409,7 +409,7 @@ class RecordReader:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
-            raise StreamError(f"cannot open {path}: {e.strerror}") from None
+            raise cannot_open(StreamError, path, e) from None
         return cls.from_open(fd, path, os.read(fd, len(STREAM_MAGIC)))
 
     @classmethod

@@ -32,7 +32,7 @@ from typing import BinaryIO
 from imgrement_dm import layout
 from imgrement_dm.checksum import xxh64
 from imgrement_dm.directio import BLOCK, DirectAppender, address_of
-from imgrement_dm.errors import CaptureError, StreamError
+from imgrement_dm.errors import CaptureError, StreamError, cannot_open
 from imgrement_dm.output import atomic_appender
 from imgrement_dm.records import Drop, Item, Record, _Gaps, decode, scan
 
@@ -136,7 +136,7 @@ class CaptureReader:
         try:
             self._f: BinaryIO = path.open("rb")
         except OSError as e:
-            raise CaptureError(f"cannot open {path}: {e.strerror}") from None
+            raise cannot_open(CaptureError, path, e) from None
         head = self._f.read(_HEADER_SIZE)
         if head[:8] != MAGIC:
             self._f.close()

@@ -17,7 +17,7 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-from imgrement_dm.errors import CaptureError, StreamError
+from imgrement_dm.errors import CaptureError, StreamError, cannot_open
 from imgrement_dm.formats.capture import MAGIC as CAPTURE_MAGIC
 from imgrement_dm.formats.capture import CaptureReader
 from imgrement_dm.records import STREAM_MAGIC, Item, RecordReader
@@ -37,7 +37,7 @@ def kind_of(path: Path) -> str:
     except IsADirectoryError:
         raise StreamError(f"{path} is a directory; give {KINDS}") from None
     except OSError as e:
-        raise StreamError(f"cannot open {path}: {e.strerror}") from None
+        raise cannot_open(StreamError, path, e) from None
     if head.startswith(CAPTURE_MAGIC):
         return CAPTURE
     if head.startswith(STREAM_MAGIC[:15]):
@@ -88,7 +88,7 @@ def file_items(path: Path) -> Iterator[Iterator[Item]]:
     except IsADirectoryError:
         raise StreamError(f"{path} is a directory; give {KINDS}") from None
     except OSError as e:
-        raise StreamError(f"cannot open {path}: {e.strerror}") from None
+        raise cannot_open(StreamError, path, e) from None
     try:
         head = _read_head(fd, len(STREAM_MAGIC))  # the longer of the two magics
         seekable = stat.S_ISREG(os.fstat(fd).st_mode)
