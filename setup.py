@@ -36,5 +36,8 @@ class BuildPyWithData(build_py):
             shutil.copyfile(name, dest / Path(name).name)
 
 
+# cffi builds the extension against the stable ABI (_kernel_ffi.abi3.so);
+# the wheel says so in its tag, so one wheel serves every CPython from 3.11.
 setup(cffi_modules=["imgrement_dm/_ffi_build.py:ffibuilder"],
-      cmdclass={"build_py": BuildPyWithData})
+      cmdclass={"build_py": BuildPyWithData},
+      options={"bdist_wheel": {"py_limited_api": "cp311"}})

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tarfile
 import venv
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,15 @@ def test_version_is_the_one_in_VERSION(dist: Path) -> None:  # noqa: N802
     assert _one(dist, "*.whl").name.startswith(f"imgrement_dm-{version}-")
 
 
+def test_the_wheel_is_tagged_for_the_stable_abi(dist: Path) -> None:
+    """The extension is _kernel_ffi.abi3.so: the tag says cp311-abi3, not
+    cp311-cp311 (which would refuse every other CPython)."""
+    name = _one(dist, "*.whl").name
+    assert "-cp311-abi3-" in name, name
+    with zipfile.ZipFile(_one(dist, "*.whl")) as z:
+        assert any(n.endswith("_kernel_ffi.abi3.so") for n in z.namelist())
+
+
 def test_twine_check_passes(dist: Path) -> None:
     out = _run(sys.executable, "-m", "twine", "check", "--strict", *sorted(dist.iterdir()),
                cwd=dist)
@@ -77,7 +87,8 @@ def test_sdist_is_a_whole_source_release(dist: Path) -> None:
         names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
     for path in (*DATA.values(), "dm_target/dm-imgrement.c", "dm_target/Kbuild",
                  "dm_target/dkms.conf", "imgrement_dm/_ffi_build.py", "imgrement_dm/_stream.c",
-                 "setup.py"):
+                 "setup.py", "tests/host/test_records.py", "tests/host/streams.py",
+                 "tests/guest/conftest.py", "tests/guest/run-suite"):
         assert path in names, path
 
 
