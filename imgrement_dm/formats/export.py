@@ -102,9 +102,10 @@ def log_writes(items: Iterable[Item], out: BinaryIO) -> int:
     n = 0
     for _, _, item in events:
         if isinstance(item, MarkRecord):
-            label = item.label.encode()
-            out.write(_sector(_LW_ENTRY.pack(0, 0, LW_MARK, len(label))))
-            out.write(_sector(label))
+            # as dm-log-writes writes it: the label inside the entry's own
+            # sector, right after the 32-byte entry, and no sector of its own
+            label = item.label.encode()[:SECTOR - _LW_ENTRY.size]
+            out.write(_sector(_LW_ENTRY.pack(0, 0, LW_MARK, len(label)) + label))
             n += 1
             continue
         if isinstance(item, Drop) or item.status != 0:
@@ -114,11 +115,12 @@ def log_writes(items: Iterable[Item], out: BinaryIO) -> int:
             LW_FUA if "fua" in names else 0)
         if item.op_name == "write":
             data = bytes(item.payload)
-            out.write(_sector(_LW_ENTRY.pack(item.sector, item.sectors, flags, len(data))))
+            # data_len is the target's only for marks (and DAX's inline data)
+            out.write(_sector(_LW_ENTRY.pack(item.sector, item.sectors, flags, 0)))
             out.write(_sector(data))
         elif item.op_name == "write-zeroes":
             # logged as a write of zeros, so replaying it needs no special case
-            out.write(_sector(_LW_ENTRY.pack(item.sector, item.sectors, flags, item.size)))
+            out.write(_sector(_LW_ENTRY.pack(item.sector, item.sectors, flags, 0)))
             out.write(bytes(item.size))
         elif item.op_name in ("discard", "secure-erase"):
             out.write(_sector(_LW_ENTRY.pack(item.sector, item.sectors, flags | LW_DISCARD, 0)))

@@ -19,7 +19,8 @@ from imgrement_dm import increment
 from imgrement_dm.errors import CaptureError, IncrementError
 from imgrement_dm.formats import export
 from imgrement_dm.formats.capture import CaptureReader, write_capture
-from imgrement_dm.records import BioRecord, Drop, MarkRecord
+from imgrement_dm.records import Drop
+from tests import logwrites
 from tests.host import streams
 
 W, R, FLUSH, DISCARD, ZEROES = 1, 0, 2, 3, 5
@@ -152,30 +153,28 @@ def test_blktrace_export_reads_in_blkparse(tmp_path: Path) -> None:
 
 
 def test_log_writes_export_layout(tmp_path: Path) -> None:
+    """Our export, read by the strict reader of dm-log-writes' rules
+    (tests/logwrites.py): a mark's label in its entry's sector, write data in
+    sectors of its own, the super block's count.  The export used to put the
+    label in a sector of its own, which replay-log took for the next entry."""
     cap = _capture(tmp_path, _workload())
     with CaptureReader(cap) as r:
         items = [i for i in r.items() if not isinstance(i, Drop)]
     buf = io.BytesIO()
     n = export.log_writes(items, buf)
-    data = buf.getvalue()
-    magic, version, nr, sectorsize = struct.unpack_from("<QQQI", data, 0)
-    assert (magic, version, nr, sectorsize) == (0x6A736677736872, 1, n, 512)
-    # walk the entries as a replayer would
-    pos, seen = 512, []
-    for _ in range(nr):
-        sector, nr_sectors, flags, data_len = struct.unpack_from("<QQQQ", data, pos)
-        pos += 512
-        payload = data[pos : pos + data_len]
-        pos += -(-data_len // 512) * 512
-        seen.append((sector, nr_sectors, flags, payload[:1]))
-    assert pos == len(data)
-    assert seen[0] == (0, 8, 0, b"A")
-    assert (0, 0, 8, b"o") in seen  # the mark "one"
-    assert (100, 8, 2, b"C") in seen  # FUA
-    marks = [i for i in items if isinstance(i, MarkRecord)]
-    writes = [i for i in items if isinstance(i, BioRecord) and i.op_name == "write"
-              and i.status == 0]
-    assert n == len(marks) + len(writes) + 2  # + flush + write-zeroes
+    entries = logwrites.read(buf.getvalue())
+    assert len(entries) == n
+    assert [(e.kind, e.sector, e.nr_sectors, e.flags, e.data[:1]) for e in entries] == [
+        ("write", 0, 8, 0, b"A"),
+        ("mark", 0, 0, logwrites.MARK, b"o"),
+        ("write", 100, 8, logwrites.FUA, b"C"),
+        ("write", 2, 2, 0, b"B"),
+        ("flush", 0, 0, logwrites.FLUSH, b""),
+        ("write", 200, 16, 0, b"\0"),  # write-zeroes, as zeros
+        ("mark", 0, 0, logwrites.MARK, b"t"),
+    ]
+    assert [e.data for e in entries if e.kind == "mark"] == [b"one", b"two"]
+    assert entries[5].data == bytes(8192)
 
 
 def test_plot_draws_a_png(tmp_path: Path) -> None:
