@@ -24,7 +24,16 @@ if TYPE_CHECKING:
         unwrap,
         wrap,
     )
+    from imgrement_dm.crashcheck import (
+        Summary,
+        build_state,
+        check_capture,
+        crash_boundaries,
+    )
     from imgrement_dm.errors import ImgrementError
+    from imgrement_dm.formats.capture import CaptureReader
+    from imgrement_dm.formats.export import export_capture
+    from imgrement_dm.increment import StopAt, apply, apply_qcow2, extents, replay
     from imgrement_dm.recording import Recorded, record
     from imgrement_dm.records import BioRecord, Drop, MarkRecord, RecordReader
 
@@ -40,6 +49,13 @@ _WHERE = {
     "record": "imgrement_dm.recording",
     **dict.fromkeys(["BioRecord", "Drop", "MarkRecord", "RecordReader"],
                     "imgrement_dm.records"),
+    # what the file commands do: apply, replay, diff, export, crashcheck
+    **dict.fromkeys(["StopAt", "apply", "apply_qcow2", "extents", "replay"],
+                    "imgrement_dm.increment"),
+    **dict.fromkeys(["Summary", "build_state", "check_capture", "crash_boundaries"],
+                    "imgrement_dm.crashcheck"),
+    "CaptureReader": "imgrement_dm.formats.capture",
+    "export_capture": "imgrement_dm.formats.export",
 }
 
 
@@ -59,16 +75,27 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "BioRecord",
+    "CaptureReader",
     "Drop",
     "ImgrementError",
     "MarkRecord",
     "RecordReader",
     "Recorded",
     "Status",
+    "StopAt",
+    "Summary",
     "TracedDevice",
+    "apply",
+    "apply_qcow2",
+    "build_state",
+    "check_capture",
+    "crash_boundaries",
+    "export_capture",
+    "extents",
     "list_devices",
     "mark",
     "record",
+    "replay",
     "set_capture",
     "set_overflow",
     "status",

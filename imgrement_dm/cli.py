@@ -528,7 +528,6 @@ def apply_cmd(capture_file: Path, base: Path, until_mark: str | None, output: Pa
     from imgrement_dm import crashcheck as crash
     from imgrement_dm import increment
     from imgrement_dm.formats import files
-    from imgrement_dm.output import atomic_path, check_writable
 
     if files.is_capture(base) and not files.is_capture(capture_file):
         click.echo("imgrement-dm: warning: 'apply BASE FILE' is the old order: write 'apply "
@@ -542,11 +541,7 @@ def apply_cmd(capture_file: Path, base: Path, until_mark: str | None, output: Pa
             raise click.UsageError("--state builds one crash state: it takes neither "
                                    "--until-mark nor --format qcow2")
         out = output or base.with_name(base.name + ".state")
-        check_writable(out, inputs=(base, capture_file))
-        bounds, size = crash.load(capture_file)
-        state = crash.find(bounds, state_id)
-        with atomic_path(out, inputs=(base, capture_file)) as part:
-            crash.build(state, base, part, size)
+        state = crash.build_state(capture_file, base, state_id, out)
         click.echo(f"{out}: {state.describe()}, {len(state.writes())} writes")
         return
     stop = _stop_at(until_mark)
@@ -606,15 +601,9 @@ def crashcheck(capture_file: Path, base: Path, check: tuple[str, ...], max_state
     and exits 130 or 143.
     """
     from imgrement_dm import crashcheck as crash
-    from imgrement_dm import increment, render
-    from imgrement_dm.errors import CrashCheckError
+    from imgrement_dm import render
 
-    bounds, size = crash.load(capture_file)
-    increment.check_base(base, size)
-    if not bounds:
-        raise CrashCheckError(f"{capture_file} has no flush, FUA write or mark: there is no "
-                              "point a power cut could have left, so nothing to check "
-                              "(sync or mark inside the workload)")
+    bounds, size = crash.crash_boundaries(capture_file, base)
 
     def show(r: crash.Result) -> None:
         if as_json:
@@ -638,27 +627,17 @@ def crashcheck(capture_file: Path, base: Path, check: tuple[str, ...], max_state
         click.echo(f"first failing boundary: {first.state.boundary.index} "
                    f"{first.state.boundary.describe()} (state {first.state.id})", err=True)
         sys.exit(1)
-    todo, enumerated, stopped = crash.unique_states(bounds, exhaustive=exhaustive,
-                                                    limit=max_states)
     with _stop_on_signals() as stop:
-        results = crash.check_all(todo, base, size, check, jobs=jobs, workdir=workdir,
-                                  keep_failing=keep_failing, report=show, timeout=timeout,
-                                  stop=stop.event)
-    failed = [r for r in results if not r.passed]
-    timed_out = sum(r.timed_out for r in failed)
-    more = f" (stopped at --max-states {max_states}: there are more)" if stopped else ""
-    slow = f" ({timed_out} timed out)" if timed_out else ""
-    cut = (f", interrupted by {signal.Signals(stop.signum).name} after {len(results)} of "
-           f"{len(todo)}" if stop.signum else "")
-    click.echo(f"{len(bounds)} boundaries, {enumerated} states enumerated, {len(todo)} "
-               f"distinct to check{more}{cut}: {len(results)} checked, {len(failed)} "
-               f"failed{slow}", err=True)
-    kept = sorted({str(r.image.parent) for r in failed if r.image is not None})
-    if kept:
-        click.echo(f"failing states' images kept in {', '.join(kept)}", err=True)
+        summary = crash.check_capture(bounds, base, size, check, max_states=max_states,
+                                      exhaustive=exhaustive, jobs=jobs, workdir=workdir,
+                                      keep_failing=keep_failing, timeout=timeout,
+                                      stop=stop.event, report=show)
+    click.echo(summary.describe(interrupted_by=stop.signum), err=True)
+    if summary.kept:
+        click.echo(f"failing states' images kept in {', '.join(summary.kept)}", err=True)
     if stop.signum:
         sys.exit(128 + stop.signum)
-    if failed:
+    if summary.failed:
         sys.exit(1)
 
 
@@ -704,7 +683,6 @@ def diff(capture_file: Path, until_mark: str | None, fmt_name: str, as_json: boo
     blocks.
     """
     from imgrement_dm import increment, render
-    from imgrement_dm.formats.capture import CaptureReader
 
     found = increment.extents(capture_file, _stop_at(until_mark), force=force)
     fmt_name = "json" if as_json else fmt_name
@@ -714,9 +692,7 @@ def diff(capture_file: Path, until_mark: str | None, fmt_name: str, as_json: boo
         for a, n in found.spans:
             click.echo(f"{a * 512} {n * 512}")
     elif fmt_name == "qemu-map":
-        with CaptureReader(capture_file) as reader:
-            size = reader.sectors * 512
-        click.echo(render.dumps(increment.qemu_map(found.spans, size)))
+        click.echo(render.dumps(increment.qemu_map(found.spans, found.size)))
     else:
         for a, n in found.spans:
             click.echo(f"{a}+{n}")
@@ -737,12 +713,8 @@ def diff(capture_file: Path, until_mark: str | None, fmt_name: str, as_json: boo
 @click.option("-x", "--payload", is_flag=True, help="jsonl: include payloads as hex.")
 def export(capture_file: Path, fmt_name: str, output: Path, device: str, payload: bool) -> None:
     """Write FILE in a format other tools read: blktrace, jsonl or log-writes."""
-    from imgrement_dm.errors import IncrementError
     from imgrement_dm.formats import export as export_fmt
-    from imgrement_dm.formats import files
-    from imgrement_dm.formats.capture import CaptureReader
-    from imgrement_dm.output import atomic_output, check_writable, is_stdout
-    from imgrement_dm.records import BioRecord
+    from imgrement_dm.output import is_stdout
 
     major, _, minor = device.partition(":")
     if not (major.isdigit() and minor.isdigit()):
@@ -752,33 +724,11 @@ def export(capture_file: Path, fmt_name: str, output: Path, device: str, payload
                                  "and a minor below 1048576", param_hint="--device")
     to_stdout = is_stdout(output)
     dest = Path(f"{output}.blktrace.0") if fmt_name == "blktrace" and not to_stdout else output
-    # log-writes seeks back to its super block: a file; the others stream
-    streams = fmt_name != "log-writes"
-    check_writable(dest, inputs=(capture_file,), stream_ok=streams)
-    files.require_capture(capture_file, "export")
-    with CaptureReader(capture_file) as reader:
-        items = list(reader.items())  # checks every chunk and the trailer as it goes
-        info = reader.info
-    assert info is not None  # items() sets it at the trailer, or raises
-    if fmt_name == "log-writes":
-        missing = sum(isinstance(i, BioRecord) and i.op_name == "write"
-                      and not i.has_payload for i in items)
-        if missing or info.drops:
-            raise IncrementError(
-                f"{capture_file} lacks data ({missing} writes without payload, "
-                f"{info.drops} drops): a log-writes log must hold every write"
-            )
-    with atomic_output(dest, inputs=(capture_file,), stream_ok=streams) as f:
-        if fmt_name == "blktrace":
-            counts = export_fmt.blktrace(items, f, (int(major), int(minor)))
-        elif fmt_name == "jsonl":
-            n = export_fmt.jsonl(items, f, with_payload=payload)
-        else:
-            n = export_fmt.log_writes(items, f)
+    n = export_fmt.export_capture(capture_file, fmt_name, dest, device=(int(major), int(minor)),
+                                  with_payload=payload)
     # with -o -, the data is standard output: the summary goes to stderr
     if fmt_name == "blktrace":
-        click.echo(f"{dest}: {counts['queue']} bios; read it with 'blkparse -i {output}'",
-                   err=to_stdout)
+        click.echo(f"{dest}: {n} bios; read it with 'blkparse -i {output}'", err=to_stdout)
     else:
         click.echo(f"{output}: {n} entries", err=to_stdout)
 

@@ -42,6 +42,7 @@ from imgrement_dm import increment
 from imgrement_dm.errors import CrashCheckError
 from imgrement_dm.formats import files
 from imgrement_dm.formats.capture import CaptureReader
+from imgrement_dm.output import atomic_path, check_writable
 from imgrement_dm.records import BioRecord, Drop, Item, MarkRecord
 
 FICLONE = 0x40049409
@@ -218,6 +219,19 @@ def load(capture: Path) -> tuple[list[Boundary], int]:
         reader.close()
 
 
+def crash_boundaries(capture: Path, base: Path) -> tuple[list[Boundary], int]:
+    """The capture's boundaries and the device's size, once the capture is
+    whole, BASE (an image or a device) is large enough, and there is at least
+    one boundary to check."""
+    bounds, size = load(capture)
+    increment.check_base(base, size)
+    if not bounds:
+        raise CrashCheckError(f"{capture} has no flush, FUA write or mark: there is no "
+                              "point a power cut could have left, so nothing to check "
+                              "(sync or mark inside the workload)")
+    return bounds, size
+
+
 def find(bounds: Sequence[Boundary], state_id: str) -> State:
     """The state named ``BOUNDARY:KEPT``, as crashcheck reported it."""
     b_text, _, kept_text = state_id.partition(":")
@@ -293,6 +307,18 @@ def build(state: State, base: Path, dest: Path, size: int) -> None:
         increment.apply_to_fd(fd, state.writes(), size, None)
     finally:
         os.close(fd)
+
+
+def build_state(capture: Path, base: Path, state_id: str, out: Path) -> State:
+    """Rebuild the crash state ``state_id`` (as crashcheck named it) of
+    ``capture`` over ``base`` at ``out``, written whole or not at all."""
+    inputs = (base, capture)
+    check_writable(out, inputs=inputs)
+    bounds, size = load(capture)
+    state = find(bounds, state_id)
+    with atomic_path(out, inputs=inputs) as part:
+        build(state, base, part, size)
+    return state
 
 
 @dataclass
@@ -442,3 +468,49 @@ def bisect(bounds: Sequence[Boundary], base: Path, size: int, check: Sequence[st
             else:
                 hi, first = mid, r
         return first
+
+
+@dataclass
+class Summary:
+    """What a crashcheck run found (check_capture)."""
+
+    boundaries: int
+    enumerated: int  # states looked at
+    to_check: int  # distinct states chosen, at most max_states
+    stopped: bool  # max_states left out at least one more distinct state
+    max_states: int
+    results: list[Result]  # those decided (fewer if stopped by a signal)
+
+    @property
+    def failed(self) -> list[Result]:
+        return [r for r in self.results if not r.passed]
+
+    @property
+    def kept(self) -> list[str]:
+        """The folders holding kept images of failing states."""
+        return sorted({str(r.image.parent) for r in self.failed if r.image is not None})
+
+    def describe(self, *, interrupted_by: int = 0) -> str:
+        """The summary line; ``interrupted_by``: the signal that ended the run."""
+        timed_out = sum(r.timed_out for r in self.failed)
+        more = (f" (stopped at --max-states {self.max_states}: there are more)"
+                if self.stopped else "")
+        cut = (f", interrupted by {signal.Signals(interrupted_by).name} after "
+               f"{len(self.results)} of {self.to_check}" if interrupted_by else "")
+        slow = f" ({timed_out} timed out)" if timed_out else ""
+        return (f"{self.boundaries} boundaries, {self.enumerated} states enumerated, "
+                f"{self.to_check} distinct to check{more}{cut}: {len(self.results)} "
+                f"checked, {len(self.failed)} failed{slow}")
+
+
+def check_capture(bounds: Sequence[Boundary], base: Path, size: int, check: Sequence[str], *,
+                  max_states: int = 1000, exhaustive: int = 6, jobs: int = 1,
+                  workdir: Path | None = None, keep_failing: bool = False,
+                  timeout: float | None = None, stop: threading.Event | None = None,
+                  report: Callable[[Result], None] | None = None) -> Summary:
+    """Run CHECK on every distinct crash state of ``bounds`` (see
+    :func:`crash_boundaries`), at most ``max_states``, ``jobs`` at a time."""
+    todo, enumerated, stopped = unique_states(bounds, exhaustive=exhaustive, limit=max_states)
+    results = check_all(todo, base, size, check, jobs=jobs, workdir=workdir,
+                        keep_failing=keep_failing, report=report, timeout=timeout, stop=stop)
+    return Summary(len(bounds), enumerated, len(todo), stopped, max_states, results)

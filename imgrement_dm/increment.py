@@ -295,6 +295,7 @@ class Extents:
     spans: list[tuple[int, int]]
     drops: int
     without_data: int
+    size: int  # bytes of the traced device (what qemu_map covers)
 
 
 def extents(capture: Path, stop: StopAt = StopAt(), *, force: bool = False) -> Extents:
@@ -310,6 +311,7 @@ def extents(capture: Path, stop: StopAt = StopAt(), *, force: bool = False) -> E
         check.validate()
     with CaptureReader(capture) as reader:
         sel = select(reader.items(), stop, keep_without_data=True)
+        size = reader.sectors * 512
         if not sel.reached:
             raise IncrementError(f"{capture} has no {stop.describe()}")
     if sel.drops and not force:
@@ -325,7 +327,7 @@ def extents(capture: Path, stop: StopAt = StopAt(), *, force: bool = False) -> E
             merged[-1][1] = max(merged[-1][1], b)
         else:
             merged.append([a, b])
-    return Extents([(a, b - a) for a, b in merged], sel.drops, sel.without_data)
+    return Extents([(a, b - a) for a, b in merged], sel.drops, sel.without_data, size)
 
 
 def qemu_map(spans: list[tuple[int, int]], size: int) -> list[dict[str, object]]:

@@ -15,10 +15,15 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
+from pathlib import Path
 from typing import BinaryIO
 
 from imgrement_dm import layout, render
 from imgrement_dm._kernel_ffi import lib
+from imgrement_dm.errors import IncrementError
+from imgrement_dm.formats import files
+from imgrement_dm.formats.capture import CaptureReader
+from imgrement_dm.output import atomic_output, check_writable
 from imgrement_dm.records import BioRecord, Drop, Item, MarkRecord
 
 _TRACE, _ = layout.struct_for("struct blk_io_trace")
@@ -140,3 +145,42 @@ def jsonl(items: Iterable[Item], out: BinaryIO, *, with_payload: bool = False) -
         out.write(render.dumps(render.item_json(item, with_payload=with_payload)).encode() + b"\n")
         n += 1
     return n
+
+
+#: The formats export_capture writes; each but log-writes (which seeks back
+#: to its super block) may go to a stream (``-``, a FIFO).
+FORMATS = ("blktrace", "jsonl", "log-writes")
+
+
+def export_capture(capture: Path, fmt: str, out: Path, *, device: tuple[int, int] = (253, 0),
+                   with_payload: bool = False) -> int:
+    """Write ``capture`` to ``out`` in ``fmt`` (one of :data:`FORMATS`): the
+    bios of a blktrace trace, the records of JSON lines (payloads as hex with
+    ``with_payload``), or the entries of a dm-log-writes log; returns that
+    count.  ``device`` is the major:minor blktrace events carry.  The whole
+    capture is checked first (a damaged one writes nothing), a log-writes log
+    must hold every write's data, and ``out`` is written whole or not at all
+    (output.py), never over the capture itself."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}: one of {', '.join(FORMATS)}")
+    streams = fmt != "log-writes"
+    check_writable(out, inputs=(capture,), stream_ok=streams)
+    files.require_capture(capture, "export")
+    with CaptureReader(capture) as reader:
+        items = list(reader.items())  # checks every chunk and the trailer as it goes
+        info = reader.info
+    assert info is not None  # items() sets it at the trailer, or raises
+    if fmt == "log-writes":
+        missing = sum(isinstance(i, BioRecord) and i.op_name == "write"
+                      and not i.has_payload for i in items)
+        if missing or info.drops:
+            raise IncrementError(
+                f"{capture} lacks data ({missing} writes without payload, "
+                f"{info.drops} drops): a log-writes log must hold every write"
+            )
+    with atomic_output(out, inputs=(capture,), stream_ok=streams) as f:
+        if fmt == "blktrace":
+            return blktrace(items, f, device)["queue"]
+        if fmt == "jsonl":
+            return jsonl(items, f, with_payload=with_payload)
+        return log_writes(items, f)
