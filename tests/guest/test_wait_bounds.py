@@ -87,8 +87,9 @@ def test_a_suspend_does_not_wait_for_the_reader(waiting_device: imgrement_dm.Tra
     """wait_ms 60 s, a 64 KiB buffer, a reader that holds the stream open and
     reads nothing, fio at QD4: once its bios wait, `dmsetup suspend` returns
     within 2 s (it waited up to wait_ms for them before presuspend); the
-    waiting bios went on, their records dropped (no room), counted in status
-    and shown as exactly that many gaps in the stream from lost_from on; after
+    waiting bios went on, recorded where their records fitted and dropped
+    otherwise, counted in status and shown as exactly that many gaps in the
+    stream from lost_from on; after
     resume fio's data verifies and, idle, the device's inflight is 0 0."""
     dev = waiting_device
     reader = dev.records()
@@ -108,9 +109,12 @@ def test_a_suspend_does_not_wait_for_the_reader(waiting_device: imgrement_dm.Tra
         assert took < 2 * SLOWDOWN, f"dmsetup suspend took {took:.1f} s"
         assert mid.waiting == 0
         lost = mid.dropped - before.dropped
-        # those that waited, and any fio sent before dm held new I/O back
-        assert before.waiting <= lost <= before.waiting + 4, (before, mid)
-        assert mid.lost_from is not None
+        # each bio that waited went on, recorded where its record fitted (a
+        # small read's may), dropped otherwise; and so did any fio sent
+        # before dm held new I/O back
+        settled = lost + mid.records - before.records
+        assert before.waiting <= settled <= before.waiting + 4, (before, mid)
+        assert lost >= 1 and mid.lost_from is not None
         items: list[Item] = []
         stop = threading.Event()
 
