@@ -10,6 +10,7 @@ import errno
 import fcntl
 import glob
 import os
+import struct
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,6 +110,42 @@ def test_scsi_passthrough_is_refused_and_the_disk_unchanged(scsi_disk: str) -> N
         assert mine(items) == []
     # nothing reached the disk behind the trace's back
     assert direct_read(scsi_disk, 8 * 512, 4096) == bytes(4096)
+
+
+#: _IOW('p', 200, struct pr_registration): 24 bytes {old_key, new_key, flags, pad}
+IOC_PR_REGISTER = (1 << 30) | (24 << 16) | (ord("p") << 8) | 200
+
+
+def _pr_register(path: str) -> int:
+    """IOC_PR_REGISTER of a new key on ``path``: 0, or the errno it failed with."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.ioctl(fd, IOC_PR_REGISTER, struct.pack("<QQII", 0, 0x1234ABCD, 0, 0))
+        return 0
+    except OSError as e:
+        return e.errno or -1
+    finally:
+        os.close(fd)
+
+
+def test_persistent_reservations_reach_the_disk_unrecorded(scsi_disk: str) -> None:
+    """What the target's top comment says: device-mapper hands IOC_PR_REGISTER to
+    the disk through .iterate_devices, not through the target, so it is not
+    refused as SG_IO is (ENOTTY) but answered by the disk, and nothing of it
+    is in the stream.  (It changes who may write, never the data.)"""
+    with imgrement_dm.wrap(scsi_disk) as dev:
+        sh("udevadm", "settle")
+        with dev.records() as reader:
+            reader.read(timeout=1)
+            through = _pr_register(str(dev.node))
+            end = dev.mark("end")
+            items = read_until_mark(reader, end)
+        assert mine(items) == []
+    assert through != errno.ENOTTY, "refused by device-mapper: the docs are wrong"
+    # the disk's own answer: the same once more, now on the disk itself (it
+    # may refuse a second registration of the key the first one made)
+    direct = _pr_register(scsi_disk)
+    assert direct != errno.ENOTTY and (through == 0 or through == direct), (through, direct)
 
 
 @pytest.mark.smoke
