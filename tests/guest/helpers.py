@@ -136,6 +136,16 @@ def devno(dev: str) -> str:
     return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
 
 
+def idle_inflight(node: str | Path) -> str:
+    """/sys/block/dm-N/inflight of a mapped device ("reads writes"), once the
+    completions of the I/O that just ended are in (or what it reads after 10 s)."""
+    path = Path("/sys/block") / os.path.basename(os.path.realpath(node)) / "inflight"
+    deadline = time.monotonic() + 10 * SLOWDOWN
+    while (now := " ".join(path.read_text().split())) != "0 0" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return now
+
+
 def read_until_mark(reader: RecordReader, seq: int, timeout: float = 60) -> list[Item]:
     """Everything the reader brings up to and including the mark numbered ``seq``."""
     items: list[Item] = []

@@ -34,6 +34,7 @@ from tests.guest.helpers import (
     cli,
     direct_read,
     direct_write,
+    idle_inflight,
     pattern,
     sh,
     sha256,
@@ -346,6 +347,7 @@ def test_a_stopped_reader_stalls_io_at_most_wait_ms(disk: str, tmp_path: Path) -
         assert sh("dmesg").count(said) > before
         reader.send_signal(signal.SIGCONT)  # it drains the buffer, and goes on reading
         end = _mark(dev, "end")
+        idle = idle_inflight(dev.node)
         dev.unwrap()  # the reader takes the rest and sees the end
         out, _ = reader.communicate(timeout=120 * SLOWDOWN)
         recs, used = decode(out)
@@ -354,6 +356,9 @@ def test_a_stopped_reader_stalls_io_at_most_wait_ms(disk: str, tmp_path: Path) -
         drops = [i for i in items if isinstance(i, Drop)]
         assert drops and drops[0].first_seq == st.lost_from
         assert any(getattr(i, "seq", -1) == end for i in items)
+        # bios that waited were accounted once: the mapped device was idle at
+        # unwrap, and its last inflight reading (before unwrap) says so
+        assert idle == "0 0", f"/sys/block/dm-N/inflight read {idle!r} when idle"
     finally:
         if reader is not None:
             if reader.poll() is None:

@@ -20,7 +20,7 @@ import pytest
 
 import imgrement_dm
 from imgrement_dm.records import BioRecord, Drop, Item, RecordReader
-from tests.guest.helpers import SLOWDOWN, sh
+from tests.guest.helpers import SLOWDOWN, idle_inflight, sh
 
 #: the size of one 4 KiB write's record: the bio record (88 bytes), one
 #: segment (16) and the data; a read of this many bytes takes one record
@@ -32,20 +32,6 @@ def _drain(name: str) -> None:
     with RecordReader.live(name) as r:
         while r.read(timeout=1):
             pass
-
-
-def _inflight(node: Path) -> str:
-    """/sys/block/dm-N/inflight of the mapped device: "reads writes"."""
-    dm = os.path.basename(os.path.realpath(node))
-    return " ".join(Path(f"/sys/block/{dm}/inflight").read_text().split())
-
-
-def _idle_inflight(node: Path) -> str:
-    """inflight once I/O is over (completions may still be on their way)."""
-    deadline = time.monotonic() + 10 * SLOWDOWN
-    while (now := _inflight(node)) != "0 0" and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return now
 
 
 def _fio(node: Path, *args: str) -> subprocess.Popen[str]:
@@ -135,7 +121,7 @@ def test_a_suspend_does_not_wait_for_the_reader(waiting_device: imgrement_dm.Tra
         drops = [i for i in items if isinstance(i, Drop)]
         assert sum(d.count for d in drops) == end.dropped - before.dropped
         assert drops[0].first_seq == mid.lost_from
-        assert _idle_inflight(dev.node) == "0 0"
+        assert idle_inflight(dev.node) == "0 0"
     finally:
         if fio.poll() is None:
             fio.kill()
@@ -189,7 +175,7 @@ def test_no_bio_waits_longer_than_wait_ms(disk: str) -> None:
         assert max_ms < TRICKLE_WAIT_MS + 1500 * SLOWDOWN, max_ms
         st = dev.status()
         assert st.fallbacks >= 1 and st.waited > 32, st
-        assert _idle_inflight(dev.node) == "0 0"
+        assert idle_inflight(dev.node) == "0 0"
     finally:
         stop.set()
         dev.unwrap()
