@@ -120,8 +120,9 @@ def nothing_left_behind(hang_watchdog: None) -> Iterator[None]:
     """
     left = remove_leftovers()
     if left:
+        # to the console itself, not to the captured output of a passing test
         print(f"\nnothing_left_behind: removed {left}, left by an earlier test "
-              "(that test failed for it)", file=sys.stderr)
+              "(that test failed for it)", file=sys.__stderr__, flush=True)
     assert dm_devices() == [], f"could not remove devices an earlier test left: {dm_devices()}"
     before_loops = loop_devices()
     before_fds = sorted(os.listdir("/proc/self/fd"))
