@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import mmap
 import os
@@ -9,7 +10,9 @@ import random
 import stat
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from imgrement_dm import api
@@ -134,6 +137,26 @@ def sectors(dev: str) -> int:
 def devno(dev: str) -> str:
     st = os.stat(dev)
     return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+
+
+@contextlib.contextmanager
+def reading_in_background(reader: RecordReader) -> Iterator[list[Item]]:
+    """A thread that keeps taking records from ``reader`` while the block runs
+    (a write that waits for space needs one); everything it took, as it goes."""
+    items: list[Item] = []
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.is_set():
+            items.extend(reader.read(timeout=0.2))
+
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        yield items
+    finally:
+        stop.set()
+        t.join(timeout=60)
 
 
 def idle_inflight(node: str | Path) -> str:

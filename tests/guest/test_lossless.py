@@ -36,6 +36,7 @@ from tests.guest.helpers import (
     direct_write,
     idle_inflight,
     pattern,
+    reading_in_background,
     sh,
     sha256,
     start_record,
@@ -49,23 +50,11 @@ def _reading(dev: imgrement_dm.TracedDevice, *, skip: bool = True) -> Iterator[l
     """A reader thread that keeps taking records while the block runs (a write
     that waits for space needs one); everything it took, once the block ends.
     ``skip``: leave out what the stream held when it started."""
-    items: list[Item] = []
-    stop = threading.Event()
     with dev.records() as reader:
         if skip:
             reader.read(timeout=0)
-
-        def run() -> None:
-            while not stop.is_set():
-                items.extend(reader.read(timeout=0.2))
-
-        t = threading.Thread(target=run)
-        t.start()
-        try:
+        with reading_in_background(reader) as items:
             yield items
-        finally:
-            stop.set()
-            t.join(timeout=60)
 
 
 def _mark(dev: imgrement_dm.TracedDevice, label: str) -> int:

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 import imgrement_dm
-from imgrement_dm.records import BioRecord, Drop, Item, RecordReader
-from tests.guest.helpers import SLOWDOWN, idle_inflight, sh
+from imgrement_dm.records import BioRecord, Drop, RecordReader
+from tests.guest.helpers import SLOWDOWN, idle_inflight, reading_in_background, sh
 
 #: the size of one 4 KiB write's record: the bio record (88 bytes), one
 #: segment (16) and the data; a read of this many bytes takes one record
@@ -101,20 +101,8 @@ def test_a_suspend_does_not_wait_for_the_reader(waiting_device: imgrement_dm.Tra
         settled = lost + mid.records - before.records
         assert before.waiting <= settled <= before.waiting + 4, (before, mid)
         assert lost >= 1 and mid.lost_from is not None
-        items: list[Item] = []
-        stop = threading.Event()
-
-        def run() -> None:
-            while not stop.is_set():
-                items.extend(reader.read(timeout=0.2))
-
-        t = threading.Thread(target=run)
-        t.start()
-        try:
+        with reading_in_background(reader) as items:
             _fio_result(fio, 300 * SLOWDOWN)  # verify=crc32c: fio read back every block
-        finally:
-            stop.set()
-            t.join(timeout=60)
         end = dev.status()
         assert end.fallbacks == 0
         items.extend(reader.read(timeout=1))
