@@ -21,13 +21,11 @@ earlier one's are checked once.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import itertools
 import os
 import shutil
 import signal
-import stat
 import subprocess
 import tempfile
 import threading
@@ -44,8 +42,6 @@ from imgrement_dm.formats import files
 from imgrement_dm.formats.capture import CaptureReader
 from imgrement_dm.output import atomic_path, check_writable
 from imgrement_dm.records import BioRecord, Drop, Item, MarkRecord
-
-FICLONE = 0x40049409
 
 
 @dataclass(frozen=True)
@@ -257,45 +253,8 @@ def find(bounds: Sequence[Boundary], state_id: str) -> State:
     return State(b, tuple(sorted(kept)))
 
 
-def clone(base: Path, dest: Path) -> None:
-    """``dest``: a copy of ``base`` that costs what it must: a reflink where the
-    file system shares extents (btrfs, xfs), else a sparse copy (holes stay holes),
-    in the kernel (copy_file_range) when both are on one file system."""
-    with base.open("rb") as src, dest.open("wb") as out:
-        try:
-            fcntl.ioctl(out.fileno(), FICLONE, src.fileno())
-            return
-        except OSError:
-            pass
-        size = increment.size_of(base)
-        device = stat.S_ISBLK(os.fstat(src.fileno()).st_mode)
-        in_kernel = True
-        at = 0
-        while at < size:
-            if device:  # no holes to find: all of it is data
-                start, end = at, size
-            else:
-                try:
-                    start = os.lseek(src.fileno(), at, os.SEEK_DATA)
-                except OSError:
-                    break  # no data past here
-                end = os.lseek(src.fileno(), start, os.SEEK_HOLE)
-            while start < end:
-                n = 0
-                if in_kernel:
-                    try:
-                        n = os.copy_file_range(src.fileno(), out.fileno(), end - start,
-                                               start, start)
-                    except OSError:  # EXDEV across file systems, EINVAL, ENOSYS, ...
-                        in_kernel = False
-                if not in_kernel:
-                    chunk = os.pread(src.fileno(), min(end - start, 1 << 20), start)
-                    n = os.pwrite(out.fileno(), chunk, start) if chunk else 0
-                if n <= 0:
-                    raise OSError(f"copying {base} stopped at byte {start}")
-                start += n
-            at = end
-        out.truncate(size)
+#: A sparse, reflinked copy of an image (increment.clone, kept here by name).
+clone = increment.clone
 
 
 def build(state: State, base: Path, dest: Path, size: int) -> None:

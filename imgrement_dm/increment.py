@@ -8,9 +8,11 @@ a mark, the Nth flush, the Nth FUA write, or the end.
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import os
-import shutil
 import stat
+import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,8 +133,77 @@ def _load(capture: Path, stop: StopAt, *, force: bool,
     return reader, sel
 
 
+FICLONE = 0x40049409
+BLKZEROOUT = 0x127F
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def clone(base: Path, dest: Path) -> None:
+    """``dest``: a copy of ``base`` that costs what it must: a reflink where the
+    file system shares extents (btrfs, xfs), else a sparse copy (holes stay holes),
+    in the kernel (copy_file_range) when both are on one file system."""
+    with base.open("rb") as src, dest.open("wb") as out:
+        try:
+            fcntl.ioctl(out.fileno(), FICLONE, src.fileno())
+            return
+        except OSError:
+            pass
+        size = size_of(base)
+        device = stat.S_ISBLK(os.fstat(src.fileno()).st_mode)
+        in_kernel = True
+        at = 0
+        while at < size:
+            if device:  # no holes to find: all of it is data
+                start, end = at, size
+            else:
+                try:
+                    start = os.lseek(src.fileno(), at, os.SEEK_DATA)
+                except OSError:
+                    break  # no data past here
+                end = os.lseek(src.fileno(), start, os.SEEK_HOLE)
+            while start < end:
+                n = 0
+                if in_kernel:
+                    try:
+                        n = os.copy_file_range(src.fileno(), out.fileno(), end - start,
+                                               start, start)
+                    except OSError:  # EXDEV across file systems, EINVAL, ENOSYS, ...
+                        in_kernel = False
+                if not in_kernel:
+                    chunk = os.pread(src.fileno(), min(end - start, 1 << 20), start)
+                    n = os.pwrite(out.fileno(), chunk, start) if chunk else 0
+                if n <= 0:
+                    raise OSError(f"copying {base} stopped at byte {start}")
+                start += n
+            at = end
+        out.truncate(size)
+
+
+def _zero_range(fd: int, start: int, size: int, device: bool) -> None:
+    """Make [start, start + size) read back zeros, keeping holes holes: a hole
+    punched in an image file, BLKZEROOUT on a device (which may unmap), zeros
+    written where neither is offered."""
+    if device:
+        try:
+            fcntl.ioctl(fd, BLKZEROOUT, struct.pack("=QQ", start, size))
+            return
+        except OSError:
+            pass
+    elif _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                         ctypes.c_int64(start), ctypes.c_int64(size)) == 0:
+        return
+    pos, left = start, size
+    while left:
+        n_bytes = min(left, len(ZERO))
+        os.pwrite(fd, ZERO[:n_bytes], pos)
+        pos += n_bytes
+        left -= n_bytes
+
+
 def apply_to_fd(fd: int, changes: list[BioRecord], limit: int,
                  progress: Callable[[int, int], None] | None) -> None:
+    device = stat.S_ISBLK(os.fstat(fd).st_mode)
     for n, r in enumerate(changes):
         start = r.sector * 512
         if start + r.size > limit:
@@ -148,13 +219,7 @@ def apply_to_fd(fd: int, changes: list[BioRecord], limit: int,
         else:
             # write-zeroes reads back zeros; discard on the disks we trace
             # (QEMU, loop, SSDs with deterministic TRIM) does too.
-            left = r.size
-            pos = start
-            while left:
-                n_bytes = min(left, len(ZERO))
-                os.pwrite(fd, ZERO[:n_bytes], pos)
-                pos += n_bytes
-                left -= n_bytes
+            _zero_range(fd, start, r.size, device)
         if progress and (n % 256 == 0 or n == len(changes) - 1):
             progress(n + 1, len(changes))
 
@@ -209,7 +274,7 @@ def apply(base: Path, capture: Path, out: Path, stop: StopAt = StopAt(), *,
     with reader:
         check_base(base, reader.sectors * 512)
         with atomic_path(out, inputs=inputs) as part:
-            shutil.copyfile(base, part)
+            clone(base, part)  # holes stay holes, extents shared where they can be
             fd = os.open(part, os.O_RDWR | os.O_CLOEXEC)
             try:
                 apply_to_fd(fd, sel.changes, _size_of(fd), progress)

@@ -19,7 +19,7 @@ from imgrement_dm.formats.capture import write_capture
 from imgrement_dm.records import STREAM_MAGIC
 from tests.host import streams
 
-W, FLUSH = 1, 2
+W, FLUSH, DISCARD = 1, 2, 3
 
 
 @pytest.fixture
@@ -184,3 +184,29 @@ def test_apply_takes_the_capture_first_and_the_old_order_with_a_warning(
     assert r.exit_code == 0, r.output
     assert "'apply BASE FILE' is the old order" in r.stderr
     assert new.read_bytes() == old.read_bytes() and new.read_bytes()[:4096] == b"A" * 4096
+
+
+def test_discards_punch_holes_and_holes_stay_holes(tmp_path: Path) -> None:
+    """A sparse 64 MiB base whose first 8 MiB hold data; a capture that
+    discards them and writes 4 KiB at 16 MiB.  The applied image is sparse:
+    the discarded range and the base's holes read as zeros and are holes
+    (it used to be a full copy, every discard written as zeros)."""
+    base = tmp_path / "base.img"
+    with base.open("wb") as f:
+        f.write(b"\xaa" * (8 << 20))
+        f.truncate(64 << 20)
+    cap = tmp_path / "d.cap"
+    with write_capture(cap, "traced", (64 << 20) // 512) as w:
+        w.add(streams.bio(0, sector=0, op=DISCARD, size=8 << 20, complete_ns=10)
+              + streams.bio(1, sector=(16 << 20) // 512, op=W, payload=b"W" * 4096,
+                            complete_ns=11))
+    out = tmp_path / "out.img"
+    r = run("apply", cap, base, "-o", out)
+    assert r.exit_code == 0, (r.output, r.exception)
+    with out.open("rb") as f:
+        assert os.lseek(f.fileno(), 0, os.SEEK_DATA) == 16 << 20  # a hole up to the write
+        assert os.lseek(f.fileno(), 16 << 20, os.SEEK_HOLE) <= (16 << 20) + (64 << 10)
+        f.seek(0)
+        assert f.read(8 << 20) == bytes(8 << 20)
+    assert out.stat().st_blocks * 512 <= 1 << 20, out.stat().st_blocks
+    assert out.stat().st_size == 64 << 20
