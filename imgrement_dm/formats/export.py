@@ -84,7 +84,7 @@ def blktrace(items: Iterable[Item], out: BinaryIO, device: tuple[int, int]) -> d
 
 LOG_WRITES_MAGIC = 0x6A736677736872
 LOG_WRITES_VERSION = 1
-LW_FLUSH, LW_FUA, LW_DISCARD, LW_MARK = 1, 2, 4, 8
+LW_FLUSH, LW_FUA, LW_DISCARD, LW_MARK, LW_META = 1, 2, 4, 8, 16
 _LW_SUPER = struct.Struct("<QQQI")
 _LW_ENTRY = struct.Struct("<QQQQ")
 SECTOR = 512
@@ -94,18 +94,49 @@ def _sector(data: bytes) -> bytes:
     return data + bytes(-len(data) % SECTOR)
 
 
-def log_writes(items: Iterable[Item], out: BinaryIO) -> int:
-    """Write a dm-log-writes log of the changes and marks; returns its entries."""
-    events: list[tuple[int, int, Item]] = []
+def _lw_order(items: Iterable[Item]) -> list[Item]:
+    """The order dm-log-writes logs in: a mark at once; a FUA write when it
+    completes; any other write (and a discard) when a flush made it durable:
+    a flush takes the writes completed before it was mapped and logs them,
+    then itself, when it completes; what no flush took comes last (the
+    target logs it when it goes).  Failed bios are not logged."""
+    events: list[tuple[int, int, int, Item]] = []
     for item in items:
         if isinstance(item, Drop):
             continue
-        when = item.time_ns if isinstance(item, MarkRecord) else item.complete_ns
-        events.append((when, item.seq, item))
-    events.sort(key=lambda e: (e[0], e[1]))
+        if isinstance(item, MarkRecord):
+            events.append((item.time_ns, 1, item.seq, item))
+            continue
+        if item.status != 0 or item.op_name not in (
+                "write", "write-zeroes", "discard", "secure-erase", "flush"):
+            continue
+        if "preflush" in item.flag_names or item.op_name == "flush":
+            events.append((min(item.submit_ns, item.complete_ns), 0, item.seq, item))
+        events.append((item.complete_ns, 2, item.seq, item))
+    events.sort(key=lambda e: (e[0], e[1], e[2]))
+    logged: list[Item] = []
+    unflushed: list[Item] = []
+    took: dict[int, list[Item]] = {}
+    for _, kind, seq, item in events:
+        if kind == 1:
+            logged.append(item)
+        elif kind == 0:
+            took[seq], unflushed = unflushed, []
+        elif isinstance(item, BioRecord) and seq in took:
+            logged += [*took.pop(seq), item]
+        elif isinstance(item, BioRecord) and "fua" in item.flag_names:
+            logged.append(item)
+        else:
+            unflushed.append(item)
+    return logged + unflushed
+
+
+def log_writes(items: Iterable[Item], out: BinaryIO) -> int:
+    """Write a dm-log-writes log of the changes and marks, in the target's
+    own order (:func:`_lw_order`); returns its entries."""
     out.write(bytes(SECTOR))  # the super block, written last
     n = 0
-    for _, _, item in events:
+    for item in _lw_order(items):
         if isinstance(item, MarkRecord):
             # as dm-log-writes writes it: the label inside the entry's own
             # sector, right after the 32-byte entry, and no sector of its own
@@ -113,11 +144,11 @@ def log_writes(items: Iterable[Item], out: BinaryIO) -> int:
             out.write(_sector(_LW_ENTRY.pack(0, 0, LW_MARK, len(label)) + label))
             n += 1
             continue
-        if isinstance(item, Drop) or item.status != 0:
+        if isinstance(item, Drop):
             continue
         names = set(item.flag_names)
         flags = (LW_FLUSH if item.op_name == "flush" or "preflush" in names else 0) | (
-            LW_FUA if "fua" in names else 0)
+            LW_FUA if "fua" in names else 0) | (LW_META if "meta" in names else 0)
         if item.op_name == "write":
             data = bytes(item.payload)
             # data_len is the target's only for marks (and DAX's inline data)
@@ -129,10 +160,8 @@ def log_writes(items: Iterable[Item], out: BinaryIO) -> int:
             out.write(bytes(item.size))
         elif item.op_name in ("discard", "secure-erase"):
             out.write(_sector(_LW_ENTRY.pack(item.sector, item.sectors, flags | LW_DISCARD, 0)))
-        elif item.op_name == "flush":
+        else:  # an empty flush
             out.write(_sector(_LW_ENTRY.pack(0, 0, flags, 0)))
-        else:
-            continue
         n += 1
     out.seek(0)
     out.write(_sector(_LW_SUPER.pack(LOG_WRITES_MAGIC, LOG_WRITES_VERSION, n, SECTOR)))
