@@ -85,6 +85,7 @@ def blktrace(items: Iterable[Item], out: BinaryIO, device: tuple[int, int]) -> d
 LOG_WRITES_MAGIC = 0x6A736677736872
 LOG_WRITES_VERSION = 1
 LW_FLUSH, LW_FUA, LW_DISCARD, LW_MARK, LW_META = 1, 2, 4, 8, 16
+LW_END_MARK = "dm-log-writes-end"
 _LW_SUPER = struct.Struct("<QQQI")
 _LW_ENTRY = struct.Struct("<QQQQ")
 SECTOR = 512
@@ -163,6 +164,11 @@ def log_writes(items: Iterable[Item], out: BinaryIO) -> int:
         else:  # an empty flush
             out.write(_sector(_LW_ENTRY.pack(0, 0, flags, 0)))
         n += 1
+    # the target ends every log with this mark when it goes (replay-log's
+    # --end-mark finds it)
+    end = LW_END_MARK.encode()
+    out.write(_sector(_LW_ENTRY.pack(0, 0, LW_MARK, len(end)) + end))
+    n += 1
     out.seek(0)
     out.write(_sector(_LW_SUPER.pack(LOG_WRITES_MAGIC, LOG_WRITES_VERSION, n, SECTOR)))
     return n

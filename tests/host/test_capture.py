@@ -175,8 +175,10 @@ def test_log_writes_export_layout(tmp_path: Path) -> None:
         ("flush", 0, 0, logwrites.FLUSH, b""),
         ("mark", 0, 0, logwrites.MARK, b"t"),
         ("write", 200, 16, 0, b"\0"),  # write-zeroes, as zeros, never flushed
+        ("mark", 0, 0, logwrites.MARK, b"d"),  # the target's own end mark
     ]
-    assert [e.data for e in entries if e.kind == "mark"] == [b"one", b"two"]
+    assert [e.data for e in entries if e.kind == "mark"] == [b"one", b"two",
+                                                             b"dm-log-writes-end"]
     assert entries[6].data == bytes(8192)
 
 
