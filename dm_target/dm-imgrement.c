@@ -610,9 +610,9 @@ static void log_bio(struct imgrement_c *ic, struct bio *bio, u8 op, sector_t sec
 				bio_segments(bio) - i);
 			break;
 		}
-		pr_info("imgrement: bv #%u: len %u, offset %u, sectors %llu..%llu\n",
-			i, bv.bv_len, bv.bv_offset, (unsigned long long)first,
-			(unsigned long long)last);
+		pr_info("imgrement: bv #%u: len %u, offset %u, %u sectors (%llu..%llu)\n",
+			i, bv.bv_len, bv.bv_offset, bv.bv_len >> SECTOR_SHIFT,
+			(unsigned long long)first, (unsigned long long)last);
 		done += bv.bv_len;
 		i++;
 	}
