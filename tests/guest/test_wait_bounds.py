@@ -23,7 +23,7 @@ import pytest
 import imgrement_dm
 from imgrement_dm.records import BioRecord, Drop, RecordReader, _Gaps, decode
 from tests.guest.helpers import SLOWDOWN, idle_inflight, sh
-from tests.guest.test_lossless import STOPPED_READER
+from tests.guest.test_lossless import STOPPED_READER, _mark
 
 #: the size of one 4 KiB write's record: the bio record (88 bytes), one
 #: segment (16) and the data; a read of this many bytes takes one record
@@ -121,6 +121,8 @@ def test_a_suspend_does_not_wait_for_the_reader(waiting_device: imgrement_dm.Tra
         # of issue 27); the bound itself holds, and every drop is counted.
         assert end.fallbacks <= 1, end
         assert idle_inflight(dev.node) == "0 0"
+        # a mark after the last drop: a drop shows as a gap only before a record
+        _mark(dev, "end")
         dev.unwrap()  # the reader takes the rest and sees the end
         out, _ = reader.communicate(timeout=120 * SLOWDOWN)
         recs, used = decode(out)
