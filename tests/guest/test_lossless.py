@@ -308,6 +308,16 @@ sys.stdout.buffer.write(data)
 """
 
 
+def end_stopped_reader(reader: subprocess.Popen[bytes]) -> None:
+    """Kill a STOPPED_READER that is still there (stopped or not) and close its pipe."""
+    if reader.poll() is None:
+        reader.send_signal(signal.SIGCONT)
+        reader.kill()
+        reader.wait(timeout=30)
+    if reader.stdout is not None:
+        reader.stdout.close()
+
+
 @pytest.mark.smoke
 def test_a_stopped_reader_stalls_io_at_most_wait_ms(disk: str, tmp_path: Path) -> None:
     """A reader that holds the stream open and is stopped: fio's writes
@@ -350,12 +360,7 @@ def test_a_stopped_reader_stalls_io_at_most_wait_ms(disk: str, tmp_path: Path) -
         assert idle == "0 0", f"/sys/block/dm-N/inflight read {idle!r} when idle"
     finally:
         if reader is not None:
-            if reader.poll() is None:
-                reader.send_signal(signal.SIGCONT)
-                reader.kill()
-                reader.wait(timeout=30)
-            if reader.stdout is not None:
-                reader.stdout.close()
+            end_stopped_reader(reader)
         if dev.name in [d.name for d in imgrement_dm.list_devices()]:
             dev.unwrap()
 

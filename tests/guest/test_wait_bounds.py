@@ -23,7 +23,7 @@ import pytest
 import imgrement_dm
 from imgrement_dm.records import BioRecord, Drop, RecordReader, _Gaps, decode
 from tests.guest.helpers import SLOWDOWN, idle_inflight, sh
-from tests.guest.test_lossless import STOPPED_READER, _mark
+from tests.guest.test_lossless import STOPPED_READER, _mark, end_stopped_reader
 
 #: the size of one 4 KiB write's record: the bio record (88 bytes), one
 #: segment (16) and the data; a read of this many bytes takes one record
@@ -134,12 +134,7 @@ def test_a_suspend_does_not_wait_for_the_reader(waiting_device: imgrement_dm.Tra
         if fio is not None and fio.poll() is None:
             fio.kill()
             fio.communicate()
-        if reader.poll() is None:
-            reader.send_signal(signal.SIGCONT)
-            reader.kill()
-            reader.wait(timeout=30)
-        if reader.stdout is not None:
-            reader.stdout.close()
+        end_stopped_reader(reader)
 
 
 #: one record a second: each freed record used to restart the stall's clock
