@@ -22,15 +22,10 @@ from importlib import resources
 from pathlib import Path
 
 from imgrement_dm.errors import SandboxError
-from imgrement_dm.sandbox.kernels import (
-    Kernel,
-    _locked,
-    _run,
-    _say,
-    cache_dir,
-    debian_mirror,
-    in_root,
-)
+from imgrement_dm.sandbox.roots import Kernel, cache_dir, debian_mirror, in_root
+from imgrement_dm.sandbox.roots import locked as _locked
+from imgrement_dm.sandbox.roots import run as _run
+from imgrement_dm.sandbox.roots import say as _say
 
 SERIES = "debug"
 SUITE = "bookworm"

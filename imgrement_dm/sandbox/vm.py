@@ -27,7 +27,7 @@ from pathlib import Path
 
 from imgrement_dm import resources as package_files
 from imgrement_dm.errors import SandboxError
-from imgrement_dm.sandbox.kernels import Kernel
+from imgrement_dm.sandbox.roots import Kernel
 
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 

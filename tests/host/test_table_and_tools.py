@@ -9,7 +9,7 @@ import pytest
 from imgrement_dm.api import Status
 from imgrement_dm.dm import Target
 from imgrement_dm.errors import ImgrementError, SandboxError
-from imgrement_dm.sandbox import debugkernel, kernels
+from imgrement_dm.sandbox import debugkernel, kernels, roots
 from imgrement_dm.sandbox.vm import parse_size
 from imgrement_dm.table import ImgrementTable
 from tests import check_junit
@@ -89,7 +89,7 @@ def test_debug_config_options_are_checked_in_the_result() -> None:
 
 def test_mirror_override(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IMGREMENT_DEBIAN_MIRROR", "http://mirror.invalid/debian/")
-    assert kernels.debian_mirror() == "http://mirror.invalid/debian"
+    assert roots.debian_mirror() == "http://mirror.invalid/debian"
 
 
 def _junit(tmp_path: Path, name: str, tests: int, failures: int, skipped: int) -> None:
@@ -125,3 +125,25 @@ def test_shell_completion_script() -> None:
     r = subprocess.run([str(exe)], env=env, capture_output=True, text=True, check=False)
     assert r.returncode == 0
     assert "complete -o nosort -F _imgrement_dm_completion imgrement-dm" in r.stdout
+
+
+def test_the_kernel_modules_import_in_one_direction() -> None:
+    """kernels.py picks debugkernel.py by series; debugkernel.py stands on
+    roots.py alone, so the two never import each other (a circle made the
+    import order matter and hid which module owned what)."""
+    import ast
+
+    def imports(mod: object) -> set[str]:
+        tree = ast.parse(Path(str(getattr(mod, "__file__", ""))).read_text())
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+                names.update(f"{node.module}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+        return names
+
+    assert "imgrement_dm.sandbox.debugkernel" in imports(kernels)
+    assert not any("kernels" in n and "debugkernel" not in n for n in imports(debugkernel))
+    assert not any("kernels" in n or "debugkernel" in n for n in imports(roots))

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from imgrement_dm.sandbox import kernels
+from imgrement_dm.sandbox import roots
 
 SUITE = "bookworm"
 PACKAGES = [
@@ -124,7 +124,7 @@ class Image:
 def image() -> Image:
     """The cached base machine, made on first use (root, mmdebstrap)."""
     key = hashlib.sha256(RECIPE.encode()).hexdigest()[:12]
-    base = kernels.cache_dir() / "machine" / f"{SUITE}-{key}"
+    base = roots.cache_dir() / "machine" / f"{SUITE}-{key}"
     done = Image(base / "root.img", base / "vmlinuz", base / "initrd.img")
     if done.disk.exists() and (base / "ready").exists():
         return done
@@ -133,7 +133,7 @@ def image() -> Image:
     base.mkdir(parents=True)
     tree = base / "tree"
     hook = HOOK
-    mirror = kernels.debian_mirror()
+    mirror = roots.debian_mirror()
     cmd = ["mmdebstrap", "--variant=apt", "--include=" + ",".join(PACKAGES),
            f"--customize-hook={hook}", SUITE, str(tree),
            *(f"deb {mirror} {suite} main" for suite in SOURCES)]
