@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.guest import timing
 from tests.guest.helpers import dm_devices, loop_devices, mapper_nodes, remove_leftovers, sh
 
 
@@ -25,6 +26,8 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(
             "the guest suite runs only inside the sandbox guest: use 'make test'"
         )
+    timing.install()
+    config.pluginmanager.register(timing, "guest-timing")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
