@@ -61,9 +61,11 @@ def _start(*args: str) -> subprocess.Popen[str]:
 
 
 def test_wrap_options_status_mark_capture(wrapped: str, disk: str) -> None:
+    """Some steps run as the installed module in a process of its own: the
+    entry point end to end (output, a usage error's exit status)."""
     table = sh("dmsetup", "table", wrapped).split()
     assert table[3:] == [table[3], "0", "2", "capture:all", "buffer_kb:32768"]
-    st = json.loads(cli("status", wrapped, "--json").stdout)
+    st = json.loads(cli("status", wrapped, "--json", process=True).stdout)
     assert (st["capture"], st["buffer"], st["dropped"], st["log"]) == ("all", 32 << 20, 0, False)
     text = cli("status", wrapped).stdout
     assert text.startswith("traced: capture all, log off\n") and "  bios " in text
@@ -71,10 +73,10 @@ def test_wrap_options_status_mark_capture(wrapped: str, disk: str) -> None:
     r = cli("capture", wrapped, "meta")
     assert r.returncode == 0 and r.stdout == ""
     assert json.loads(cli("status", wrapped, "--json").stdout)["capture"] == "meta"
-    r = cli("capture", wrapped, "bogus")
+    r = cli("capture", wrapped, "bogus", process=True)
     assert r.returncode == 2 and "Invalid value" in r.stderr
 
-    first = cli("mark", wrapped, "one")
+    first = cli("mark", wrapped, "one", process=True)
     second = cli("mark", wrapped, "two words", "--json")
     assert first.returncode == 0 and second.returncode == 0
     seq = int(first.stdout)
@@ -253,7 +255,7 @@ def test_a_device_whose_table_was_changed_by_hand(wrapped: str, disk: str,
 
 
 def test_debug_shows_the_traceback() -> None:
-    r = cli("--debug", "status", "nosuch")
+    r = cli("--debug", "status", "nosuch", process=True)
     assert r.returncode != 0 and "Traceback" in r.stderr and "NoSuchMappingError" in r.stderr
 
 
