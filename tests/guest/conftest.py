@@ -16,7 +16,13 @@ from pathlib import Path
 import pytest
 
 from tests.guest import timing
-from tests.guest.helpers import dm_devices, loop_devices, mapper_nodes, remove_leftovers, sh
+from tests.guest.helpers import (
+    attached_loops,
+    dm_names_now,
+    mapper_nodes,
+    remove_leftovers,
+    sh,
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -126,16 +132,16 @@ def nothing_left_behind(hang_watchdog: None) -> Iterator[None]:
         # to the console itself, not to the captured output of a passing test
         print(f"\nnothing_left_behind: removed {left}, left by an earlier test "
               "(that test failed for it)", file=sys.__stderr__, flush=True)
-    assert dm_devices() == [], f"could not remove devices an earlier test left: {dm_devices()}"
-    before_loops = loop_devices()
+    assert dm_names_now() == [], f"could not remove devices an earlier test left: {dm_names_now()}"
+    before_loops = attached_loops()
     before_fds = sorted(os.listdir("/proc/self/fd"))
     yield
     sh("udevadm", "settle")
-    leftovers = dm_devices()
+    leftovers = dm_names_now()
     remove_leftovers()  # so one failure does not cascade
     assert leftovers == [], f"test left device-mapper devices: {leftovers}"
     assert mapper_nodes() == [], f"test left /dev/mapper nodes: {mapper_nodes()}"
     # Autouse fixtures are set up first and torn down last: loopdev has
     # already detached its device by now.
-    assert loop_devices() == before_loops, "test left loop devices attached"
+    assert attached_loops() == before_loops, "test left loop devices attached"
     assert sorted(os.listdir("/proc/self/fd")) == before_fds, "test left files open"

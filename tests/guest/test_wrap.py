@@ -17,11 +17,14 @@ from imgrement_dm import api
 from imgrement_dm.dm import Control
 from tests.guest.helpers import (
     aligned,
+    attached_loops,
     cli,
     devno,
     direct_read,
     direct_write,
     dm_devices,
+    dm_names_now,
+    loop_devices,
     mapper_nodes,
     pattern,
     sectors,
@@ -84,6 +87,25 @@ def test_dmsetup_sees_our_table_and_removes_it(disk: str) -> None:
     sh("udevadm", "settle")
     assert dm_devices() == []
     assert mapper_nodes() == []
+
+
+def test_the_leftover_check_sees_what_dmsetup_and_losetup_see(loopdev: str) -> None:
+    """The check around every test reads the kernel's device list and sysfs
+    instead of starting dmsetup and losetup; both views agree, with a
+    device that has no table yet (no disk in sysfs on newer kernels) among
+    them."""
+    assert attached_loops() == loop_devices() and loopdev in attached_loops()
+    subprocess.run(["dmsetup", "create", "notable", "--notable"], check=True)
+    try:
+        sh("dmsetup", "create", "plain", "--table", f"0 {sectors(loopdev)} linear {loopdev} 0")
+        try:
+            assert dm_names_now() == dm_devices() == ["notable", "plain"]
+        finally:
+            sh("dmsetup", "remove", "plain")
+    finally:
+        sh("dmsetup", "remove", "notable")
+    sh("udevadm", "settle")
+    assert dm_names_now() == dm_devices() == []
 
 
 def test_status_counts_each_bio(disk: str) -> None:
