@@ -151,6 +151,21 @@ def test_the_cached_share_covers_the_interpreter_and_the_venv(
                                  else [])
 
 
+def test_the_cached_share_also_covers_executables_and_their_libraries() -> None:
+    """dmsetup and libc are read through the cached share; never a prefix the
+    guest writes below."""
+    import shutil
+
+    from imgrement_dm.sandbox import vm
+
+    paths = vm.system_paths()
+    assert "/usr/bin" in paths and not set(paths) & {"/", "/usr", "/usr/local", "/usr/lib"}
+    libc = os.path.realpath("/usr/lib/x86_64-linux-gnu/libc.so.6")
+    assert any(libc.startswith(p + "/") for p in paths)
+    dmsetup = shutil.which("dmsetup", path="/usr/sbin:/sbin")
+    assert dmsetup and any(os.path.realpath(dmsetup).startswith(p + "/") for p in paths)
+
+
 def test_the_guest_gets_bytecode_for_the_package_and_the_tests(tmp_path: Path) -> None:
     """The guest cannot write .pyc files; without them every Python start
     there compiled our modules again, so the sandbox writes them first."""
