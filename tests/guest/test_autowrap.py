@@ -109,7 +109,9 @@ def test_hotplugged_disks_are_wrapped_by_policy(
     fio.communicate(timeout=120 * SLOWDOWN)
     assert fio.returncode != 0
     _wait(lambda: name not in dm_devices(), "the mapping to go", 30)
-    assert f"released /dev/mapper/{name}" in log.read_text()
+    # the watcher logs the release after the removal returns: wait for the line
+    _wait(lambda: f"released /dev/mapper/{name}" in log.read_text(), "the release's log line",
+          30)
 
 
 def _status(log: Path) -> list[str]:
