@@ -7,6 +7,7 @@ import hashlib
 import mmap
 import os
 import random
+import signal
 import stat
 import subprocess
 import sys
@@ -144,6 +145,61 @@ def remove_leftovers() -> list[str]:
     if left:
         subprocess.run(["udevadm", "settle"], check=False)
     return left
+
+
+def running_children() -> set[int]:
+    """This process's children that still run (a zombie, its exit not yet
+    collected by its Popen, runs nothing), from /proc."""
+    me = os.getpid()
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            line = (entry / "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        state, ppid = line[line.rindex(")") + 2:].split()[:2]
+        if int(ppid) == me and state != "Z":
+            found.add(int(entry.name))
+    return found
+
+
+def kill_children(pids: set[int]) -> dict[int, str]:
+    """Kill what a test left running (a fio still writing to the scratch
+    disk would change the next test's data; a stopped reader would hold a
+    stream open), continued first in case it was stopped.  What each was.
+    A process in the kernel on a suspended device ends only once the
+    device is resumed or removed: reap_children after remove_leftovers."""
+    what = {}
+    for pid in sorted(pids):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            os.kill(pid, signal.SIGCONT)
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            continue  # ended meanwhile
+        what[pid] = cmd.decode(errors="replace").strip()[:120]
+    return what
+
+
+def reap_children(killed: dict[int, str], timeout: float = 120) -> list[str]:
+    """Collect the exits of kill_children's processes; 'pid command' each,
+    and those that did not end within ``timeout`` seconds marked so."""
+    deadline = time.monotonic() + timeout
+    left = dict(killed)
+    while left and time.monotonic() < deadline:
+        for pid in list(left):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid  # collected elsewhere
+            if done:
+                del left[pid]
+        if left:
+            time.sleep(0.1)
+    return [f"{pid} {cmd}" + (" (still there)" if pid in left else "")
+            for pid, cmd in killed.items()]
 
 
 def loop_devices() -> list[str]:
