@@ -78,7 +78,7 @@ GUEST_APPEND ?= init_on_alloc=0
 
 test-guest: all
 	mkdir -p $(RESULTS)
-	rm -f $(RESULTS)/guest-*.xml
+	rm -f $(RESULTS)/guest-*.xml $(RESULTS)/hang-*
 	# pytest's assertion-rewritten test modules, written here: the guest cannot
 	# write them and would rewrite all in every boot (0.8 s of host CPU)
 	env -u PYTHONDONTWRITEBYTECODE IMGREMENT_HOST_COLLECT=1 $(BIN)/pytest tests/guest \

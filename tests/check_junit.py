@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="fail unless N guest-*.xml files (one per kernel) are present")
     args = parser.parse_args(argv)
     files = sorted(args.results.glob("guest-*.xml"))
+    # A guest the hang guard powered off wrote no XML; its note says why.
+    for note in sorted(args.results.glob("hang-guard-*.txt")):
+        print(f"{note.name}: {note.read_text().strip()}", file=sys.stderr)
     if len(files) < args.expect_guest:
         print(f"check_junit: {len(files)} guest-*.xml in {args.results}, expected "
               f"{args.expect_guest}: a guest suite did not run", file=sys.stderr)

@@ -11,8 +11,10 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -106,11 +108,59 @@ def _dump_hung_tasks(nodeid: str) -> None:
           file=sys.__stderr__, flush=True)
 
 
+#: How long after a test's limit the guard powers the guest off (seconds).
+HANG_EXIT_GRACE = 60
+
+#: The guard: reads deadlines (seconds since the epoch, 0 for none) a line at
+#: a time from pytest, and ends when pytest's end closes the pipe.  A test
+#: whose main thread is stuck in the kernel keeps pytest from exiting even
+#: after pytest-timeout's os._exit (the process cannot end while one thread
+#: sleeps uninterruptibly), so nothing in pytest can act any more, and the
+#: guest would sit there until its own limit, hours later.  Past a deadline
+#: the guard says so and powers the guest off: the run fails at once, the
+#: suite's XML missing, the blocked tasks already in the log.
+HANG_GUARD = r"""
+deadline=0
+while :; do
+    read -r -t 5 line
+    rc=$?
+    if [ $rc -eq 0 ]; then
+        deadline=$line
+    elif [ $rc -le 128 ]; then
+        exit 0
+    fi
+    printf -v now '%(%s)T' -1
+    if [ "$deadline" -gt 0 ] && [ "$now" -ge "$deadline" ]; then
+        msg="hang watchdog: the test passed its time limit and pytest cannot exit"
+        msg="$msg (a task stuck in the kernel: blocked tasks above); powering the guest off"
+        echo "$msg" >&2
+        if [ -n "${IMGREMENT_RESULTS:-}" ]; then
+            echo "$msg" > "$IMGREMENT_RESULTS/hang-guard-$(uname -r).txt"
+        fi
+        sleep 2  # the console takes the message out first
+        echo o > /proc/sysrq-trigger
+        exit 1
+    fi
+done
+"""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def hang_guard() -> Iterator[IO[str]]:
+    """The guard process (HANG_GUARD), for the whole session; its input."""
+    guard = subprocess.Popen(["bash", "-c", HANG_GUARD], stdin=subprocess.PIPE, text=True)
+    assert guard.stdin is not None
+    yield guard.stdin
+    guard.stdin.close()
+    guard.wait(timeout=30)
+
+
 @pytest.fixture(autouse=True)
-def hang_watchdog(request: pytest.FixtureRequest) -> Iterator[None]:
+def hang_watchdog(request: pytest.FixtureRequest, hang_guard: IO[str]) -> Iterator[None]:
     """A test that hangs (a task stuck in the kernel, which no signal ends)
     is ended by pytest-timeout's thread method; just before that, this dumps
-    the blocked tasks' kernel stacks, so the run says why, not only where."""
+    the blocked tasks' kernel stacks, so the run says why, not only where;
+    and if pytest cannot exit even then, the guard ends the guest."""
     limit = _test_limit(request.node)
     timer = None
     if limit > HANG_DUMP_MARGIN:
@@ -118,9 +168,15 @@ def hang_watchdog(request: pytest.FixtureRequest) -> Iterator[None]:
                                 args=(request.node.nodeid,))
         timer.daemon = True
         timer.start()
+    if limit > 0:
+        hang_guard.write(f"{int(time.time() + limit + HANG_EXIT_GRACE)}\n")
+        hang_guard.flush()
     yield
     if timer is not None:
         timer.cancel()
+    if limit > 0:
+        hang_guard.write("0\n")
+        hang_guard.flush()
 
 
 @pytest.fixture(autouse=True)

@@ -106,6 +106,15 @@ def test_check_junit_requires_a_guest_run(tmp_path: Path) -> None:
     assert check_junit.main([str(tmp_path), "--expect-guest", "2"]) == 1
 
 
+def test_check_junit_says_which_guest_the_hang_guard_ended(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "hang-guard-6.1.0-50-amd64.txt").write_text("hang watchdog: powering off\n")
+    assert check_junit.main([str(tmp_path), "--expect-guest", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "hang-guard-6.1.0-50-amd64.txt: hang watchdog: powering off" in err
+    assert "a guest suite did not run" in err
+
+
 @pytest.mark.parametrize("tests,failures,skipped", [(0, 0, 0), (5, 1, 0), (5, 0, 1)])
 def test_check_junit_fails_on_empty_failed_or_skipped(
     tmp_path: Path, tests: int, failures: int, skipped: int
