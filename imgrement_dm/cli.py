@@ -438,10 +438,13 @@ def sandbox(kernel: str | None, disks: tuple[str, ...], memory: str, results: Pa
 
 
 def _progress(label: str) -> Callable[[int, int], None]:
+    """A progress line on a terminal (bytes of the capture read): nothing
+    when stderr is not one, where the closing line says what was done."""
     def show(done: int, total: int) -> None:
-        if sys.stderr.isatty() or done == total:
-            click.echo(f"\r{label}: {done}/{total} changes", err=True,
-                       nl=done == total)
+        if sys.stderr.isatty():
+            pct = 100 * done // total if total else 100
+            click.echo(f"\r{label}: {done >> 20}/{total >> 20} MiB of the capture ({pct}%)",
+                       err=True, nl=done == total)
     return show
 
 
@@ -549,13 +552,13 @@ def apply_cmd(capture_file: Path, base: Path, until_mark: str | None, output: Pa
         out = output or base.with_name(base.name + ".applied.qcow2")
         sel, stored, zeroed = increment.apply_qcow2(base, capture_file, out, stop,
                                                     backing_name=backing, force=force)
-        click.echo(f"{out}: {len(sel.changes)} changes, {stored} clusters of 64 KiB stored, "
+        click.echo(f"{out}: {sel.applied} changes, {stored} clusters of 64 KiB stored, "
                    f"{zeroed} marked zero, backing file {backing or base.resolve()}")
         return
     out = output or base.with_name(base.name + ".applied")
     sel = increment.apply(base, capture_file, out, stop, force=force,
                           progress=_progress("apply"))
-    click.echo(f"{out}: {len(sel.changes)} changes applied"
+    click.echo(f"{out}: {sel.applied} changes applied"
                + (f", {sel.failed} failed writes skipped" if sel.failed else ""))
 
 
@@ -659,7 +662,7 @@ def replay(capture_file: Path, target: Path, until_mark: str | None,
 
     sel = increment.replay(capture_file, target, _stop_at(until_mark, until_flush, until_fua),
                            force=force, progress=_progress("replay"))
-    click.echo(f"{target}: {len(sel.changes)} changes replayed")
+    click.echo(f"{target}: {sel.applied} changes replayed")
 
 
 @main.command()

@@ -24,41 +24,91 @@ import contextlib
 import hashlib
 import itertools
 import os
+import random
 import shutil
 import signal
 import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from bisect import bisect_left, bisect_right
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 from imgrement_dm import increment
+from imgrement_dm.changes import CHANGING_OPS, FUA_FLAG, PREFLUSH_FLAG, Change, change_of
 from imgrement_dm.errors import CrashCheckError
 from imgrement_dm.formats import files
 from imgrement_dm.formats.capture import CaptureReader
 from imgrement_dm.output import atomic_path, check_writable
-from imgrement_dm.records import BioRecord, Drop, Item, MarkRecord
+from imgrement_dm.records import Drop, MarkRecord
 
 
 @dataclass(frozen=True)
 class Boundary:
-    """Where a crash is considered: just after this record completed."""
+    """Where a crash is considered: just after this record completed.
+
+    What it leaves is held without copies: the writes completed by then are
+    the first ``upto`` of the capture's (:class:`Listing`), the last
+    ``len(tail)`` of them completed after the latest flush's reach (the FUA
+    ones durable all the same, the others ``unflushed``).
+    """
 
     index: int
     kind: str  # "flush", "fua" or "mark"
     seq: int
     label: str
-    completed: tuple[BioRecord, ...]  # every write completed by then, in completion order
-    unflushed: tuple[BioRecord, ...]  # those of them not yet durable
+    upto: int
+    unflushed: tuple[Change, ...]  # completed writes not yet durable
+    tail: tuple[Change, ...] = field(repr=False)  # writes after the flush horizon
+    durable_key: int = field(repr=False)  # the content key of writes[:upto - len(tail)]
+    atoms: tuple[tuple[int, int, int], ...] = field(repr=False)  # see _atoms
+    listing: Listing = field(repr=False, compare=False)
+
+    @property
+    def completed(self) -> list[Change]:
+        """Every write completed by then, in completion order."""
+        return self.listing.writes[:self.upto]
 
     def describe(self) -> str:
         what = {"flush": "flush", "fua": "FUA write", "mark": "mark"}[self.kind]
         extra = f" {self.label!r}" if self.kind == "mark" else ""
         return f"after {what}{extra} (record {self.seq})"
+
+    def key(self, kept: tuple[int, ...] | None) -> int:
+        """The content key of the state that keeps ``kept`` (None: all) of the
+        unflushed writes: equal keys, equal images (see :class:`Hasher`)."""
+        if not self.tail:
+            return self.durable_key
+        h = self.listing.hasher
+        drop = set() if kept is None else {w.seq for w in self.unflushed} - set(kept)
+        starts = [a for a, _, _ in self.atoms]
+        owner: list[Change | None] = [None] * len(self.atoms)
+        for w in self.tail:  # in completion order: the last one wins
+            if w.seq in drop or w.size < 512:
+                continue
+            i = bisect_right(starts, w.sector) - 1
+            j = bisect_left(starts, w.end)
+            owner[i:j] = [w] * (j - i)
+        key = self.durable_key
+        for (a, b, durable), last in zip(self.atoms, owner):
+            if last is not None:
+                key += h.contribution(last, a, b) - durable
+        return key % MOD
+
+
+@dataclass
+class Listing:
+    """What a capture's boundaries share: every completed write, in completion
+    order, the capture they are read from, and their sector hashes."""
+
+    capture: Path
+    writes: list[Change]
+    hasher: Hasher
 
 
 @dataclass(frozen=True)
@@ -72,12 +122,17 @@ class State:
             return f"{self.boundary.index}:all"
         return f"{self.boundary.index}:" + (",".join(map(str, self.kept)) or "none")
 
-    def writes(self) -> list[BioRecord]:
+    def writes(self) -> list[Change]:
         """The writes this state holds, in completion order."""
+        b = self.boundary
         if self.kept is None:
-            return list(self.boundary.completed)
-        dropped = {w.seq for w in self.boundary.unflushed} - set(self.kept)
-        return [w for w in self.boundary.completed if w.seq not in dropped]
+            return b.completed
+        dropped = {w.seq for w in b.unflushed} - set(self.kept)
+        head = b.listing.writes[:b.upto - len(b.tail)]
+        return head + [w for w in b.tail if w.seq not in dropped]
+
+    def key(self) -> int:
+        return self.boundary.key(self.kept)
 
     def describe(self) -> str:
         n = len(self.boundary.unflushed)
@@ -88,57 +143,200 @@ class State:
                 f"write(s) kept")
 
 
-def boundaries(items: Iterable[Item]) -> list[Boundary]:
-    """The crash points of a capture and what each leaves, by the model above."""
-    events: list[tuple[int, int, BioRecord | MarkRecord]] = []
-    for item in items:
+#: Content keys are sums modulo this prime (a Mersenne prime: 2**127 - 1).
+MOD = (1 << 127) - 1
+
+
+class Hasher:
+    """Content keys of disk images, built by difference.
+
+    An image's key is the sum, over every sector some write touched, of
+    R**sector times a 16-byte BLAKE2b of that sector's bytes, modulo
+    :data:`MOD`: a polynomial in R, so two images with different bytes in
+    some sector get the same key only if R is a root of their difference, a
+    chance below 2**-90 for R drawn at random per run (Schwartz-Zippel, degree
+    under 2**37). Being a sum, the key of a range a write replaced is taken
+    out and the write's put in, in the time of that range, never the disk's:
+    each data write keeps the prefix sums of its own sectors (16 bytes a
+    sector), and a zeroed range's sum is a geometric series.
+    """
+
+    def __init__(self, r: int | None = None) -> None:
+        self.r = r if r is not None else random.SystemRandom().randrange(2, MOD - 1)
+        self._inv = pow(self.r - 1, -1, MOD)
+        self._zero = _digest(bytes(512))
+        self._sums: dict[int, bytes] = {}
+
+    def add_write(self, seq: int, payload: memoryview) -> None:
+        """Keep the prefix sums of a data write's sectors (in its own powers of R)."""
+        r, total, power = self.r, 0, 1
+        out = bytearray(16 * (len(payload) // 512 + 1))
+        for i in range(len(payload) // 512):
+            total = (total + power * _digest(payload[i * 512:(i + 1) * 512])) % MOD
+            power = power * r % MOD
+            out[16 * (i + 1):16 * (i + 2)] = total.to_bytes(16, "little")
+        self._sums[seq] = bytes(out)
+
+    def contribution(self, w: Change, a: int, b: int) -> int:
+        """The key's share of sectors [a, b) as ``w`` left them."""
+        if w.op_name != "write":
+            n = b - a
+            return (self._zero * pow(self.r, a, MOD) * (pow(self.r, n, MOD) - 1) * self._inv
+                    % MOD)
+        sums = self._sums[w.seq]
+        i, j = a - w.sector, b - w.sector
+        lo = int.from_bytes(sums[16 * i:16 * i + 16], "little")
+        hi = int.from_bytes(sums[16 * j:16 * j + 16], "little")
+        return pow(self.r, w.sector, MOD) * (hi - lo) % MOD
+
+
+def _digest(sector: bytes | memoryview) -> int:
+    return int.from_bytes(hashlib.blake2b(sector, digest_size=16).digest(), "little")
+
+
+class _Durable:
+    """The durable image as extents (sorted, disjoint sector ranges, each with
+    the write that left it) and its content key, kept as writes become durable."""
+
+    def __init__(self, hasher: Hasher) -> None:
+        self.h = hasher
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        self.owners: list[Change] = []
+        self.key = 0
+
+    def add(self, w: Change) -> None:
+        a, b = w.sector, w.end
+        if a >= b:
+            return
+        starts, ends, owners, h = self.starts, self.ends, self.owners, self.h
+        i = bisect_right(ends, a)  # the first extent that ends after a
+        j = bisect_left(starts, b)  # the first that starts at or after b
+        new_s, new_e, new_o = [], [], []
+        for k in range(i, j):
+            s, e, o = starts[k], ends[k], owners[k]
+            self.key -= h.contribution(o, max(s, a), min(e, b))
+            if s < a:
+                new_s.append(s)
+                new_e.append(a)
+                new_o.append(o)
+        new_s.append(a)
+        new_e.append(b)
+        new_o.append(w)
+        if j > i and ends[j - 1] > b:
+            new_s.append(b)
+            new_e.append(ends[j - 1])
+            new_o.append(owners[j - 1])
+        starts[i:j], ends[i:j], owners[i:j] = new_s, new_e, new_o
+        self.key = (self.key + h.contribution(w, a, b)) % MOD
+
+    def covered(self, a: int, b: int) -> int:
+        """The key's share of sectors [a, b) (0 where no durable write is)."""
+        i = bisect_right(self.ends, a)
+        total = 0
+        while i < len(self.starts) and self.starts[i] < b:
+            lo, hi = max(self.starts[i], a), min(self.ends[i], b)
+            total += self.h.contribution(self.owners[i], lo, hi)
+            i += 1
+        return total % MOD
+
+
+def _atoms(tail: Sequence[Change], durable: _Durable) -> tuple[tuple[int, int, int], ...]:
+    """The pieces the tail's writes cut the disk into, where any of them wrote,
+    each with the durable image's share of the key there: what a state's key
+    changes from the durable one's."""
+    cuts = sorted({x for w in tail if w.size >= 512 for x in (w.sector, w.end)})
+    out = []
+    for a, b in zip(cuts, cuts[1:]):
+        if any(w.sector < b and w.end > a for w in tail if w.size >= 512):
+            out.append((a, b, durable.covered(a, b)))
+    return tuple(out)
+
+
+class _Event(NamedTuple):
+    time: int
+    seq: int
+    kind: str  # "mark", "flush", "write" (any change), "flush-write" (a change with preflush)
+    change: Change | None
+    submit_ns: int
+    label: str
+
+
+def _events(reader: CaptureReader, hasher: Hasher) -> list[_Event]:
+    """What decides the boundaries, read once (and checked whole on the way),
+    in completion order; data writes' sectors hashed as they go by."""
+    events: list[_Event] = []
+    for item in reader.items():
         if isinstance(item, Drop):
             raise CrashCheckError(
                 f"the capture lost {item.count} record(s): its crash states would be "
                 "wrong. Record it losslessly ('record' waits for the reader by default)")
         if isinstance(item, MarkRecord):
-            events.append((item.time_ns, item.seq, item))
-        else:
-            events.append((item.complete_ns, item.seq, item))
-    events.sort(key=lambda e: (e[0], e[1]))
-    completed: list[BioRecord] = []
-    durable: set[int] = set()
-    flush_submits: list[int] = []  # submit times of completed flushes
+            events.append(_Event(item.time_ns, item.seq, "mark", None, 0, item.label))
+            continue
+        if item.status != 0:
+            continue  # refused by the device: changed nothing, persisted nothing
+        op = item.op_name
+        is_flush = op == "flush" or bool(item.flags & PREFLUSH_FLAG)
+        change = None
+        if op in CHANGING_OPS:
+            if op == "write" and not item.has_payload:
+                raise CrashCheckError(
+                    f"write {item.seq} was recorded without its data (capture mode meta): "
+                    "record with capture writes or all")
+            change = change_of(item, reader.chunk_at)
+            if op == "write":
+                hasher.add_write(item.seq, item.payload)
+        elif not is_flush:
+            continue
+        kind = ("flush-write" if is_flush else "write") if change else "flush"
+        events.append(_Event(item.complete_ns, item.seq, kind, change, item.submit_ns, ""))
+    events.sort(key=lambda e: (e.time, e.seq))
+    return events
+
+
+def boundaries(capture: Path, reader: CaptureReader, hasher: Hasher | None = None,
+               ) -> list[Boundary]:
+    """The crash points of a capture and what each leaves, by the model above.
+
+    One walk in completion order: the writes a flush made durable move from
+    the tail into the durable image's extents as the flush completes, so a
+    boundary costs its tail, not the capture before it.
+    """
+    hasher = hasher or Hasher()
+    listing = Listing(capture, [], hasher)
+    writes = listing.writes
+    durable = _Durable(hasher)
+    tail: deque[Change] = deque()
+    horizon = -1  # the latest submit time of a completed flush
     found: list[Boundary] = []
 
     def boundary(kind: str, seq: int, label: str) -> None:
-        horizon = max(flush_submits, default=-1)
-        for w in completed:
-            if w.complete_ns <= horizon:
-                durable.add(w.seq)
-        unflushed = tuple(w for w in completed if w.seq not in durable)
-        found.append(Boundary(len(found), kind, seq, label, tuple(completed), unflushed))
+        while tail and tail[0].complete_ns <= horizon:
+            durable.add(tail.popleft())
+        t = tuple(tail)
+        unflushed = tuple(w for w in t if not (w.op_name == "write" and w.flags & FUA_FLAG))
+        found.append(Boundary(len(found), kind, seq, label, len(writes), unflushed, t,
+                              durable.key, _atoms(t, durable) if t else (), listing))
 
-    for _, _, ev in events:
-        if isinstance(ev, MarkRecord):
+    for ev in _events(reader, hasher):
+        if ev.kind == "mark":
             boundary("mark", ev.seq, ev.label)
             continue
-        if ev.status != 0:
-            continue  # refused by the device: changed nothing, persisted nothing
-        is_flush = ev.op_name == "flush" or bool(ev.flags & increment.PREFLUSH_FLAG)
-        if is_flush:
-            flush_submits.append(ev.submit_ns)
-        if ev.op_name in increment.CHANGING_OPS:
-            if ev.op_name == "write" and not ev.has_payload:
-                raise CrashCheckError(
-                    f"write {ev.seq} was recorded without its data (capture mode meta): "
-                    "record with capture writes or all")
-            completed.append(ev)
-            if ev.op_name == "write" and ev.flags & increment.FUA_FLAG:
-                durable.add(ev.seq)
+        if ev.kind != "write":
+            horizon = max(horizon, ev.submit_ns)
+        if ev.change is not None:
+            writes.append(ev.change)
+            tail.append(ev.change)
+            if ev.change.op_name == "write" and ev.change.flags & FUA_FLAG:
                 boundary("fua", ev.seq, "")
                 continue
-        if is_flush:
+        if ev.kind != "write":
             boundary("flush", ev.seq, "")
     return found
 
 
-def _subsets(unflushed: Sequence[BioRecord], exhaustive: int) -> Iterator[tuple[int, ...]]:
+def _subsets(unflushed: Sequence[Change], exhaustive: int) -> Iterator[tuple[int, ...]]:
     seqs = [w.seq for w in unflushed]
     n = len(seqs)
     if n <= exhaustive:
@@ -162,20 +360,6 @@ def states(bounds: Sequence[Boundary], exhaustive: int = 6) -> Iterator[State]:
                 yield State(b, kept)
 
 
-def content_key(writes: Sequence[BioRecord]) -> str:
-    """A digest of what ``writes`` leave on the disk: equal keys, equal images."""
-    blocks: dict[int, bytes] = {}
-    for w in writes:
-        data = bytes(w.payload) if w.op_name == "write" else bytes(w.size)
-        for i in range(w.size // 512):
-            blocks[w.sector + i] = data[i * 512:(i + 1) * 512]
-    h = hashlib.sha256()
-    for sector in sorted(blocks):
-        h.update(sector.to_bytes(8, "little"))
-        h.update(blocks[sector])
-    return h.hexdigest()
-
-
 class Unique(NamedTuple):
     states: list[State]  # deduplicated by content, at most the limit
     enumerated: int  # states looked at to find them
@@ -187,11 +371,11 @@ def unique_states(bounds: Sequence[Boundary], *, exhaustive: int = 6,
     """States deduplicated by content, at most ``limit``; how many were
     enumerated; and whether the limit left out another distinct one (looked
     for, so that a capture with exactly ``limit`` states is not said to stop)."""
-    seen: set[str] = set()
+    seen: set[int] = set()
     out: list[State] = []
     enumerated = 0
     for st in states(bounds, exhaustive):
-        key = content_key(st.writes())
+        key = st.key()
         if key in seen:
             enumerated += 1
             continue
@@ -204,15 +388,11 @@ def unique_states(bounds: Sequence[Boundary], *, exhaustive: int = 6,
 
 
 def load(capture: Path) -> tuple[list[Boundary], int]:
-    """The capture's boundaries, and the traced device's size in bytes."""
+    """The capture's boundaries, and the traced device's size in bytes, from
+    one pass that also checks the capture whole."""
     files.require_capture(capture, "crashcheck")
-    with CaptureReader(capture) as check:
-        check.validate()
-    reader = CaptureReader(capture)
-    try:
-        return boundaries(reader.items()), reader.sectors * 512
-    finally:
-        reader.close()
+    with CaptureReader(capture) as reader:
+        return boundaries(capture, reader), reader.sectors * 512
 
 
 def crash_boundaries(capture: Path, base: Path) -> tuple[list[Boundary], int]:
@@ -261,11 +441,19 @@ def build(state: State, base: Path, dest: Path, size: int) -> None:
     """The state's image at ``dest``: a cheap copy of ``base`` with its writes."""
     increment.check_base(base, size)
     clone(base, dest)
-    fd = os.open(dest, os.O_RDWR | os.O_CLOEXEC)
+    capture = state.boundary.listing.capture
     try:
-        increment.apply_to_fd(fd, state.writes(), size, None)
+        source = os.open(capture, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise CrashCheckError(f"cannot read {capture}: {e.strerror}") from None
+    try:
+        fd = os.open(dest, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            increment.apply_to_fd(fd, state.writes(), source, size)
+        finally:
+            os.close(fd)
     finally:
-        os.close(fd)
+        os.close(source)
 
 
 def build_state(capture: Path, base: Path, state_id: str, out: Path) -> State:

@@ -13,124 +13,62 @@ import fcntl
 import os
 import stat
 import struct
-from collections.abc import Callable, Iterable
+from array import array
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from imgrement_dm import devices
+from imgrement_dm.changes import (
+    CHANGING_OPS,
+    END,
+    FUA_FLAG,
+    PREFLUSH_FLAG,
+    Change,
+    Changes,
+    ReorderedError,
+    Selection,
+    StopAt,
+)
 from imgrement_dm.errors import IncrementError
 from imgrement_dm.formats import files, qcow2
 from imgrement_dm.formats.capture import CaptureReader
-from imgrement_dm.layout import FLAGS
 from imgrement_dm.output import atomic_output, atomic_path, check_writable
-from imgrement_dm.records import BioRecord, Drop, Item, MarkRecord
 
-FUA_FLAG = next(bit for bit, name in FLAGS.items() if name == "fua")
-PREFLUSH_FLAG = next(bit for bit, name in FLAGS.items() if name == "preflush")
-CHANGING_OPS = {"write", "write-zeroes", "discard", "secure-erase"}
+__all__ = ["CHANGING_OPS", "FUA_FLAG", "PREFLUSH_FLAG", "Extents", "Selection", "StopAt",
+           "apply", "apply_qcow2", "extents", "replay"]
+
 ZERO = bytes(1 << 20)
+#: Bytes read from the capture at a time where the kernel cannot copy them.
+COPY_CHUNK = 1 << 20
+#: How often (in changes) progress is reported.
+PROGRESS_EVERY = 256
+
+T = TypeVar("T")
+Progress = Callable[[int, int], None]
 
 
-@dataclass(frozen=True)
-class StopAt:
-    """Where to stop: at a mark, after the Nth flush or FUA write, or at the end."""
+def _passes(capture: Path, stop: StopAt, *, force: bool, command: str,
+            job: Callable[[CaptureReader, Changes], T]) -> tuple[T, Selection]:
+    """Run ``job`` over the capture's changes in one pass, and again, sorted
+    whole, in the rare capture whose bios outran the reorder horizon
+    (changes.py); returns the job's result and what the pass found.
 
-    mark: str | None = None
-    flush: int | None = None
-    fua: int | None = None
-
-    def describe(self) -> str:
-        if self.mark is not None:
-            return f"mark {self.mark!r}"
-        if self.flush is not None:
-            return f"flush {self.flush}"
-        if self.fua is not None:
-            return f"FUA write {self.fua}"
-        return "the end of the capture"
-
-
-@dataclass
-class Selection:
-    """The records to apply (in completion order) and what was found on the way."""
-
-    changes: list[BioRecord]
-    drops: int
-    failed: int
-    without_data: int
-    reached: bool
-
-
-def select(items: Iterable[Item], stop: StopAt, *,
-           keep_without_data: bool = False) -> Selection:
-    """Changing records up to ``stop``, sorted by completion (then sequence).
-
-    Writes without their data are counted and left out, unless
-    ``keep_without_data`` (for a map of where, not what).
+    The job writes only into a file renamed into place after it returns (or
+    starts its target over), so the second pass starts from nothing.
     """
-    changes: list[BioRecord] = []
-    drops = failed = without_data = flushes = fuas = 0
-    reached = stop == StopAt()
-    for item in items:
-        if isinstance(item, Drop):
-            drops += item.count
-            continue
-        if isinstance(item, MarkRecord):
-            if stop.mark is not None and item.label == stop.mark:
-                reached = True
-                break
-            continue
-        include = item.op_name in CHANGING_OPS
-        if include and item.status != 0:
-            failed += 1  # the device refused it; it changed nothing we can know
-            include = False
-        if include and item.op_name == "write" and not item.has_payload:
-            without_data += 1
-            include = keep_without_data
-        if include:
-            changes.append(item)
-        if item.op_name == "flush" or item.flags & PREFLUSH_FLAG:
-            flushes += 1
-            if stop.flush is not None and flushes == stop.flush:
-                reached = True
-                break
-        if item.op_name == "write" and item.flags & FUA_FLAG:
-            fuas += 1
-            if stop.fua is not None and fuas == stop.fua:
-                reached = True
-                break
-    changes.sort(key=lambda r: (r.complete_ns, r.seq))
-    return Selection(changes, drops, failed, without_data, reached)
-
-
-def _load(capture: Path, stop: StopAt, *, force: bool,
-          command: str) -> tuple[CaptureReader, Selection]:
-    """Validate the whole capture, then select what to apply from it."""
     files.require_capture(capture, command)
-    with CaptureReader(capture) as check:
-        check.validate()
-    reader = CaptureReader(capture)
-    try:
-        sel = select(reader.items(), stop)
-    except BaseException:
-        reader.close()
-        raise
-    if not sel.reached:
-        reader.close()
-        raise IncrementError(f"{capture} has no {stop.describe()}")
-    if sel.drops and not force:
-        reader.close()
-        raise IncrementError(
-            f"{capture} lost {sel.drops} record(s) (the buffer overflowed while recording): "
-            "the result would be wrong. Record again with a larger --buffer-kb, or pass "
-            "--force to apply what is there"
-        )
-    if sel.without_data and not force:
-        reader.close()
-        raise IncrementError(
-            f"{capture} has {sel.without_data} write(s) without their data (recorded in "
-            "capture mode meta): record with capture writes or all"
-        )
-    return reader, sel
+    for exact in (False, True):
+        with CaptureReader(capture) as reader:
+            changes = Changes(reader, stop, force=force, exact=exact)
+            try:
+                result = job(reader, changes)
+            except ReorderedError:
+                continue
+            return result, changes.selection
+    raise AssertionError("the exact pass does not reorder")
 
 
 FICLONE = 0x40049409
@@ -201,27 +139,53 @@ def _zero_range(fd: int, start: int, size: int, device: bool) -> None:
         left -= n_bytes
 
 
-def apply_to_fd(fd: int, changes: list[BioRecord], limit: int,
-                 progress: Callable[[int, int], None] | None) -> None:
+def copy_payload(src: int, at: int, dst: int, to: int, size: int, *,
+                 in_kernel: bool = True) -> bool:
+    """Copy ``size`` bytes at ``at`` in the capture ``src`` to ``to`` in ``dst``:
+    in the kernel (copy_file_range) where it can, else through a 1 MiB buffer.
+    Returns whether the kernel may be asked again (it refuses, e.g., a block
+    device or a copy across file systems on old kernels)."""
+    while size:
+        n = 0
+        if in_kernel:
+            try:
+                n = os.copy_file_range(src, dst, size, at, to)
+            except OSError:  # EXDEV, EINVAL (a device), ENOSYS, ...
+                in_kernel = False
+        if not in_kernel:
+            data = os.pread(src, min(size, COPY_CHUNK), at)
+            n = os.pwrite(dst, data, to) if data else 0
+        if n <= 0:
+            raise IncrementError(f"the capture ended inside a payload (byte {at})")
+        at += n
+        to += n
+        size -= n
+    return in_kernel
+
+
+def apply_to_fd(fd: int, changes: Iterable[Change], source: int, limit: int,
+                progress: Callable[[int], None] | None = None) -> int:
+    """Apply ``changes`` (their payloads read from the capture ``source``) to
+    ``fd``, an image or a device of ``limit`` bytes; returns how many."""
     device = stat.S_ISBLK(os.fstat(fd).st_mode)
-    for n, r in enumerate(changes):
-        start = r.sector * 512
-        if start + r.size > limit:
+    in_kernel = True
+    n = 0
+    for n, c in enumerate(changes, 1):
+        start = c.sector * 512
+        if start + c.size > limit:
             raise IncrementError(
-                f"record {r.seq} writes past the end of the target ({start + r.size} > {limit} "
+                f"record {c.seq} writes past the end of the target ({start + c.size} > {limit} "
                 "bytes): is it the right disk?"
             )
-        if r.op_name == "write":
-            view = r.payload
-            done = 0
-            while done < len(view):
-                done += os.pwrite(fd, view[done:], start + done)
+        if c.op_name == "write":
+            in_kernel = copy_payload(source, c.data_at, fd, start, c.size, in_kernel=in_kernel)
         else:
             # write-zeroes reads back zeros; discard on the disks we trace
             # (QEMU, loop, SSDs with deterministic TRIM) does too.
-            _zero_range(fd, start, r.size, device)
-        if progress and (n % 256 == 0 or n == len(changes) - 1):
-            progress(n + 1, len(changes))
+            _zero_range(fd, start, c.size, device)
+        if progress and n % PROGRESS_EVERY == 0:
+            progress(n)
+    return n
 
 
 def _size_of(fd: int) -> int:
@@ -259,31 +223,46 @@ def too_small(what: Path, size: int, needed: int) -> IncrementError:
     )
 
 
-def apply(base: Path, capture: Path, out: Path, stop: StopAt = StopAt(), *,
-          force: bool = False, progress: Callable[[int, int], None] | None = None) -> Selection:
+def _reporter(reader: CaptureReader,
+              progress: Progress | None) -> Callable[[int], None] | None:
+    """Progress as bytes of the capture read so far, of its size."""
+    if progress is None:
+        return None
+    total = reader.size
+    return lambda _n: progress(reader.position(), total)
+
+
+def apply(base: Path, capture: Path, out: Path, stop: StopAt = END, *,
+          force: bool = False, progress: Progress | None = None) -> Selection:
     """Copy ``base`` to ``out`` and apply the capture up to ``stop``.
 
-    The result is written to a temporary file beside OUT and renamed only
-    when complete (output.py), so an interrupted apply never leaves a
-    half-made image under the final name, a failed one leaves OUT as it was,
-    and OUT may not be BASE or the capture.
+    The capture is read once, front to back (changes.py), and checked on the
+    way: the result is written to a temporary file beside OUT and renamed
+    only when the capture proved whole, so an interrupted or refused apply
+    never leaves a half-made image under the final name, a failed one leaves
+    OUT as it was, and OUT may not be BASE or the capture.
     """
     inputs = (base, capture)
     check_writable(out, inputs=inputs)
-    reader, sel = _load(capture, stop, force=force, command="apply")
-    with reader:
-        check_base(base, reader.sectors * 512)
-        with atomic_path(out, inputs=inputs) as part:
+    files.require_capture(capture, "apply")
+    with atomic_path(out, inputs=inputs) as part:
+        def job(reader: CaptureReader, changes: Changes) -> None:
+            check_base(base, reader.sectors * 512)
             clone(base, part)  # holes stay holes, extents shared where they can be
             fd = os.open(part, os.O_RDWR | os.O_CLOEXEC)
             try:
-                apply_to_fd(fd, sel.changes, _size_of(fd), progress)
+                apply_to_fd(fd, changes, reader.fileno(), _size_of(fd),
+                            _reporter(reader, progress))
             finally:
                 os.close(fd)
+            if progress is not None:
+                progress(reader.size, reader.size)
+
+        _, sel = _passes(capture, stop, force=force, command="apply", job=job)
     return sel
 
 
-def apply_qcow2(base: Path, capture: Path, out: Path, stop: StopAt = StopAt(), *,
+def apply_qcow2(base: Path, capture: Path, out: Path, stop: StopAt = END, *,
                 backing_name: str | None = None,
                 force: bool = False) -> tuple[Selection, int, int]:
     """The increment as a qcow2 overlay on ``base``; returns the selection, the
@@ -295,19 +274,28 @@ def apply_qcow2(base: Path, capture: Path, out: Path, stop: StopAt = StopAt(), *
     """
     inputs = (base, capture)
     check_writable(out, inputs=inputs)
-    reader, sel = _load(capture, stop, force=force, command="apply")
-    with reader:
-        size = reader.sectors * 512
-        check_base(base, size)
-        for r in sel.changes:
-            if r.sector * 512 + r.size > size:
-                raise IncrementError(f"record {r.seq} writes past the end of the traced "
-                                     f"device ({r.sector * 512 + r.size} > {size} bytes)")
-        name = backing_name or str(base.resolve())
-        qcow2.backing_name_bytes(name)  # refused before any work
-        with atomic_output(out, inputs=inputs) as f:
-            stored, zeroed = qcow2.write(f, base, size, sel.changes, name)
+    name = backing_name or str(base.resolve())
+    qcow2.backing_name_bytes(name)  # refused before any work
+    files.require_capture(capture, "apply")
+    with atomic_output(out, inputs=inputs) as f:
+        def job(reader: CaptureReader, changes: Changes) -> tuple[int, int]:
+            size = reader.sectors * 512
+            check_base(base, size)
+            f.seek(0)
+            f.truncate()
+            return qcow2.write(f, base, size, _inside(changes, size), reader.fileno(), name,
+                               scratch=out.resolve().parent)
+
+        (stored, zeroed), sel = _passes(capture, stop, force=force, command="apply", job=job)
     return sel, stored, zeroed
+
+
+def _inside(changes: Iterable[Change], size: int) -> Iterator[Change]:
+    for c in changes:
+        if c.sector * 512 + c.size > size:
+            raise IncrementError(f"record {c.seq} writes past the end of the traced "
+                                 f"device ({c.sector * 512 + c.size} > {size} bytes)")
+        yield c
 
 
 def _open_target(target: Path, needed: int) -> int:
@@ -335,21 +323,32 @@ def _open_target(target: Path, needed: int) -> int:
     return fd
 
 
-def replay(capture: Path, target: Path, stop: StopAt = StopAt(), *, force: bool = False,
-           progress: Callable[[int, int], None] | None = None) -> Selection:
+def replay(capture: Path, target: Path, stop: StopAt = END, *, force: bool = False,
+           progress: Progress | None = None) -> Selection:
     """Write the capture up to ``stop`` onto ``target`` (a device or image) in place.
 
     A block device is refused, as ``wrap`` refuses one, if it is mounted, held
     (dm, md, LVM), swapped on or wrapped, and is held with O_EXCL meanwhile.
+    The one tool that reads the capture twice: a write in place cannot be
+    taken back, so the whole capture is checked (and the stop point found)
+    before the target is opened.
     """
-    reader, sel = _load(capture, stop, force=force, command="replay")
-    with reader:
-        fd = _open_target(target, reader.sectors * 512)
-        try:
-            apply_to_fd(fd, sel.changes, _size_of(fd), progress)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    files.require_capture(capture, "replay")
+    with CaptureReader(capture) as check:
+        for _ in Changes(check, stop, force=force, ordered=False):
+            pass
+        needed = check.sectors * 512
+    fd = _open_target(target, needed)
+    try:
+        def job(reader: CaptureReader, changes: Changes) -> None:
+            apply_to_fd(fd, changes, reader.fileno(), _size_of(fd), _reporter(reader, progress))
+            if progress is not None:
+                progress(reader.size, reader.size)
+
+        _, sel = _passes(capture, stop, force=force, command="replay", job=job)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     return sel
 
 
@@ -363,8 +362,35 @@ class Extents:
     size: int  # bytes of the traced device (what qemu_map covers)
 
 
-def extents(capture: Path, stop: StopAt = StopAt(), *, force: bool = False) -> Extents:
-    """Changed ranges up to ``stop``.
+class ExtentSet:
+    """Disjoint, sorted sector ranges; adding one merges it with those it
+    touches. Its memory is the map's (two 8-byte numbers an extent), not the
+    capture's: a whole disk written once is one extent."""
+
+    def __init__(self) -> None:
+        self.starts: array[int] = array("q")
+        self.ends: array[int] = array("q")
+
+    def add(self, a: int, b: int) -> None:
+        """Add sectors [a, b)."""
+        starts, ends = self.starts, self.ends
+        if not ends or a > ends[-1]:  # past the end: the common, sequential case
+            starts.append(a)
+            ends.append(b)
+            return
+        i = bisect_left(ends, a)  # the first that ends at or after a (touching merges)
+        j = bisect_right(starts, b)  # past the last that starts at or before b
+        if i < j:
+            a, b = min(a, starts[i]), max(b, ends[j - 1])
+        starts[i:j] = array("q", [a])
+        ends[i:j] = array("q", [b])
+
+    def spans(self) -> list[tuple[int, int]]:
+        return [(a, b - a) for a, b in zip(self.starts, self.ends)]
+
+
+def extents(capture: Path, stop: StopAt = END, *, force: bool = False) -> Extents:
+    """Changed ranges up to ``stop``, read in one pass in bounded memory.
 
     A capture that lost records is refused unless ``force``: the map would
     silently miss blocks, which is what an incremental backup must not do.
@@ -372,27 +398,16 @@ def extents(capture: Path, stop: StopAt = StopAt(), *, force: bool = False) -> E
     needs where, not what.
     """
     files.require_capture(capture, "diff")
-    with CaptureReader(capture) as check:
-        check.validate()
+    found = ExtentSet()
     with CaptureReader(capture) as reader:
-        sel = select(reader.items(), stop, keep_without_data=True)
+        changes = Changes(reader, stop, force=force, keep_without_data=True, ordered=False,
+                          loss="the changed-block map would miss blocks")
+        for c in changes:
+            if c.size >= 512:
+                found.add(c.sector, c.end)
+        sel = changes.selection
         size = reader.sectors * 512
-        if not sel.reached:
-            raise IncrementError(f"{capture} has no {stop.describe()}")
-    if sel.drops and not force:
-        raise IncrementError(
-            f"{capture} lost {sel.drops} record(s) (the buffer overflowed while recording): "
-            "the changed-block map would miss blocks. Record again with a larger "
-            "--buffer-kb, or pass --force for the extents it has"
-        )
-    spans = sorted((r.sector, r.sector + r.sectors) for r in sel.changes if r.sectors)
-    merged: list[list[int]] = []
-    for a, b in spans:
-        if merged and a <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], b)
-        else:
-            merged.append([a, b])
-    return Extents([(a, b - a) for a, b in merged], sel.drops, sel.without_data, size)
+    return Extents(found.spans(), sel.drops, sel.without_data, size)
 
 
 def qemu_map(spans: list[tuple[int, int]], size: int) -> list[dict[str, object]]:

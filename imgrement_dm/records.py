@@ -144,6 +144,11 @@ class BioRecord:
         ]
 
     @property
+    def payload_start(self) -> int:
+        """Where the payload starts in the bytes the record was decoded from."""
+        return self._parts_end() - int(self.payload_len)
+
+    @property
     def payload(self) -> memoryview:
         """The data (empty unless :attr:`has_payload`); a view, not a copy."""
         end = self._parts_end()

@@ -164,6 +164,10 @@ class CaptureReader:
         self.sectors = sectors
         self.started_ns = started
         self.info: CaptureInfo | None = None
+        #: The file offset of the chunk whose records :meth:`items` is
+        #: yielding: with :attr:`BioRecord.payload_start`, where a payload is
+        #: in the file, for tools that read it again instead of keeping it.
+        self.chunk_at = 0
 
     def close(self) -> None:
         self._f.close()
@@ -200,6 +204,7 @@ class CaptureReader:
                     # checked before reading: a damaged length must not make
                     # us allocate gigabytes for a file that does not hold them
                     raise self._fail("truncated", chunks, records)
+                self.chunk_at = self._f.tell()
                 raw = self._f.read(length)
                 if len(raw) < length:
                     raise self._fail("truncated", chunks, records)
@@ -245,6 +250,19 @@ class CaptureReader:
                                  chunks, records)
             else:
                 raise self._fail("corrupted (unknown chunk tag)", chunks, records)
+
+    @property
+    def size(self) -> int:
+        """The capture file's size in bytes."""
+        return self._size
+
+    def position(self) -> int:
+        """Bytes read so far (for progress)."""
+        return self._f.tell()
+
+    def fileno(self) -> int:
+        """The capture's descriptor, for reading payloads again by offset."""
+        return self._f.fileno()
 
     def validate(self) -> CaptureInfo:
         """Read the whole file, checking every checksum and the trailer."""
