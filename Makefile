@@ -142,6 +142,16 @@ bench: all
 	$(BIN)/imgrement-dm sandbox --kernel $(KERNEL) --disk 1G --disk 8G --disk 8G --memory 8G \
 		--append "$(BENCH_APPEND)" --results build/bench -- python tests/bench/guest_bench.py $(BENCH_ONLY)
 	$(BIN)/python tests/bench/report.py build/bench docs/benchmarks.md
+	$(MAKE) bench-scale
+
+# The capture tools at scale, on the host (tests/bench/scale.py): captures of
+# 1, 2, 4 and 8 GiB (SCALE_GIB) applied, replayed, diffed and exported, time
+# and peak RSS each, against cp; crashcheck's listing of 1,000 to 100,000
+# fsynced writes. About 20 GB of scratch space in build/bench/scale-work.
+SCALE_GIB ?= 1 2 4 8
+bench-scale: all
+	mkdir -p build/bench
+	$(BIN)/python tests/bench/scale.py build/bench docs/benchmarks.md $(SCALE_GIB)
 
 bench-peers:
 	$(MAKE) bench BENCH_ONLY=peers
@@ -216,4 +226,4 @@ clean:
 distclean: clean
 	rm -rf $(VENV)
 
-.PHONY: deb test-deb test-canary demo-crash all lint test test-host test-system test-guest test-debug bench bench-peers demo install uninstall clean distclean
+.PHONY: deb test-deb test-canary demo-crash all lint test test-host test-system test-guest test-debug bench bench-scale bench-peers demo install uninstall clean distclean

@@ -33,7 +33,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from imgrement_dm.errors import IncrementError
 from imgrement_dm.formats.capture import CaptureReader
@@ -46,6 +46,8 @@ CHANGING_OPS = frozenset({"write", "write-zeroes", "discard", "secure-erase"})
 #: How long (submit time, ns) a completed change waits for earlier-completing
 #: ones that were submitted after it.
 HORIZON_NS = 1_000_000_000
+
+E = TypeVar("E", bound="tuple[Any, ...]")
 
 
 class Change(NamedTuple):
@@ -115,6 +117,44 @@ class ReorderedError(Exception):
     """A change completed before one already released (see the module's doc)."""
 
 
+class Reorder(Generic[E]):
+    """Tuples ordered by time (their first element) and what breaks ties, put out
+    in order once nothing read later can come before them (the horizon of
+    the module's doc); ``exact`` keeps them all and sorts at the end."""
+
+    def __init__(self, *, exact: bool = False) -> None:
+        self.exact = exact
+        self._heap: list[E] = []
+        self._last: E | None = None
+
+    def push(self, item: E) -> None:
+        if self.exact:
+            self._heap.append(item)
+            return
+        if self._last is not None and item < self._last:
+            raise ReorderedError(f"{item} came after {self._last} had gone out")
+        heapq.heappush(self._heap, item)
+
+    def release(self, newest: int) -> Iterator[E]:
+        """What may go out, now that a record submitted at ``newest`` was read."""
+        heap = self._heap
+        if self.exact:
+            return
+        while heap and heap[0][0] < newest - HORIZON_NS:
+            self._last = heapq.heappop(heap)
+            yield self._last
+
+    def drain(self) -> Iterator[E]:
+        """Everything left, in order (at the end of the capture)."""
+        if self.exact:
+            self._heap.sort()
+            yield from self._heap
+        else:
+            while self._heap:
+                yield heapq.heappop(self._heap)
+        self._heap = []
+
+
 class Changes:
     """Iterate the changes of ``reader`` up to ``stop``, in completion order.
 
@@ -143,8 +183,7 @@ class Changes:
         sel = self.selection
         stop = self.stop
         flushes = fuas = 0
-        heap: list[Change] = []
-        last: Change | None = None
+        order: Reorder[Change] = Reorder(exact=self.exact)
         newest = -(1 << 62)  # the latest submit time seen
         done = False
         reader = self.reader
@@ -168,21 +207,14 @@ class Changes:
                 include = self.keep_without_data
             if include:
                 c = change_of(item, reader.chunk_at)
-                if not self.ordered:
-                    yield c
-                elif self.exact:
-                    heap.append(c)
+                if self.ordered:
+                    order.push(c)
                 else:
-                    if last is not None and c < last:
-                        raise ReorderedError(f"record {c.seq} completed before record {last.seq}, "
-                                        "which was applied already")
-                    heapq.heappush(heap, c)
+                    yield c
                 sel.applied += 1
             if item.submit_ns > newest:
                 newest = item.submit_ns
-                while heap and not self.exact and heap[0].complete_ns < newest - HORIZON_NS:
-                    last = heapq.heappop(heap)
-                    yield last
+                yield from order.release(newest)
             if op == "flush" or item.flags & PREFLUSH_FLAG:
                 flushes += 1
                 if stop.flush is not None and flushes == stop.flush:
@@ -192,12 +224,7 @@ class Changes:
                 if stop.fua is not None and fuas == stop.fua:
                     sel.reached = done = True
         self._refuse()
-        if self.exact:
-            heap.sort()
-            yield from heap
-        else:
-            while heap:
-                yield heapq.heappop(heap)
+        yield from order.drain()
 
     def _refuse(self) -> None:
         sel, path = self.selection, self.reader.path

@@ -410,6 +410,15 @@ def peer_goals(peers: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, An
     return out
 
 
+def _scale_section(doc: Path) -> str:
+    """The page's section that tests/bench/scale.py writes, kept as it is."""
+    text = doc.read_text() if doc.exists() else ""
+    begin, end = "<!-- scale:begin -->", "<!-- scale:end -->"
+    if begin not in text or end not in text:
+        return ""
+    return "\n" + text[text.index(begin):text.index(end) + len(end)] + "\n"
+
+
 def main(argv: list[str]) -> int:
     out = Path(argv[0])
     doc = Path(argv[1])
@@ -431,7 +440,7 @@ def main(argv: list[str]) -> int:
     if stream.exists():
         res["decoder"] = decoder_rate(stream)
     (out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
-    doc.write_text(markdown(res))
+    doc.write_text(markdown(res) + _scale_section(doc))
     print(doc.read_text())
     return 0
 

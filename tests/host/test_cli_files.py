@@ -284,7 +284,7 @@ def test_export_each_format(files: dict[str, Path]) -> None:
     assert r.stdout.strip() == (f"{d / 'bt.blktrace.0'}: 4 bios; read it with "
                                 f"'blkparse -i {d / 'bt'}'")
     _fails(run("export", files["gap"], "--format", "log-writes", "-o", files["old"]), 11,
-           "4 drops", "must hold every write")
+           "lost 4 record(s)", "must hold every write")
     _fails(run("export", files["cap"], "--format", "blktrace", "--device", "x", "-o",
                d / "bt2"), 2, "is not major:minor")
     _untouched(files["old"])

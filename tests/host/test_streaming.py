@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import random
 import subprocess
@@ -25,6 +26,7 @@ import pytest
 
 from imgrement_dm import changes, increment, layout
 from imgrement_dm import crashcheck as crash
+from imgrement_dm.formats import export
 from imgrement_dm.formats.capture import CaptureReader, write_capture
 from imgrement_dm.records import BioRecord
 from tests.host import streams
@@ -105,6 +107,7 @@ def test_a_capture_five_times_the_address_space_is_applied_exactly(tmp_path: Pat
     base, cap, want, slots = _big_case(tmp_path)
     assert cap.stat().st_size > 5 * LIMIT
     out, ovl, rep = tmp_path / "out.img", tmp_path / "out.qcow2", tmp_path / "rep.img"
+    lw, bt = tmp_path / "out.lw", tmp_path / "bt.blktrace.0"
     with rep.open("wb") as dst:  # a copy of BASE to replay onto
         dst.write(b"\x5a" * MIB)
         dst.truncate(1 << 30)
@@ -116,6 +119,9 @@ def test_a_capture_five_times_the_address_space_is_applied_exactly(tmp_path: Pat
         f"Path({str(ovl)!r}))\n"
         f"increment.replay(Path({str(cap)!r}), Path({str(rep)!r}))\n"
         f"e = increment.extents(Path({str(cap)!r}))\n"
+        "from imgrement_dm.formats import export\n"
+        f"export.export_capture(Path({str(cap)!r}), 'log-writes', Path({str(lw)!r}))\n"
+        f"export.export_capture(Path({str(cap)!r}), 'blktrace', Path({str(bt)!r}))\n"
         "print(sel.applied, q[1], q[2], len(e.spans), e.spans[0])\n")
     assert r.returncode == 0, r.stderr[-3000:]
     applied, stored, zeroed, spans, first = r.stdout.split("\n")[0].split(" ", 4)
@@ -125,6 +131,12 @@ def test_a_capture_five_times_the_address_space_is_applied_exactly(tmp_path: Pat
     conv = tmp_path / "conv.img"
     subprocess.run(["qemu-img", "convert", "-O", "raw", str(ovl), str(conv)], check=True)
     assert _sha(conv) == want
+    # the log holds every write's data: its size is the capture's data, plus
+    # a sector per entry (the writes, discards and the super block and end mark)
+    discards = len(range(0, CAPTURE_WRITES, 97))
+    writes = CAPTURE_WRITES - discards
+    assert lw.stat().st_size == writes * MIB + (CAPTURE_WRITES + 2) * 512
+    assert bt.stat().st_size == 2 * CAPTURE_WRITES * 48 + 48 + 16  # Q, C; one process note
     # every changed MiB is 16 clusters, stored or (discarded last) marked zero
     assert int(stored) + int(zeroed) == 16 * len(slots)
     runs = sum(1 for s in slots if s - 1 not in slots)
@@ -222,7 +234,7 @@ def test_a_capture_that_breaks_the_horizon_is_sorted_whole(tmp_path: Path,
     ], per_chunk=1)
     base = tmp_path / "zero.img"
     base.write_bytes(bytes(64 * 512))
-    with CaptureReader(cap) as r, pytest.raises(changes.ReorderedError, match="record 2"):
+    with CaptureReader(cap) as r, pytest.raises(changes.ReorderedError, match="seq=2"):
         list(changes.Changes(r))
     out = tmp_path / "o.img"
     increment.apply(base, cap, out)
@@ -232,6 +244,25 @@ def test_a_capture_that_breaks_the_horizon_is_sorted_whole(tmp_path: Path,
     rep.write_bytes(bytes(64 * 512))
     increment.replay(cap, rep)
     assert rep.read_bytes() == data
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_exports_out_of_the_heap_are_the_sorted_ones(tmp_path: Path, seed: int) -> None:
+    """blktrace and log-writes, released from the heap as the capture is read,
+    are byte for byte what sorting every event first writes."""
+    cap = tmp_path / "r.cap"
+    _random_capture(cap, seed, 400)
+    for fmt in ("blktrace", "log-writes"):
+        outs = []
+        for exact in (False, True):
+            buf = io.BytesIO()
+            with CaptureReader(cap) as r:
+                if fmt == "blktrace":
+                    export.blktrace(r.items(), buf, (253, 0), exact=exact)
+                else:
+                    export.log_writes(r, buf, exact=exact)
+            outs.append(buf.getvalue())
+        assert outs[0] == outs[1] and len(outs[0]) > 400 * 48, fmt
 
 
 # -- crashcheck's listing ----------------------------------------------------------

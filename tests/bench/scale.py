@@ -1,0 +1,291 @@
+"""The capture tools at scale, on the host: time and peak memory against the
+capture's size, throughput against cp, and crashcheck's listing.
+
+    python tests/bench/scale.py build/bench docs/benchmarks.md [GiB ...]
+
+For each size (1, 2, 4 and 8 GiB unless given) a capture of mixed writes
+(4 KiB to 1 MiB), flushes, FUA writes, discards and marks over a 16 GiB
+sparse base is made with the package's own capture writer; then each tool
+runs in a process of its own, which reports its peak RSS, beside `cp` of
+the capture on the same file system. crashcheck lists captures of 1,000,
+10,000 and 100,000 fsynced writes, and checks the 1,000-write one with
+`true`, each state's check noting how many bytes its image holds.
+Results go to OUT/scale.json and to the page, between its scale markers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from imgrement_dm import layout  # noqa: E402
+from imgrement_dm.formats.capture import write_capture  # noqa: E402
+from tests.host import streams  # noqa: E402
+
+GIB = 1 << 30
+MIB = 1 << 20
+BASE_SIZE = 16 * GIB
+BEGIN, END = "<!-- scale:begin -->", "<!-- scale:end -->"
+OP = {name: code for code, name in layout.OPS.items()}
+BIT = {name: bit for bit, name in layout.FLAGS.items()}
+#: Each tool as run in its own process; {cap}, {base}, {out} filled in.
+TOOLS = {
+    "apply raw": "increment.apply(Path(base), Path(cap), Path(out + '.img'))",
+    "apply qcow2": "increment.apply_qcow2(Path(base), Path(cap), Path(out + '.qcow2'))",
+    "replay": "increment.replay(Path(cap), Path(out + '.target'))",
+    "diff": "increment.extents(Path(cap))",
+    "export log-writes": "export.export_capture(Path(cap), 'log-writes', Path(out + '.lw'))",
+    "export blktrace": "export.export_capture(Path(cap), 'blktrace', Path(out + '.bt'))",
+    "export jsonl": "export.export_capture(Path(cap), 'jsonl', Path(out + '.jsonl'))",
+}
+_PRELUDE = """
+import json, resource, sys, time
+from pathlib import Path
+from imgrement_dm import increment, crashcheck
+from imgrement_dm.formats import export
+cap, base, out = sys.argv[1:4]
+t0 = time.monotonic()
+"""
+_CODA = """
+print(json.dumps({"s": time.monotonic() - t0,
+                  "rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def make_capture(path: Path, size: int, seed: int = 29) -> dict[str, int]:
+    """About ``size`` bytes of write data: 4 KiB-1 MiB writes at random places,
+    a flush every 16 writes, every 8th write FUA, a 4 MiB discard every 64, a
+    mark every 256; completion up to 5 ms after submission, so bios overlap."""
+    rng = random.Random(seed)
+    pool = os.urandom(2 * MIB)
+    counts = {"writes": 0, "bytes": 0, "flushes": 0, "discards": 0, "marks": 0}
+    seq, t = 0, 0
+    chunk: list[bytes] = []
+    held = 0
+    with write_capture(path, "traced", BASE_SIZE // 512) as w:
+        while counts["bytes"] < size:
+            t += rng.randrange(1000, 50_000)
+            n = 4096 << rng.randrange(9)  # 4 KiB .. 1 MiB
+            sector = rng.randrange((BASE_SIZE - n) // 4096) * 8
+            at = rng.randrange(MIB)
+            flags = BIT["fua"] if counts["writes"] % 8 == 7 else 0
+            rec = streams.bio(seq, sector=sector, op=OP["write"], flags=flags,
+                              payload=pool[at:at + n], submit_ns=t,
+                              complete_ns=t + rng.randrange(5_000_000))
+            counts["writes"] += 1
+            counts["bytes"] += n
+            seq += 1
+            extra = []
+            if counts["writes"] % 16 == 0:
+                extra.append(streams.bio(seq, op=OP["flush"], flags=BIT["preflush"],
+                                         submit_ns=t + 1, complete_ns=t + 2_000_000))
+                counts["flushes"] += 1
+                seq += 1
+            if counts["writes"] % 64 == 0:
+                extra.append(streams.bio(seq, sector=rng.randrange(BASE_SIZE // 512 - 8192),
+                                         op=OP["discard"], size=4 * MIB, submit_ns=t + 2,
+                                         complete_ns=t + 1_000_000))
+                counts["discards"] += 1
+                seq += 1
+            if counts["writes"] % 256 == 0:
+                extra.append(streams.mark(seq, f"m{seq}", time_ns=t + 3))
+                counts["marks"] += 1
+                seq += 1
+            for r in (rec, *extra):
+                chunk.append(r)
+                held += len(r)
+            if held >= 4 * MIB:
+                w.add(b"".join(chunk))
+                chunk, held = [], 0
+        if chunk:
+            w.add(b"".join(chunk))
+    return counts
+
+
+def fsync_capture(path: Path, writes: int) -> None:
+    """``writes`` 4 KiB writes over 50,000 blocks, each followed by a flush."""
+    with write_capture(path, "traced", 50_000 * 8) as w:
+        chunk = []
+        for i in range(writes):
+            t = i * 1000
+            chunk.append(streams.bio(2 * i, sector=(i % 50_000) * 8, op=OP["write"],
+                                     payload=i.to_bytes(8, "little") * 512, submit_ns=t,
+                                     complete_ns=t + 100))
+            chunk.append(streams.bio(2 * i + 1, op=OP["flush"], flags=BIT["preflush"],
+                                     submit_ns=t + 200, complete_ns=t + 300))
+            if len(chunk) >= 1024:
+                w.add(b"".join(chunk))
+                chunk = []
+        if chunk:
+            w.add(b"".join(chunk))
+
+
+def run_tool(code: str, cap: Path, base: Path, out: Path) -> dict[str, float]:
+    r = subprocess.run([sys.executable, "-c", _PRELUDE + code + _CODA, str(cap), str(base),
+                        str(out)], capture_output=True, text=True, cwd=ROOT, check=False)
+    if r.returncode:
+        raise SystemExit(f"{code} failed: {r.stderr[-2000:]}")
+    res: dict[str, float] = json.loads(r.stdout.strip().splitlines()[-1])
+    return res
+
+
+def _cp_seconds(src: Path, dst: Path) -> float:
+    t0 = time.monotonic()
+    subprocess.run(["cp", "--sparse=never", "--reflink=never", str(src), str(dst)],
+                   check=True)
+    os.sync()
+    s = time.monotonic() - t0
+    dst.unlink()
+    return s
+
+
+def _clean(work: Path) -> None:
+    for p in work.glob("out.*"):
+        p.unlink()
+
+
+def scale(work: Path, sizes: list[float]) -> dict[str, Any]:
+    base = work / "base.img"
+    with base.open("wb") as f:
+        f.truncate(BASE_SIZE)
+    idle = run_tool("pass", base, base, work / "none")
+    out: dict[str, Any] = {"interpreter_rss_kib": idle["rss_kib"], "sizes": {}}
+    for gib in sizes:
+        cap = work / "scale.cap"
+        t0 = time.monotonic()
+        counts = make_capture(cap, int(gib * GIB))
+        made = time.monotonic() - t0
+        os.sync()
+        cp = _cp_seconds(cap, work / "copy")
+        row: dict[str, Any] = {"capture_bytes": cap.stat().st_size, "records": counts,
+                               "generate_s": round(made, 1), "cp_s": round(cp, 2), "tools": {}}
+        for name, code in TOOLS.items():
+            target = work / "out.target"
+            if name == "replay":
+                with target.open("wb") as f:
+                    f.truncate(BASE_SIZE)
+            res = run_tool(code, cap, base, work / "out")
+            os.sync()
+            row["tools"][name] = {"s": round(res["s"], 2), "rss_kib": int(res["rss_kib"]),
+                                  "vs_cp": round(cp / res["s"], 3)}
+            print(f"{gib} GiB {name}: {res['s']:.1f} s, {res['rss_kib'] // 1024} MiB, "
+                  f"{cp / res['s']:.2f}x cp", flush=True)
+            _clean(work)
+        out["sizes"][str(gib)] = row
+        cap.unlink()
+    return out
+
+
+def listing(work: Path, counts: list[int]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for n in counts:
+        cap = work / f"fsync-{n}.cap"
+        fsync_capture(cap, n)
+        res = run_tool("b, _ = crashcheck.load(Path(cap))\n"
+                       "u = crashcheck.unique_states(b, limit=None)\n"
+                       "print(len(b), len(u.states))", cap, cap, work / "none")
+        out[str(n)] = {"s": round(res["s"], 2), "rss_kib": int(res["rss_kib"])}
+        print(f"crashcheck listing {n}: {res['s']:.1f} s, {res['rss_kib'] // 1024} MiB",
+              flush=True)
+        if n != counts[0]:
+            cap.unlink()
+    # checking: 1,000 states with `true`, each noting its image's allocated bytes
+    n = counts[0]
+    cap = work / f"fsync-{n}.cap"
+    base = work / "check-base.img"
+    with base.open("wb") as f:
+        f.truncate(50_000 * 4096)
+        f.write(os.urandom(64 * MIB))  # BASE holds 64 MiB of data
+    notes = work / "blocks.txt"
+    notes.unlink(missing_ok=True)
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "imgrement_dm.cli", "crashcheck", str(cap),
+                        str(base), "-j", "2", "--workdir", str(work / "states"), "--",
+                        "sh", "-c", f'stat -c %b "$1" >> {notes}', "-", "{}"],
+                       capture_output=True, text=True, cwd=ROOT, check=False)
+    took = time.monotonic() - t0
+    if r.returncode:
+        raise SystemExit(f"crashcheck failed: {r.stderr[-2000:]}")
+    blocks = [int(x) * 512 for x in notes.read_text().split()]
+    out["check"] = {"states": len(blocks), "s": round(took, 1),
+                    "bytes_per_state": sum(blocks) // len(blocks),
+                    "changed_bytes_per_state_max": n * 4096,
+                    "base_data_bytes": 64 * MIB}
+    print(f"crashcheck check {len(blocks)} states: {took:.0f} s, "
+          f"{out['check']['bytes_per_state'] // MIB} MiB per state", flush=True)
+    shutil.rmtree(work / "states", ignore_errors=True)
+    cap.unlink()
+    base.unlink()
+    return out
+
+
+def markdown(res: dict[str, Any]) -> str:
+    idle = res["scale"]["interpreter_rss_kib"] // 1024
+    sizes = res["scale"]["sizes"]
+    lines = [BEGIN, "## The tools at scale (host)", "",
+             "`make bench-scale` (tests/bench/scale.py), on the host's own file system "
+             f"({res['fs']}): captures of mixed 4 KiB-1 MiB writes, flushes, FUA writes, "
+             "discards and marks over a 16 GiB sparse base, made with the package's capture "
+             "writer; each tool in a process of its own. Peak RSS is the process's maximum "
+             f"resident set; the interpreter with the package imported is {idle} MiB. "
+             "\"x cp\" is `cp` of the same capture on the same file system (seconds) over the "
+             "tool's seconds: at least 0.5 is the goal.", "",
+             "| tool | " + " | ".join(f"{s} GiB: s / MiB / x cp" for s in sizes) + " |",
+             "| --- |" + " --- |" * len(sizes)]
+    for name in TOOLS:
+        cells = []
+        for s in sizes:
+            t = sizes[s]["tools"][name]
+            cells.append(f"{t['s']} / {t['rss_kib'] // 1024} / {t['vs_cp']}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("| cp (seconds) | " + " | ".join(str(sizes[s]["cp_s"]) for s in sizes) + " |")
+    lst = res["listing"]
+    lines += ["", "crashcheck, on captures of N 4 KiB writes each followed by a flush "
+              "(the listing: boundaries and distinct states, nothing checked):", "",
+              "| writes | listing s | peak RSS MiB |", "| --- | --- | --- |"]
+    for n, v in lst.items():
+        if n != "check":
+            lines.append(f"| {int(n):,} | {v['s']} | {v['rss_kib'] // 1024} |")
+    c = lst["check"]
+    lines += ["", f"Checking the {c['states']:,} states of the 1,000-write capture with a "
+              f"check that only notes its image's size took {c['s']} s (-j 2); each state's "
+              f"image held {c['bytes_per_state'] // MIB} MiB, BASE's "
+              f"{c['base_data_bytes'] // MIB} MiB of data included (the capture's changes "
+              f"are at most {c['changed_bytes_per_state_max'] // MIB} MiB).", "", END]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    out, doc = Path(argv[0]), Path(argv[1])
+    sizes = [float(x) for x in argv[2:]] or [1, 2, 4, 8]
+    counts = [int(x) for x in os.environ.get("SCALE_LISTING", "1000 10000 100000").split()]
+    work = out / "scale-work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    fs = subprocess.run(["stat", "-f", "-c", "%T", str(work)], capture_output=True,
+                        text=True, check=False).stdout.strip()
+    res = {"fs": fs, "scale": scale(work, sizes), "listing": listing(work, counts)}
+    shutil.rmtree(work, ignore_errors=True)
+    (out / "scale.json").write_text(json.dumps(res, indent=1) + "\n")
+    text = doc.read_text() if doc.exists() else ""
+    section = markdown(res)
+    if BEGIN in text and END in text:
+        text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END) + 1:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    doc.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
