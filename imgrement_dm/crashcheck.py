@@ -34,7 +34,7 @@ import time
 from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -498,20 +498,28 @@ def _end(proc: subprocess.Popen[str], sig: int) -> tuple[str, str]:
         return proc.communicate()
 
 
+def image_path(workdir: Path, state: State) -> Path:
+    """Where the state's image is made (and kept, if it fails and is to be)."""
+    return workdir / f"state-{state.id.replace(':', '-').replace(',', '_')}.img"
+
+
 def run_check(state: State, base: Path, size: int, check: Sequence[str], workdir: Path,
               keep: bool, *, timeout: float | None = None,
-              stop: threading.Event | None = None) -> Result | None:
-    """Build the state, run CHECK on it ({} is its path, also in $IMGREMENT_STATE, and
-    its id in $IMGREMENT_STATE_ID), and remove it unless it failed and is to be kept.
+              stop: threading.Event | None = None, built: bool = False) -> Result | None:
+    """Build the state (unless ``built``: its image is made), run CHECK on it
+    ({} is its path, also in $IMGREMENT_STATE, and its id in
+    $IMGREMENT_STATE_ID), and remove it unless it failed and is to be kept.
 
     A check that runs past ``timeout`` seconds is killed (its process group)
     and fails as timed out.  Once ``stop`` is set, the check is ended and
     None returned: the state was not decided.  The check runs in a session of
     its own, so a Ctrl-C at the terminal reaches crashcheck, which ends it."""
+    img = image_path(workdir, state)
     if stop is not None and stop.is_set():
+        img.unlink(missing_ok=True)
         return None
-    img = workdir / f"state-{state.id.replace(':', '-').replace(',', '_')}.img"
-    build(state, base, img, size)
+    if not built:
+        build(state, base, img, size)
     argv = [a.replace("{}", str(img)) for a in check]
     try:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -565,25 +573,98 @@ def _workdir(where: Path | None, base: Path) -> Iterator[Path]:
             shutil.rmtree(d, ignore_errors=True)
 
 
+class _Builder:
+    """States built by difference, in boundary order.
+
+    One image of the durable writes is kept in the work folder and moved
+    forward as the boundaries go (a boundary's durable writes are a prefix
+    of the completion order, longer at each), so each state costs a copy of
+    that image (a reflink where the file system shares extents: btrfs, XFS)
+    plus its own tail, never all its writes again from BASE.
+    """
+
+    def __init__(self, base: Path, size: int, workdir: Path) -> None:
+        self.base, self.size = base, size
+        self.path = workdir / "durable.img"
+        increment.check_base(base, size)
+        clone(base, self.path)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        self.at = 0
+        self.sources: dict[Path, int] = {}
+
+    def _source(self, capture: Path) -> int:
+        if capture not in self.sources:
+            try:
+                self.sources[capture] = os.open(capture, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                raise CrashCheckError(f"cannot read {capture}: {e.strerror}") from None
+        return self.sources[capture]
+
+    def build(self, state: State, dest: Path) -> None:
+        b = state.boundary
+        prefix = b.upto - len(b.tail)
+        if prefix < self.at:  # not in boundary order: from BASE
+            build(state, self.base, dest, self.size)
+            return
+        source = self._source(b.listing.capture)
+        increment.apply_to_fd(self.fd, b.listing.writes[self.at:prefix], source, self.size)
+        self.at = prefix
+        clone(self.path, dest)
+        writes = state.writes()[prefix:]
+        if writes:
+            fd = os.open(dest, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                increment.apply_to_fd(fd, writes, source, self.size)
+            finally:
+                os.close(fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        for fd in self.sources.values():
+            os.close(fd)
+        self.path.unlink(missing_ok=True)
+
+
 def check_all(todo: Sequence[State], base: Path, size: int, check: Sequence[str], *,
               jobs: int, workdir: Path | None = None, keep_failing: bool = False,
               report: Callable[[Result], None] | None = None, timeout: float | None = None,
               stop: threading.Event | None = None) -> list[Result]:
     """Run CHECK on every state, ``jobs`` at a time; results in state order.
-    Once ``stop`` is set, running checks are ended and no more start: the
-    results are those decided so far."""
-    with _workdir(workdir, base) as wd, ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(run_check, st, base, size, check, wd, keep_failing,
-                               timeout=timeout, stop=stop)
-                   for st in todo]
-        results = []
-        for f in futures:
-            r = f.result()
+
+    The states are built here, one after another (:class:`_Builder`), at
+    most ``jobs`` ahead of the checks that finished, and checked in the
+    pool. Once ``stop`` is set, running checks are ended and no more start:
+    the results are those decided so far."""
+    results: list[Result] = []
+    pending: deque[Future[Result | None]] = deque()
+
+    def collect(block: bool) -> None:
+        while pending and (block or pending[0].done()):
+            r = pending.popleft().result()
             if r is None:
                 continue
             if report:
                 report(r)
             results.append(r)
+
+    with _workdir(workdir, base) as wd, ThreadPoolExecutor(max_workers=jobs) as pool:
+        builder = _Builder(base, size, wd) if todo else None
+        try:
+            for st in todo:
+                while len(pending) >= jobs and not (stop is not None and stop.is_set()):
+                    wait(list(pending), timeout=_POLL, return_when=FIRST_COMPLETED)
+                    collect(block=False)
+                if stop is not None and stop.is_set():
+                    break
+                assert builder is not None
+                builder.build(st, image_path(wd, st))
+                pending.append(pool.submit(run_check, st, base, size, check, wd, keep_failing,
+                                           timeout=timeout, stop=stop, built=True))
+                collect(block=False)
+        finally:
+            if builder is not None:
+                builder.close()
+            collect(block=True)
         return results
 
 
