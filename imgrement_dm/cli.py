@@ -607,8 +607,14 @@ def crashcheck(capture_file: Path, base: Path, check: tuple[str, ...], max_state
     from imgrement_dm import render
 
     bounds, size = crash.crash_boundaries(capture_file, base)
+    tty = sys.stderr.isatty()
+    seen = {"checked": 0, "failed": 0}
 
     def show(r: crash.Result) -> None:
+        seen["checked"] += 1
+        seen["failed"] += not r.passed
+        if tty:  # a progress line on a terminal; the summary replaces it
+            click.echo("\r\033[K", err=True, nl=False)
         if as_json:
             click.echo(render.dumps({"state": r.state.id, "boundary": r.state.boundary.index,
                                      "kind": r.state.boundary.kind,
@@ -620,6 +626,9 @@ def crashcheck(capture_file: Path, base: Path, check: tuple[str, ...], max_state
             last = r.output.splitlines()[-1] if r.output else ""
             how = f"timed out after {timeout:g} s" if r.timed_out else f"exit {r.code}"
             click.echo(f"FAIL {r.state.describe()}: {how}: {last}")
+        if tty:
+            click.echo(f"crashcheck: {seen['checked']} states checked, {seen['failed']} "
+                       "failed", err=True, nl=False)
 
     if bisect:
         first = crash.bisect(bounds, base, size, check, workdir=workdir, report=show)
@@ -635,6 +644,8 @@ def crashcheck(capture_file: Path, base: Path, check: tuple[str, ...], max_state
                                       exhaustive=exhaustive, jobs=jobs, workdir=workdir,
                                       keep_failing=keep_failing, timeout=timeout,
                                       stop=stop.event, report=show)
+    if tty:
+        click.echo("\r\033[K", err=True, nl=False)
     click.echo(summary.describe(interrupted_by=stop.signum), err=True)
     if summary.kept:
         click.echo(f"failing states' images kept in {', '.join(summary.kept)}", err=True)
