@@ -35,7 +35,7 @@ from imgrement_dm.changes import (
 from imgrement_dm.errors import IncrementError
 from imgrement_dm.formats import files, qcow2
 from imgrement_dm.formats.capture import CaptureReader
-from imgrement_dm.output import atomic_output, atomic_path, check_writable
+from imgrement_dm.output import atomic_path, check_writable
 
 __all__ = ["CHANGING_OPS", "FUA_FLAG", "PREFLUSH_FLAG", "Extents", "Selection", "StopAt",
            "apply", "apply_qcow2", "extents", "replay"]
@@ -277,14 +277,16 @@ def apply_qcow2(base: Path, capture: Path, out: Path, stop: StopAt = END, *,
     name = backing_name or str(base.resolve())
     qcow2.backing_name_bytes(name)  # refused before any work
     files.require_capture(capture, "apply")
-    with atomic_output(out, inputs=inputs) as f:
+    with atomic_path(out, inputs=inputs) as part:
         def job(reader: CaptureReader, changes: Changes) -> tuple[int, int]:
             size = reader.sectors * 512
             check_base(base, size)
-            f.seek(0)
-            f.truncate()
-            return qcow2.write(f, base, size, _inside(changes, size), reader.fileno(), name,
-                               scratch=out.resolve().parent)
+            fd = os.open(part, os.O_RDWR | os.O_TRUNC | os.O_CLOEXEC)
+            try:
+                return qcow2.write(fd, base, size, _inside(changes, size), reader.fileno(),
+                                   name)
+            finally:
+                os.close(fd)
 
         (stored, zeroed), sel = _passes(capture, stop, force=force, command="apply", job=job)
     return sel, stored, zeroed

@@ -6,15 +6,16 @@ cluster the capture did not touch from BASE, and the changed ones from the
 overlay, so the file costs about the changed data, not the disk.
 
 The file is written here directly, in the layout the qcow2 specification
-(docs/interop/qcow2.txt in QEMU) gives, all in one pass and with every
-table's size known in advance:
+(docs/interop/qcow2.txt in QEMU) allows, in one pass over the changes and in
+memory that does not grow with them:
 
     cluster 0          header, backing-format extension, backing file name
+    data clusters      each changed 64 KiB cluster, in the order first changed
+                       (a slot whose cluster ended all zeros is a hole)
+    L2 tables          one per 512 MiB region the capture touched
+    L1 table           one 8-byte entry per 512 MiB of the disk
     refcount table     one 8-byte entry per refcount block
     refcount blocks    16-bit refcounts (refcount_order 4), one per cluster
-    L1 table           one 8-byte entry per 512 MiB of the disk
-    L2 tables          one per 512 MiB region the capture touched
-    data clusters      each changed 64 KiB cluster that is not all zeros, whole
 
 A changed cluster holds BASE's bytes with the capture's writes (and zeroed
 ranges: write-zeroes and discards) applied in completion order, as
@@ -28,10 +29,9 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING
 
 from imgrement_dm.errors import IncrementError
 
@@ -49,6 +49,7 @@ _HEADER = struct.Struct(">4sIQIIQIIQQIIQQQQII")
 _EXT = struct.Struct(">II")
 BACKING_FORMAT_EXT = 0xE2792ACA
 _ZEROS = bytes(CLUSTER)
+ZERO_SLOT = 0xFFFFFFFF  # _Image.slot: a cluster made all zeros, stored nowhere
 
 
 def _ceil(a: int, b: int) -> int:
@@ -70,9 +71,10 @@ def backing_name_bytes(name: str) -> bytes:
     return raw
 
 
-def write(out: BinaryIO, base: Path, size: int, changes: Iterable[Change], source: int,
-          backing_name: str, *, scratch: Path) -> tuple[int, int]:
-    """Write the overlay to ``out`` (a regular file); returns how many clusters it
+def write(fd: int, base: Path, size: int, changes: Iterable[Change], source: int,
+          backing_name: str) -> tuple[int, int]:
+    """Write the overlay to ``fd`` (a regular file, empty, open to read and
+    write); returns how many clusters it
     stores data for and how many it marks as reading zero (changed to all zeros:
     discarded, zeroed, or written with zeros; they cost an L2 entry, not a
     cluster).
@@ -81,39 +83,139 @@ def write(out: BinaryIO, base: Path, size: int, changes: Iterable[Change], sourc
     capture ``source`` (changes.py). ``size`` is the virtual disk size in
     bytes; ``backing_name`` is what the image records as its backing file
     (QEMU resolves a relative one against the overlay's own directory).
-
-    One pass over the changes, in memory that does not grow with them: each
-    changed cluster is made in a sparse scratch file (unnamed, in
-    ``scratch``: it holds the changed clusters only), a byte per cluster of
-    the disk says which; then the clusters go out in order, with each
-    table written as soon as its part of the disk is done.
     """
     name = backing_name_bytes(backing_name)
-    clusters = _ceil(size, CLUSTER)
-    touched = bytearray(clusters)  # 1: changed
     base_fd = os.open(base, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        with tempfile.TemporaryFile(dir=scratch) as tmp:
-            fd = tmp.fileno()
-            os.ftruncate(fd, clusters * CLUSTER)
-            in_kernel = True
-            for c in changes:
-                start, end = c.sector * 512, c.sector * 512 + c.size
-                first, last = start // CLUSTER, _ceil(end, CLUSTER)
-                for cl in (first, last - 1):  # only these may be partly changed
-                    if cl < last and not touched[cl]:
-                        base_data = os.pread(base_fd, CLUSTER, cl * CLUSTER)
-                        if base_data.count(0) != len(base_data):
-                            os.pwrite(fd, base_data, cl * CLUSTER)
-                touched[first:last] = b"\1" * (last - first)
-                if c.op_name == "write":
-                    in_kernel = _copy(source, c.data_at, fd, start, c.size, in_kernel)
-                else:  # write-zeroes, discard: read back as zeros (see increment.apply)
-                    _zero(fd, start, c.size)
-            out.flush()
-            return _write(out.fileno(), fd, size, touched, name)
+        image = _Image(fd, base_fd, size)
+        for c in changes:
+            image.apply(c, source)
+        return image.finish(name)
     finally:
         os.close(base_fd)
+
+
+class _Image:
+    """The overlay while it is written: each changed cluster gets the next
+    free cluster of the file (a *slot*) when first changed, filled with BASE's
+    bytes unless the change covers it whole; the changes go into the slots.
+
+    ``slot`` holds, per cluster of the disk, 0 (unchanged), ZERO_SLOT (all
+    zeros, nothing stored: a discard or write-zeroes covered it whole) or
+    its slot: 4 bytes a cluster, 256 KiB for 16 GiB, 256 MiB for a 4 TiB disk
+    every cluster of which changed (the pages of clusters never changed are
+    never touched, so never resident).
+    """
+
+    def __init__(self, fd: int, base_fd: int, size: int) -> None:
+        self.fd, self.base_fd, self.size = fd, base_fd, size
+        self.clusters = _ceil(size, CLUSTER)
+        self.slot = memoryview(bytearray(4 * self.clusters)).cast("I")
+        self.next = 1  # cluster 0 is the header's
+        self.in_kernel = True
+
+    def _new_slot(self, cl: int, fill: bool) -> int:
+        s = self.next
+        self.next += 1
+        self.slot[cl] = s
+        if fill:  # the parts the change leaves are BASE's (zeros written too: a
+            # stored cluster has no holes, which qemu-img map would list)
+            data = os.pread(self.base_fd, CLUSTER, cl * CLUSTER)
+            os.pwrite(self.fd, data.ljust(CLUSTER, b"\0"), s * CLUSTER)
+        return s
+
+    def apply(self, c: Change, source: int) -> None:
+        start, end = c.sector * 512, c.sector * 512 + c.size
+        write = c.op_name == "write"
+        for cl in range(start // CLUSTER, _ceil(end, CLUSTER)):
+            at = cl * CLUSTER
+            lo, hi = max(start, at), min(end, at + CLUSTER)
+            whole = lo == at and hi >= min(at + CLUSTER, self.size)
+            s = self.slot[cl]
+            if not write and whole:
+                if s not in (0, ZERO_SLOT):
+                    _punch(self.fd, s * CLUSTER, CLUSTER)  # freed: nothing refers to it
+                self.slot[cl] = ZERO_SLOT
+                continue
+            if s == 0:
+                s = self._new_slot(cl, fill=not whole)
+            elif s == ZERO_SLOT:
+                s = self._new_slot(cl, fill=False)
+                if not whole:
+                    os.pwrite(self.fd, _ZEROS, s * CLUSTER)
+            to = s * CLUSTER + lo - at
+            if write:
+                self.in_kernel = _copy(source, c.data_at + lo - start, self.fd, to, hi - lo,
+                                       self.in_kernel)
+            else:  # write-zeroes, discard: read back as zeros (see increment.apply)
+                os.pwrite(self.fd, _ZEROS[:hi - lo], to)
+
+    def finish(self, name: bytes) -> tuple[int, int]:
+        """The tables after the slots, then the header; returns (stored, zeroed)."""
+        fd, slot = self.fd, self.slot
+        l1_size = max(1, _ceil(self.size, CLUSTER * L2_ENTRIES))
+        regions = [r for r in range(l1_size)
+                   if any(slot[r * L2_ENTRIES:(r + 1) * L2_ENTRIES])]
+        l1_clusters = _ceil(l1_size * 8, CLUSTER)
+        l2_at = self.next
+        l1_at = l2_at + len(regions)
+        rt_at = l1_at + l1_clusters
+        # the refcount structures count themselves: grow them to a fixed point
+        rt_clusters, rblocks = 1, 1
+        while True:
+            total = rt_at + rt_clusters + rblocks
+            need_blocks = _ceil(total, REFCOUNTS_PER_BLOCK)
+            need_rt = _ceil(need_blocks * 8, CLUSTER)
+            if (need_blocks, need_rt) == (rblocks, rt_clusters):
+                break
+            rblocks, rt_clusters = need_blocks, need_rt
+        rb_at = rt_at + rt_clusters
+
+        used = bytearray(total)  # 1: refcount 1
+        used[0] = 1
+        used[l2_at:total] = b"\1" * (total - l2_at)
+        stored = zeroed = 0
+        l1 = bytearray(l1_clusters * CLUSTER)
+        for i, r in enumerate(regions):
+            struct.pack_into(">Q", l1, r * 8, ((l2_at + i) * CLUSTER) | COPIED)
+            l2 = bytearray(CLUSTER)
+            lo = r * L2_ENTRIES
+            for cl in range(lo, min(lo + L2_ENTRIES, self.clusters)):
+                s = slot[cl]
+                if s == 0:
+                    continue
+                if s != ZERO_SLOT and os.pread(fd, CLUSTER, s * CLUSTER) != _ZEROS:
+                    entry = (s * CLUSTER) | COPIED
+                    used[s] = 1
+                    stored += 1
+                else:  # made all zeros, by a discard or by its bytes
+                    if s != ZERO_SLOT:
+                        _punch(fd, s * CLUSTER, CLUSTER)
+                    entry = ZERO_CLUSTER
+                    zeroed += 1
+                struct.pack_into(">Q", l2, (cl - lo) * 8, entry)
+            os.pwrite(fd, l2, (l2_at + i) * CLUSTER)
+        os.pwrite(fd, l1, l1_at * CLUSTER)
+        rt = bytearray(rt_clusters * CLUSTER)
+        for b in range(rblocks):
+            struct.pack_into(">Q", rt, b * 8, (rb_at + b) * CLUSTER)
+            block = bytearray(CLUSTER)
+            part = used[b * REFCOUNTS_PER_BLOCK:(b + 1) * REFCOUNTS_PER_BLOCK]
+            block[1:2 * len(part):2] = part  # 16-bit big-endian: the low byte
+            os.pwrite(fd, block, (rb_at + b) * CLUSTER)
+        os.pwrite(fd, rt, rt_at * CLUSTER)
+
+        fmt = b"raw"
+        ext = _EXT.pack(BACKING_FORMAT_EXT, len(fmt)) + fmt.ljust(_ceil(len(fmt), 8) * 8, b"\0")
+        ext += _EXT.pack(0, 0)
+        header_length = _HEADER.size
+        backing_offset = header_length + len(ext)
+        head = _HEADER.pack(b"QFI\xfb", 3, backing_offset, len(name), CLUSTER_BITS, self.size,
+                            0, l1_size, l1_at * CLUSTER, rt_at * CLUSTER, rt_clusters, 0, 0,
+                            0, 0, 0, REFCOUNT_ORDER, header_length)
+        os.pwrite(fd, (head + ext + name).ljust(CLUSTER, b"\0"), 0)
+        os.ftruncate(fd, total * CLUSTER)
+        return stored, zeroed
 
 
 def _copy(src: int, at: int, dst: int, to: int, size: int, in_kernel: bool) -> bool:
@@ -121,82 +223,6 @@ def _copy(src: int, at: int, dst: int, to: int, size: int, in_kernel: bool) -> b
     return copy_payload(src, at, dst, to, size, in_kernel=in_kernel)
 
 
-def _zero(fd: int, start: int, size: int) -> None:
+def _punch(fd: int, start: int, size: int) -> None:
     from imgrement_dm.increment import _zero_range
     _zero_range(fd, start, size, False)
-
-
-def _write(out: int, fd: int, size: int, touched: bytearray, name: bytes) -> tuple[int, int]:
-    """Lay the image out around the changed clusters (``touched``) held in ``fd``.
-
-    The tables' sizes are fixed before the clusters are read, with every
-    changed cluster counted as stored: those that turn out all zeros are
-    marked so and the refcount blocks keep a little room they do not use.
-    """
-    l1_size = max(1, _ceil(size, CLUSTER * L2_ENTRIES))
-    regions = [r for r in range(l1_size)
-               if touched[r * L2_ENTRIES:(r + 1) * L2_ENTRIES].count(0) !=
-               len(touched[r * L2_ENTRIES:(r + 1) * L2_ENTRIES])]
-    most = len(touched) - touched.count(0)  # at most this many stored
-    l1_clusters = _ceil(l1_size * 8, CLUSTER)
-
-    # the refcount structures count themselves: grow them to a fixed point
-    rt_clusters, rblocks = 1, 1
-    while True:
-        total = 1 + rt_clusters + rblocks + l1_clusters + len(regions) + most
-        need_blocks = _ceil(total, REFCOUNTS_PER_BLOCK)
-        need_rt = _ceil(need_blocks * 8, CLUSTER)
-        if (need_blocks, need_rt) == (rblocks, rt_clusters):
-            break
-        rblocks, rt_clusters = need_blocks, need_rt
-
-    rt_at = 1
-    rb_at = rt_at + rt_clusters
-    l1_at = rb_at + rblocks
-    l2_at = l1_at + l1_clusters
-    data_at = l2_at + len(regions)
-
-    fmt = b"raw"
-    ext = _EXT.pack(BACKING_FORMAT_EXT, len(fmt)) + fmt.ljust(_ceil(len(fmt), 8) * 8, b"\0")
-    ext += _EXT.pack(0, 0)
-    header_length = _HEADER.size
-    backing_offset = header_length + len(ext)
-    head = _HEADER.pack(b"QFI\xfb", 3, backing_offset, len(name), CLUSTER_BITS, size, 0,
-                        l1_size, l1_at * CLUSTER, rt_at * CLUSTER, rt_clusters, 0, 0,
-                        0, 0, 0, REFCOUNT_ORDER, header_length)
-
-    stored = zeroed = 0
-    l1 = bytearray(l1_clusters * CLUSTER)
-    for i, r in enumerate(regions):
-        struct.pack_into(">Q", l1, r * 8, ((l2_at + i) * CLUSTER) | COPIED)
-        l2 = bytearray(CLUSTER)
-        lo = r * L2_ENTRIES
-        hi = min(lo + L2_ENTRIES, len(touched))
-        cl = touched.find(1, lo, hi)
-        while cl >= 0:
-            data = os.pread(fd, CLUSTER, cl * CLUSTER).ljust(CLUSTER, b"\0")
-            if data == _ZEROS:
-                entry = ZERO_CLUSTER
-                zeroed += 1
-            else:
-                at = (data_at + stored) * CLUSTER
-                os.pwrite(out, data, at)
-                entry = at | COPIED
-                stored += 1
-            struct.pack_into(">Q", l2, (cl - lo) * 8, entry)
-            cl = touched.find(1, cl + 1, hi)
-        os.pwrite(out, l2, (l2_at + i) * CLUSTER)
-    os.pwrite(out, l1, l1_at * CLUSTER)
-
-    used = data_at + stored  # every cluster below has refcount 1
-    rt = bytearray(rt_clusters * CLUSTER)
-    for b in range(rblocks):
-        struct.pack_into(">Q", rt, b * 8, (rb_at + b) * CLUSTER)
-        lo = b * REFCOUNTS_PER_BLOCK
-        n = max(0, min(used - lo, REFCOUNTS_PER_BLOCK))
-        block = (b"\0\1" * n).ljust(CLUSTER, b"\0")
-        os.pwrite(out, block, (rb_at + b) * CLUSTER)
-    os.pwrite(out, rt, rt_at * CLUSTER)
-    os.pwrite(out, (head + ext + name).ljust(CLUSTER, b"\0"), 0)
-    os.ftruncate(out, used * CLUSTER)
-    return stored, zeroed
