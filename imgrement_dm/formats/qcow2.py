@@ -110,7 +110,8 @@ class _Image:
     def __init__(self, fd: int, base_fd: int, size: int) -> None:
         self.fd, self.base_fd, self.size = fd, base_fd, size
         self.clusters = _ceil(size, CLUSTER)
-        self.slot = memoryview(bytearray(4 * self.clusters)).cast("I")
+        self._raw = bytearray(4 * self.clusters)
+        self.slot = memoryview(self._raw).cast("I")
         self.next = 1  # cluster 0 is the header's
         self.in_kernel = True
 
@@ -154,8 +155,10 @@ class _Image:
         """The tables after the slots, then the header; returns (stored, zeroed)."""
         fd, slot = self.fd, self.slot
         l1_size = max(1, _ceil(self.size, CLUSTER * L2_ENTRIES))
+        span = 4 * L2_ENTRIES  # a region's bytes in the slot map
         regions = [r for r in range(l1_size)
-                   if any(slot[r * L2_ENTRIES:(r + 1) * L2_ENTRIES])]
+                   if self._raw[r * span:(r + 1) * span].count(0) != 4 * min(
+                       L2_ENTRIES, self.clusters - r * L2_ENTRIES)]
         l1_clusters = _ceil(l1_size * 8, CLUSTER)
         l2_at = self.next
         l1_at = l2_at + len(regions)
