@@ -9,9 +9,11 @@ so a chunk can be checked by a tool other than this one.
 
 from __future__ import annotations
 
+import mmap
+
 from imgrement_dm._kernel_ffi import ffi, lib
 
 
-def xxh64(data: bytes | memoryview) -> int:
+def xxh64(data: bytes | memoryview | mmap.mmap) -> int:
     """XXH64 of ``data`` (seed 0), without copying it."""
     return int(lib.imgrement_xxh64(ffi.from_buffer("uint8_t[]", data), len(data)))

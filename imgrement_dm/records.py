@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import mmap
 import os
 import select
 from collections.abc import Callable, Iterator
@@ -31,6 +32,9 @@ STREAM_MAGIC = b"IMGREMENT-RECS\0" + bytes([layout.RECORD_VERSION])
 READ_SIZE = 4 << 20
 
 T = TypeVar("T")
+#: What records are decoded from: bytes read, or a chunk read into its own
+#: anonymous mapping (formats.capture), which goes back to the system whole.
+Buf = Union[bytes, mmap.mmap]
 
 _HDR = layout.HEADER
 _BIO = layout.BIO
@@ -64,7 +68,7 @@ class BioRecord:
 
     __slots__ = ("_at", "_buf", "_f")
 
-    _buf: bytes
+    _buf: Buf
     _at: int
     _f: tuple[Any, ...]
 
@@ -185,13 +189,13 @@ Item = Union[BioRecord, MarkRecord, Drop]
 _new_bio = object.__new__
 
 
-def _mark(buf: bytes, at: int) -> MarkRecord:
+def _mark(buf: Buf, at: int) -> MarkRecord:
     _size, _type, _ver, _res, seq, time_ns, label_len, _r = _MARK.unpack_from(buf, at)
     start = at + _MARK.size
     return MarkRecord(seq, time_ns, buf[start : start + label_len].decode("utf-8", "replace"))
 
 
-def decode(buf: bytes, start: int = 0) -> tuple[list[Record], int]:
+def decode(buf: Buf, start: int = 0) -> tuple[list[Record], int]:
     """Decode whole records from ``buf``; return them and the offset after the last.
 
     Raises :class:`StreamError` for anything that is not a valid record.
@@ -210,7 +214,7 @@ def decode(buf: bytes, start: int = 0) -> tuple[list[Record], int]:
             gc.enable()
 
 
-def _decode(buf: bytes, start: int) -> tuple[list[Record], int]:
+def _decode(buf: Buf, start: int) -> tuple[list[Record], int]:
     out: list[Record] = []
     append = out.append
     at = start
@@ -241,7 +245,7 @@ def _decode(buf: bytes, start: int) -> tuple[list[Record], int]:
     return out, at
 
 
-def _other_at(buf: bytes, at: int, out: list[Record]) -> tuple[int, bool]:
+def _other_at(buf: Buf, at: int, out: list[Record]) -> tuple[int, bool]:
     """Whatever is at ``at`` that is not a whole bio: (next offset, stop here)."""
     size, rtype, version, _res, _seq = _HDR.unpack_from(buf, at)
     if at + size > len(buf) and size >= _HDR.size and not size & 7:
@@ -252,7 +256,7 @@ def _other_at(buf: bytes, at: int, out: list[Record]) -> tuple[int, bool]:
     return at + size, False
 
 
-def _decode_other(buf: bytes, at: int, size: int, rtype: int, version: int) -> Record | None:
+def _decode_other(buf: Buf, at: int, size: int, rtype: int, version: int) -> Record | None:
     if size < _HDR.size or size % 8:
         raise StreamError(f"corrupt record stream: record size {size} at byte {at}")
     if rtype == layout.REC_PAD:

@@ -20,6 +20,8 @@ writes FILE.part and renames it only when the trailer is down (output.py).
 from __future__ import annotations
 
 import contextlib
+import io
+import mmap
 import os
 import struct
 import time
@@ -27,14 +29,13 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 from imgrement_dm import layout
 from imgrement_dm.checksum import xxh64
 from imgrement_dm.directio import BLOCK, DirectAppender, address_of
 from imgrement_dm.errors import CaptureError, StreamError, cannot_open
 from imgrement_dm.output import atomic_appender
-from imgrement_dm.records import Drop, Item, Record, _Gaps, decode, scan
+from imgrement_dm.records import Buf, Drop, Item, Record, _Gaps, decode, scan
 
 MAGIC = b"IMGRCAP1"
 FORMAT_VERSION = 3
@@ -51,6 +52,7 @@ _PAD = struct.Struct("<4sI")  # tag, bytes of zeros that follow
 #: smaller ones are copied, and the padding (under a block) would cost more.
 IN_PLACE_MIN = 256 << 10
 _MAX_PAD = 2 * BLOCK  # a reader refuses more: no writer makes it
+_MAP_MIN = 1 << 20  # a chunk at least this large is read into a mapping of its own
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,7 @@ class CaptureReader:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            self._f: BinaryIO = path.open("rb")
+            self._f: io.BufferedReader = path.open("rb")
         except OSError as e:
             raise cannot_open(CaptureError, path, e) from None
         head = self._f.read(_HEADER_SIZE)
@@ -158,7 +160,7 @@ class CaptureReader:
             )
         self.version = version
         self._chunk = _CHUNK if version >= 3 else _CHUNK_CRC32
-        self._checksum: Callable[[bytes], int] = xxh64 if version >= 3 else zlib.crc32
+        self._checksum: Callable[[Buf], int] = xxh64 if version >= 3 else zlib.crc32
         self._size = os.fstat(self._f.fileno()).st_size
         self.device = name.rstrip(b"\0").decode("utf-8", "replace")
         self.sectors = sectors
@@ -205,8 +207,18 @@ class CaptureReader:
                     # us allocate gigabytes for a file that does not hold them
                     raise self._fail("truncated", chunks, records)
                 self.chunk_at = self._f.tell()
-                raw = self._f.read(length)
-                if len(raw) < length:
+                raw: Buf
+                if length >= _MAP_MIN:
+                    # its own mapping: unmapped when its last record goes, where
+                    # a heap block would stay with the process (glibc keeps
+                    # freed blocks of this size: 35 MiB of RSS for a 1 GiB
+                    # capture grew to 41 at 8 GiB; 31 flat this way)
+                    raw = mmap.mmap(-1, length)
+                    got = self._f.readinto(raw)
+                else:
+                    raw = self._f.read(length)
+                    got = len(raw)
+                if got < length:
                     raise self._fail("truncated", chunks, records)
                 if self._checksum(raw) != crc:
                     raise self._fail("corrupted (chunk checksum mismatch)", chunks, records)
