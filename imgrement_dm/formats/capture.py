@@ -53,6 +53,8 @@ _PAD = struct.Struct("<4sI")  # tag, bytes of zeros that follow
 IN_PLACE_MIN = 256 << 10
 _MAX_PAD = 2 * BLOCK  # a reader refuses more: no writer makes it
 _MAP_MIN = 1 << 20  # a chunk at least this large is read into a mapping of its own
+#: Its pages made at once: a fault a page cost 0.6 s per GiB read.
+_MAP_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0x8000)
 
 
 @dataclass(frozen=True)
@@ -213,7 +215,7 @@ class CaptureReader:
                     # a heap block would stay with the process (glibc keeps
                     # freed blocks of this size: 35 MiB of RSS for a 1 GiB
                     # capture grew to 41 at 8 GiB; 31 flat this way)
-                    raw = mmap.mmap(-1, length)
+                    raw = mmap.mmap(-1, length, flags=_MAP_FLAGS)
                     got = self._f.readinto(raw)
                 else:
                     raw = self._f.read(length)
