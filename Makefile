@@ -7,6 +7,7 @@
 #   make test-canary the guest suite on experimental's newest kernel (not claimed)
 #   make demo      wrap a scratch disk in the sandbox and show what the target saw
 #   make bench     fio through raw, dm-linear and imgrement; docs/benchmarks.md
+#   make bench-scale  the capture tools on 1-8 GiB captures, on the host
 #   make lint      ruff and mypy (the target is built with W=1 and sparse,
 #                  warnings failing the build, on every guest boot)
 #

@@ -277,7 +277,10 @@ def markdown(res: dict[str, Any]) -> str:
              "writer; each tool in a process of its own. Peak RSS is the process's maximum "
              f"resident set; the interpreter with the package imported is {idle} MiB. "
              "\"x cp\" is `cp` of the same capture on the same file system (seconds) over the "
-             "tool's seconds: at least 0.5 is the goal.", "",
+             "tool's seconds: at least 0.5 is the goal. One run of each: cp itself took "
+             f"{min(v['cp_s'] / float(k) for k, v in sizes.items()):.1f} to "
+             f"{max(v['cp_s'] / float(k) for k, v in sizes.items()):.1f} s per GiB, so a "
+             "ratio moves by about that much from size to size.", "",
              "| tool | " + " | ".join(f"{s} GiB: s / MiB / x cp" for s in sizes) + " |",
              "| --- |" + " --- |" * len(sizes)]
     for name in TOOLS:
