@@ -651,9 +651,14 @@ def check_all(todo: Sequence[State], base: Path, size: int, check: Sequence[str]
         builder = _Builder(base, size, wd) if todo else None
         try:
             for st in todo:
-                while len(pending) >= jobs and not (stop is not None and stop.is_set()):
-                    wait(list(pending), timeout=_POLL, return_when=FIRST_COMPLETED)
-                    collect(block=False)
+                while not (stop is not None and stop.is_set()):
+                    running = [f for f in pending if not f.done()]
+                    if len(running) < jobs:
+                        break
+                    # wait for a running one: a finished one behind a slow
+                    # head would make wait() return at once, and this spin
+                    wait(running, timeout=_POLL, return_when=FIRST_COMPLETED)
+                collect(block=False)
                 if stop is not None and stop.is_set():
                     break
                 assert builder is not None

@@ -91,3 +91,31 @@ def test_keep_failing_keeps_the_images_without_a_workdir(tmp_path: Path) -> None
     folder = Path(line[0].removeprefix("failing states' images kept in "))
     assert sorted(p.name for p in folder.iterdir()) == ["state-0-all.img", "state-1-all.img"]
     assert (folder / "state-1-all.img").read_bytes()[4096:] == bytes([1]) * 4096
+
+
+def test_a_slow_check_is_waited_for_without_spinning(tmp_path: Path) -> None:
+    """The first state's check takes 3 s, the others none, two at a time: the
+    states behind it are built and checked meanwhile, and crashcheck itself
+    sleeps while it waits. Waiting on every pending check, a finished one made
+    wait() return at once: the main thread spun for the 3 s (3 s of CPU)."""
+    cap, base = tmp_path / "c.cap", tmp_path / "base.img"
+    _capture(cap, 20)
+    base.write_bytes(bytes(20 * 4096))
+    code = (
+        "import resource, sys\n"
+        "from pathlib import Path\n"
+        "from imgrement_dm import crashcheck as crash\n"
+        f"bounds, size = crash.load(Path({str(cap)!r}))\n"
+        "todo = crash.unique_states(bounds).states\n"
+        "check = ['sh', '-c', 'if [ \"$IMGREMENT_STATE_ID\" = 0:all ]; then sleep 3; fi']\n"
+        f"rs = crash.check_all(todo, Path({str(base)!r}), size, check, jobs=2)\n"
+        "u = resource.getrusage(resource.RUSAGE_SELF)\n"
+        "print(len(rs), sum(r.passed for r in rs), [r.state.id for r in rs][:2], "
+        "u.ru_utime + u.ru_stime)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       check=False, cwd=Path(__file__).parents[2], timeout=120)
+    assert r.returncode == 0, r.stderr
+    n, passed = r.stdout.split()[:2]
+    cpu = float(r.stdout.split()[-1])
+    assert (n, passed) == ("20", "20") and "'0:all', '1:all'" in r.stdout
+    assert cpu < 1.5, f"{cpu:.2f} s of CPU while one check slept 3 s"
