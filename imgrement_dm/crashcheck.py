@@ -127,9 +127,15 @@ class State:
         b = self.boundary
         if self.kept is None:
             return b.completed
+        return b.listing.writes[:b.upto - len(b.tail)] + self.tail_writes()
+
+    def tail_writes(self) -> list[Change]:
+        """The writes it holds of its boundary's tail (after the durable ones)."""
+        b = self.boundary
+        if self.kept is None:
+            return list(b.tail)
         dropped = {w.seq for w in b.unflushed} - set(self.kept)
-        head = b.listing.writes[:b.upto - len(b.tail)]
-        return head + [w for w in b.tail if w.seq not in dropped]
+        return [w for w in b.tail if w.seq not in dropped]
 
     def key(self) -> int:
         return self.boundary.key(self.kept)
@@ -610,7 +616,7 @@ class _Builder:
         increment.apply_to_fd(self.fd, b.listing.writes[self.at:prefix], source, self.size)
         self.at = prefix
         clone(self.path, dest)
-        writes = state.writes()[prefix:]
+        writes = state.tail_writes()  # not writes()[prefix:]: a copy of them all a state
         if writes:
             fd = os.open(dest, os.O_RDWR | os.O_CLOEXEC)
             try:
