@@ -46,6 +46,7 @@ from imgrement_dm.formats import files
 from imgrement_dm.formats.capture import CaptureReader
 from imgrement_dm.output import atomic_path, check_writable
 from imgrement_dm.records import Drop, MarkRecord
+from imgrement_dm.stateimages import StateImages
 
 
 @dataclass(frozen=True)
@@ -511,20 +512,26 @@ def image_path(workdir: Path, state: State) -> Path:
 
 def run_check(state: State, base: Path, size: int, check: Sequence[str], workdir: Path,
               keep: bool, *, timeout: float | None = None,
-              stop: threading.Event | None = None, built: bool = False) -> Result | None:
-    """Build the state (unless ``built``: its image is made), run CHECK on it
-    ({} is its path, also in $IMGREMENT_STATE, and its id in
-    $IMGREMENT_STATE_ID), and remove it unless it failed and is to be kept.
+              stop: threading.Event | None = None, lent: bool = False) -> Result | None:
+    """Build the state (unless ``lent``: its image is made, and the caller
+    takes it back), run CHECK on it ({} is its path, also in
+    $IMGREMENT_STATE, and its id in $IMGREMENT_STATE_ID), and remove it
+    unless it failed and is to be kept.
 
     A check that runs past ``timeout`` seconds is killed (its process group)
     and fails as timed out.  Once ``stop`` is set, the check is ended and
     None returned: the state was not decided.  The check runs in a session of
     its own, so a Ctrl-C at the terminal reaches crashcheck, which ends it."""
     img = image_path(workdir, state)
+
+    def drop() -> None:
+        if not lent:
+            img.unlink(missing_ok=True)
+
     if stop is not None and stop.is_set():
-        img.unlink(missing_ok=True)
+        drop()
         return None
-    if not built:
+    if not lent:
         build(state, base, img, size)
     argv = [a.replace("{}", str(img)) for a in check]
     try:
@@ -533,7 +540,7 @@ def run_check(state: State, base: Path, size: int, check: Sequence[str], workdir
                                 env={**os.environ, "IMGREMENT_STATE": str(img),
                                      "IMGREMENT_STATE_ID": state.id})
     except OSError as e:
-        img.unlink(missing_ok=True)
+        drop()
         raise CrashCheckError(f"cannot run the check {argv[0]!r}: {e.strerror}") from None
     deadline = None if timeout is None else time.monotonic() + timeout
     timed_out = False
@@ -545,7 +552,7 @@ def run_check(state: State, base: Path, size: int, check: Sequence[str], workdir
             pass
         if stop is not None and stop.is_set():
             _end(proc, signal.SIGTERM)
-            img.unlink(missing_ok=True)
+            drop()
             return None
         if deadline is not None and time.monotonic() > deadline:
             out, err = _end(proc, signal.SIGKILL)
@@ -553,10 +560,24 @@ def run_check(state: State, base: Path, size: int, check: Sequence[str], workdir
             break
     result = Result(state, proc.returncode, (out + err).strip(), timed_out=timed_out)
     if result.passed or not keep:
-        img.unlink(missing_ok=True)
+        drop()
     else:
         result.image = img
     return result
+
+
+def _check_lent(images: StateImages, state: State, base: Path, size: int,
+                check: Sequence[str], workdir: Path, keep: bool, *, timeout: float | None,
+                stop: threading.Event | None) -> Result | None:
+    """run_check on an image ``images`` made, given back to it afterwards
+    (unless it is kept: a failing state's, for the user)."""
+    r = None
+    try:
+        r = run_check(state, base, size, check, workdir, keep, timeout=timeout, stop=stop,
+                      lent=True)
+    finally:
+        images.give_back(image_path(workdir, state), keep=r is not None and r.image is not None)
+    return r
 
 
 @contextlib.contextmanager
@@ -579,68 +600,17 @@ def _workdir(where: Path | None, base: Path) -> Iterator[Path]:
             shutil.rmtree(d, ignore_errors=True)
 
 
-class _Builder:
-    """States built by difference, in boundary order.
-
-    One image of the durable writes is kept in the work folder and moved
-    forward as the boundaries go (a boundary's durable writes are a prefix
-    of the completion order, longer at each), so each state costs a copy of
-    that image (a reflink where the file system shares extents: btrfs, XFS)
-    plus its own tail, never all its writes again from BASE.
-    """
-
-    def __init__(self, base: Path, size: int, workdir: Path) -> None:
-        self.base, self.size = base, size
-        self.path = workdir / "durable.img"
-        increment.check_base(base, size)
-        clone(base, self.path)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
-        self.at = 0
-        self.sources: dict[Path, int] = {}
-
-    def _source(self, capture: Path) -> int:
-        if capture not in self.sources:
-            try:
-                self.sources[capture] = os.open(capture, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as e:
-                raise CrashCheckError(f"cannot read {capture}: {e.strerror}") from None
-        return self.sources[capture]
-
-    def build(self, state: State, dest: Path) -> None:
-        b = state.boundary
-        prefix = b.upto - len(b.tail)
-        if prefix < self.at:  # not in boundary order: from BASE
-            build(state, self.base, dest, self.size)
-            return
-        source = self._source(b.listing.capture)
-        increment.apply_to_fd(self.fd, b.listing.writes[self.at:prefix], source, self.size)
-        self.at = prefix
-        clone(self.path, dest)
-        writes = state.tail_writes()  # not writes()[prefix:]: a copy of them all a state
-        if writes:
-            fd = os.open(dest, os.O_RDWR | os.O_CLOEXEC)
-            try:
-                increment.apply_to_fd(fd, writes, source, self.size)
-            finally:
-                os.close(fd)
-
-    def close(self) -> None:
-        os.close(self.fd)
-        for fd in self.sources.values():
-            os.close(fd)
-        self.path.unlink(missing_ok=True)
-
-
 def check_all(todo: Sequence[State], base: Path, size: int, check: Sequence[str], *,
               jobs: int, workdir: Path | None = None, keep_failing: bool = False,
               report: Callable[[Result], None] | None = None, timeout: float | None = None,
               stop: threading.Event | None = None) -> list[Result]:
     """Run CHECK on every state, ``jobs`` at a time; results in state order.
 
-    The states are built here, one after another (:class:`_Builder`), at
-    most ``jobs`` ahead of the checks that finished, and checked in the
-    pool. Once ``stop`` is set, running checks are ended and no more start:
-    the results are those decided so far."""
+    The states are built here, one after another, by difference
+    (:class:`~imgrement_dm.stateimages.StateImages`: ``jobs`` images reused,
+    never a copy of BASE each), at most ``jobs`` ahead of the checks that
+    finished, and checked in the pool. Once ``stop`` is set, running checks
+    are ended and no more start: the results are those decided so far."""
     results: list[Result] = []
     pending: deque[Future[Result | None]] = deque()
 
@@ -654,7 +624,9 @@ def check_all(todo: Sequence[State], base: Path, size: int, check: Sequence[str]
             results.append(r)
 
     with _workdir(workdir, base) as wd, ThreadPoolExecutor(max_workers=jobs) as pool:
-        builder = _Builder(base, size, wd) if todo else None
+        images_of = todo[0].boundary.listing.capture if todo else None
+        images = (StateImages(base, size, wd, todo[0].boundary.listing.capture)
+                  if todo else None)
         try:
             for st in todo:
                 while not (stop is not None and stop.is_set()):
@@ -667,15 +639,21 @@ def check_all(todo: Sequence[State], base: Path, size: int, check: Sequence[str]
                 collect(block=False)
                 if stop is not None and stop.is_set():
                     break
-                assert builder is not None
-                builder.build(st, image_path(wd, st))
-                pending.append(pool.submit(run_check, st, base, size, check, wd, keep_failing,
-                                           timeout=timeout, stop=stop, built=True))
+                assert images is not None
+                b = st.boundary
+                if b.listing.capture != images_of:
+                    raise CrashCheckError("check_all takes the states of one capture")
+                images.make(b.listing.writes, b.upto - len(b.tail), st.tail_writes(),
+                            image_path(wd, st))
+                pending.append(pool.submit(_check_lent, images, st, base, size, check, wd,
+                                           keep_failing, timeout=timeout, stop=stop))
                 collect(block=False)
         finally:
-            if builder is not None:
-                builder.close()
-            collect(block=True)
+            try:
+                collect(block=True)  # every lent image given back
+            finally:
+                if images is not None:
+                    images.close()
         return results
 
 

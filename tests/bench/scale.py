@@ -9,7 +9,7 @@ sparse base is made with the package's own capture writer; then each tool
 runs in a process of its own, which reports its peak RSS, beside `cp` of
 the capture on the same file system. crashcheck lists captures of 1,000,
 10,000 and 100,000 fsynced writes, and checks the 1,000-write one with
-`true`, each state's check noting how many bytes its image holds.
+`true`, counting the bytes written to its work folder.
 Results go to OUT/scale.json and to the page, between its scale markers.
 """
 
@@ -58,7 +58,8 @@ t0 = time.monotonic()
 """
 _CODA = """
 print(json.dumps({"s": time.monotonic() - t0,
-                  "rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+                  "rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                  **globals().get("extra", {})}))
 """
 
 
@@ -202,30 +203,34 @@ def listing(work: Path, counts: list[int]) -> dict[str, Any]:
               flush=True)
         if n != counts[0]:
             cap.unlink()
-    # checking: 1,000 states with `true`, each noting its image's allocated bytes
+    # checking: 1,000 states with `true`; the bytes crashcheck wrote, as the
+    # kernel counted them (wchar: write calls and copy_file_range)
     n = counts[0]
     cap = work / f"fsync-{n}.cap"
     base = work / "check-base.img"
     with base.open("wb") as f:
         f.truncate(50_000 * 4096)
         f.write(os.urandom(64 * MIB))  # BASE holds 64 MiB of data
-    notes = work / "blocks.txt"
-    notes.unlink(missing_ok=True)
-    t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "imgrement_dm.cli", "crashcheck", str(cap),
-                        str(base), "-j", "2", "--workdir", str(work / "states"), "--",
-                        "sh", "-c", f'stat -c %b "$1" >> {notes}', "-", "{}"],
-                       capture_output=True, text=True, cwd=ROOT, check=False)
-    took = time.monotonic() - t0
-    if r.returncode:
-        raise SystemExit(f"crashcheck failed: {r.stderr[-2000:]}")
-    blocks = [int(x) * 512 for x in notes.read_text().split()]
-    out["check"] = {"states": len(blocks), "s": round(took, 1),
-                    "bytes_per_state": sum(blocks) // len(blocks),
-                    "changed_bytes_per_state_max": n * 4096,
+    jobs = 2
+    res = run_tool("b, size = crashcheck.load(Path(cap))\n"
+                   "io = lambda: int(Path('/proc/self/io').read_text().split()[3])\n"
+                   "w0 = io()\n"
+                   f"s = crashcheck.check_capture(b, Path(base), size, ['true'], jobs={jobs}, "
+                   "max_states=10**9, workdir=Path(out))\n"
+                   "extra = {'written': io() - w0, 'states': len(s.results), "
+                   "'failed': len(s.failed)}", cap, base, work / "states")
+    took, written, states = res["s"], int(res["written"]), int(res["states"])
+    if res["failed"] or states != n:
+        raise SystemExit(f"crashcheck checked {states} states, {res['failed']} failed")
+    setup = (jobs + 1) * 64 * MIB  # the durable image and one image a job: BASE's data
+    out["check"] = {"states": states, "s": round(took, 1), "jobs": jobs,
+                    "written_bytes": written, "setup_bytes": setup,
+                    "bytes_per_state": max(0, written - setup) // states,
+                    "changed_bytes_per_state": 4096,
                     "base_data_bytes": 64 * MIB}
-    print(f"crashcheck check {len(blocks)} states: {took:.0f} s, "
-          f"{out['check']['bytes_per_state'] // MIB} MiB per state", flush=True)
+    print(f"crashcheck check {states} states: {took:.0f} s, {written // MIB} MiB written, "
+          f"{out['check']['bytes_per_state'] // 1024} KiB a state past BASE's "
+          f"{jobs + 1} copies", flush=True)
     shutil.rmtree(work / "states", ignore_errors=True)
     cap.unlink()
     base.unlink()
@@ -260,10 +265,18 @@ def goals(res: dict[str, Any]) -> list[tuple[str, str, bool]]:
                 f"{lst['s']} s, {lst['rss_kib'] // 1024} MiB",
                 lst["s"] < 30 and lst["rss_kib"] < 512 * 1024))
     c = res["listing"]["check"]
-    out.append(("checking writes at most each state's changed bytes, never a copy of BASE",
-                f"{c['bytes_per_state'] // MIB} MiB a state (BASE: "
-                f"{c['base_data_bytes'] // MIB} MiB)",
-                c["bytes_per_state"] < c["base_data_bytes"]))
+    # a slot comes back every ``jobs`` states and takes the changes since
+    # its last one; the durable image takes each once: (jobs + 1) changes a
+    # state; BASE's data once for the durable image and once a job
+    per = (c["jobs"] + 1) * c["changed_bytes_per_state"]
+    out.append((f"checking writes BASE's data once a job (and once for the durable image), "
+                f"then what changed: at most (jobs + 1) x {c['changed_bytes_per_state'] // 1024}"
+                " KiB a state (each image catches up the changes since its last state), "
+                "never a copy a state",
+                f"{c['written_bytes'] // MIB} MiB for {c['states']:,} states: "
+                f"{c['setup_bytes'] // MIB} MiB of BASE copies, then "
+                f"{c['bytes_per_state'] / 1024:.1f} KiB a state",
+                c["written_bytes"] <= c["setup_bytes"] + c["states"] * per * 1.05))
     return out
 
 
@@ -302,11 +315,13 @@ def markdown(res: dict[str, Any]) -> str:
     for goal, measured, met in goals(res):
         lines.append(f"| {goal} | {measured} | {'yes' if met else '**no**'} |")
     c = lst["check"]
-    lines += ["", f"Checking the {c['states']:,} states of the 1,000-write capture with a "
-              f"check that only notes its image's size took {c['s']} s (-j 2); each state's "
-              f"image held {c['bytes_per_state'] // MIB} MiB, BASE's "
-              f"{c['base_data_bytes'] // MIB} MiB of data included (the capture's changes "
-              f"are at most {c['changed_bytes_per_state_max'] // MIB} MiB).", "", END]
+    lines += ["", f"Checking the {c['states']:,} states of the 1,000-write capture with "
+              f"`true` took {c['s']} s (-j {c['jobs']}) over a BASE holding "
+              f"{c['base_data_bytes'] // MIB} MiB of data; crashcheck wrote "
+              f"{c['written_bytes'] // MIB} MiB in all, as the kernel counted it "
+              "(/proc/self/io's wchar: write calls and copy_file_range): BASE's data for the "
+              "durable image and for each job's reused state image, then what each state "
+              "changed (docs/crashcheck.md, Running the check).", "", END]
     return "\n".join(lines) + "\n"
 
 

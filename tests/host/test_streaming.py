@@ -408,29 +408,3 @@ def test_a_100000_write_fsync_capture_lists_exactly(tmp_path: Path) -> None:
     last = crash.find(bounds, f"{len(bounds) - 1}:all")
     img = _image_of(cap, last.writes()[-3:])
     assert img[(99_999 % 50_000) * 8] == (99_999).to_bytes(8, "little") * 64
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_states_built_by_difference_are_the_states_built_from_base(tmp_path: Path,
-                                                                   seed: int) -> None:
-    """check_all's builder (one durable image moved forward, each state a copy
-    of it plus its tail) makes every state byte for byte as building it from
-    BASE with all its writes does, in order and, falling back, out of order."""
-    cap = tmp_path / "c.cap"
-    _crash_capture(cap, seed)
-    base = tmp_path / "base.img"
-    base.write_bytes(os.urandom(32 * 512))
-    bounds, size = crash.load(cap)
-    every = list(crash.states(bounds, exhaustive=3))
-    work = tmp_path / "work"
-    work.mkdir()
-    builder = crash._Builder(base, size, work)
-    try:
-        for st in [*every, every[0]]:  # the last one goes back: built from BASE
-            by_diff, whole = work / "a.img", work / "b.img"
-            builder.build(st, by_diff)
-            crash.build(st, base, whole, size)
-            assert by_diff.read_bytes() == whole.read_bytes(), st.id
-    finally:
-        builder.close()
-    assert sorted(p.name for p in work.iterdir()) == ["a.img", "b.img"]
