@@ -23,6 +23,7 @@ from imgrement_dm import resources
 from imgrement_dm.defaults import DEFAULT_NAME
 from imgrement_dm.errors import ImgrementError
 from imgrement_dm.layout import OPS
+from imgrement_dm.progress import Meter
 
 # Each command imports what it uses when it runs: the udev-started autowrap
 # and every short command would otherwise pay for importing the whole
@@ -437,15 +438,24 @@ def sandbox(kernel: str | None, disks: tuple[str, ...], memory: str, results: Pa
     sys.exit(rc)
 
 
-def _progress(label: str) -> Callable[[int, int], None]:
-    """A progress line on a terminal (bytes of the capture read): nothing
-    when stderr is not one, where the closing line says what was done."""
-    def show(done: int, total: int) -> None:
-        if sys.stderr.isatty():
-            pct = 100 * done // total if total else 100
-            click.echo(f"\r{label}: {done >> 20}/{total >> 20} MiB of the capture ({pct}%)",
-                       err=True, nl=done == total)
-    return show
+def _progress_option(f: Callable[..., None]) -> Callable[..., None]:
+    return click.option(
+        "--progress", "progress_mode", type=click.Choice(["auto", "json", "none"]),
+        default="auto", show_default=True,
+        help="auto: a bar on stderr when it is a terminal, nothing otherwise; json: a "
+             "line on stderr at most twice a second and at the end, "
+             '{"progress": WHAT, "done": N, "total": N, "unit": "bytes"|"states"}; '
+             "none: nothing.")(f)
+
+
+@contextlib.contextmanager
+def _meter(mode: str, label: str, unit: str = "bytes") -> Iterator[Meter]:
+    """A progress meter (progress.py) closed, its bar's line ended, at the end."""
+    m = Meter(mode, label, unit)
+    try:
+        yield m
+    finally:
+        m.close()
 
 
 def _stop_at(until_mark: str | None, until_flush: int | None = None,
@@ -516,8 +526,10 @@ def record(name: str, output: Path, duration: float | None, quiet: bool,
 @click.option("--state", "state_id", metavar="ID",
               help="Build the crash state crashcheck reported as ID instead (raw only).")
 @click.option("--force", is_flag=True, help="Apply even if records were dropped.")
+@_progress_option
 def apply_cmd(capture_file: Path, base: Path, until_mark: str | None, output: Path | None,
-              fmt_name: str, backing: str | None, state_id: str | None, force: bool) -> None:
+              fmt_name: str, backing: str | None, state_id: str | None, force: bool,
+              progress_mode: str) -> None:
     """Apply the captured writes in FILE onto a copy of BASE.
 
     FILE comes first, as in crashcheck, replay, diff and export ('apply BASE
@@ -550,14 +562,16 @@ def apply_cmd(capture_file: Path, base: Path, until_mark: str | None, output: Pa
     stop = _stop_at(until_mark)
     if fmt_name == "qcow2":
         out = output or base.with_name(base.name + ".applied.qcow2")
-        sel, stored, zeroed = increment.apply_qcow2(base, capture_file, out, stop,
-                                                    backing_name=backing, force=force)
+        with _meter(progress_mode, "apply") as m:
+            sel, stored, zeroed = increment.apply_qcow2(base, capture_file, out, stop,
+                                                        backing_name=backing, force=force,
+                                                        progress=m)
         click.echo(f"{out}: {sel.applied} changes, {stored} clusters of 64 KiB stored, "
                    f"{zeroed} marked zero, backing file {backing or base.resolve()}")
         return
     out = output or base.with_name(base.name + ".applied")
-    sel = increment.apply(base, capture_file, out, stop, force=force,
-                          progress=_progress("apply"))
+    with _meter(progress_mode, "apply") as m:
+        sel = increment.apply(base, capture_file, out, stop, force=force, progress=m)
     click.echo(f"{out}: {sel.applied} changes applied"
                + (f", {sel.failed} failed writes skipped" if sel.failed else ""))
 
@@ -584,9 +598,11 @@ def apply_cmd(capture_file: Path, base: Path, until_mark: str | None, output: Pa
               help="Seconds one check may run; one that runs longer is killed and its "
                    "state fails as timed out.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per state checked.")
+@_progress_option
 def crashcheck(capture_file: Path, base: Path, check: tuple[str, ...], max_states: int,
                exhaustive: int, jobs: int, bisect: bool, workdir: Path | None,
-               keep_failing: bool, timeout: float | None, as_json: bool) -> None:
+               keep_failing: bool, timeout: float | None, as_json: bool,
+               progress_mode: str) -> None:
     """Run CHECK on every disk state a power cut could have left.
 
     BASE is the disk as it was when CAPTURE (a lossless capture) began. At
@@ -606,13 +622,20 @@ def crashcheck(capture_file: Path, base: Path, check: tuple[str, ...], max_state
     from imgrement_dm import crashcheck as crash
     from imgrement_dm import render
 
-    bounds, size = crash.crash_boundaries(capture_file, base)
-    tty = sys.stderr.isatty()
-    seen = {"checked": 0, "failed": 0}
+    with _meter(progress_mode, "listing") as m:
+        bounds, size = crash.crash_boundaries(capture_file, base, progress=m)
+    tty = sys.stderr.isatty() and progress_mode == "auto"
+    seen = {"checked": 0, "failed": 0, "total": 0}
+    states = Meter("json" if progress_mode == "json" else "none", "checking", "states")
+
+    def listed(n: int) -> None:
+        seen["total"] = n
+        states(0, n)
 
     def show(r: crash.Result) -> None:
         seen["checked"] += 1
         seen["failed"] += not r.passed
+        states(seen["checked"], seen["total"])
         if tty:  # a progress line on a terminal; the summary replaces it
             click.echo("\r\033[K", err=True, nl=False)
         if as_json:
@@ -627,8 +650,8 @@ def crashcheck(capture_file: Path, base: Path, check: tuple[str, ...], max_state
             how = f"timed out after {timeout:g} s" if r.timed_out else f"exit {r.code}"
             click.echo(f"FAIL {r.state.describe()}: {how}: {last}")
         if tty:
-            click.echo(f"crashcheck: {seen['checked']} states checked, {seen['failed']} "
-                       "failed", err=True, nl=False)
+            click.echo(f"crashcheck: {seen['checked']} of {seen['total']} states checked, "
+                       f"{seen['failed']} failed", err=True, nl=False)
 
     if bisect:
         first = crash.bisect(bounds, base, size, check, workdir=workdir, report=show)
@@ -643,7 +666,7 @@ def crashcheck(capture_file: Path, base: Path, check: tuple[str, ...], max_state
         summary = crash.check_capture(bounds, base, size, check, max_states=max_states,
                                       exhaustive=exhaustive, jobs=jobs, workdir=workdir,
                                       keep_failing=keep_failing, timeout=timeout,
-                                      stop=stop.event, report=show)
+                                      stop=stop.event, report=show, listed=listed)
     if tty:
         click.echo("\r\033[K", err=True, nl=False)
     click.echo(summary.describe(interrupted_by=stop.signum), err=True)
@@ -662,8 +685,10 @@ def crashcheck(capture_file: Path, base: Path, check: tuple[str, ...], max_state
 @click.option("--until-flush", type=click.IntRange(min=1), help="Stop after the Nth flush.")
 @click.option("--until-fua", type=click.IntRange(min=1), help="Stop after the Nth FUA write.")
 @click.option("--force", is_flag=True, help="Replay even if records were dropped.")
+@_progress_option
 def replay(capture_file: Path, target: Path, until_mark: str | None,
-           until_flush: int | None, until_fua: int | None, force: bool) -> None:
+           until_flush: int | None, until_fua: int | None, force: bool,
+           progress_mode: str) -> None:
     """Write the capture onto TARGET (a device or image) up to a durability point.
 
     As dm-log-writes' replay-log is used for crash-consistency tests: replay
@@ -671,8 +696,10 @@ def replay(capture_file: Path, target: Path, until_mark: str | None,
     """
     from imgrement_dm import increment
 
-    sel = increment.replay(capture_file, target, _stop_at(until_mark, until_flush, until_fua),
-                           force=force, progress=_progress("replay"))
+    with _meter(progress_mode, "replay") as m:
+        sel = increment.replay(capture_file, target,
+                               _stop_at(until_mark, until_flush, until_fua), force=force,
+                               progress=m)
     click.echo(f"{target}: {sel.applied} changes replayed")
 
 
@@ -725,7 +752,9 @@ def diff(capture_file: Path, until_mark: str | None, fmt_name: str, as_json: boo
 @click.option("--device", default="253:0", show_default=True,
               help="major:minor to put in blktrace events.")
 @click.option("-x", "--payload", is_flag=True, help="jsonl: include payloads as hex.")
-def export(capture_file: Path, fmt_name: str, output: Path, device: str, payload: bool) -> None:
+@_progress_option
+def export(capture_file: Path, fmt_name: str, output: Path, device: str, payload: bool,
+           progress_mode: str) -> None:
     """Write FILE in a format other tools read: blktrace, jsonl or log-writes."""
     from imgrement_dm.formats import export as export_fmt
     from imgrement_dm.output import is_stdout
@@ -738,8 +767,10 @@ def export(capture_file: Path, fmt_name: str, output: Path, device: str, payload
                                  "and a minor below 1048576", param_hint="--device")
     to_stdout = is_stdout(output)
     dest = Path(f"{output}.blktrace.0") if fmt_name == "blktrace" and not to_stdout else output
-    n = export_fmt.export_capture(capture_file, fmt_name, dest, device=(int(major), int(minor)),
-                                  with_payload=payload)
+    with _meter(progress_mode, "export") as m:
+        n = export_fmt.export_capture(capture_file, fmt_name, dest,
+                                      device=(int(major), int(minor)), with_payload=payload,
+                                      progress=m)
     # with -o -, the data is standard output: the summary goes to stderr
     if fmt_name == "blktrace":
         click.echo(f"{dest}: {n} bios; read it with 'blkparse -i {output}'", err=to_stdout)

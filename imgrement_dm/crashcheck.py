@@ -45,6 +45,7 @@ from imgrement_dm.errors import CrashCheckError
 from imgrement_dm.formats import files
 from imgrement_dm.formats.capture import CaptureReader
 from imgrement_dm.output import atomic_path, check_writable
+from imgrement_dm.progress import Progress, metered
 from imgrement_dm.records import Drop, MarkRecord
 from imgrement_dm.stateimages import StateImages
 
@@ -269,11 +270,12 @@ class _Event(NamedTuple):
     label: str
 
 
-def _events(reader: CaptureReader, hasher: Hasher) -> list[_Event]:
+def _events(reader: CaptureReader, hasher: Hasher,
+            progress: Progress | None = None) -> list[_Event]:
     """What decides the boundaries, read once (and checked whole on the way),
     in completion order; data writes' sectors hashed as they go by."""
     events: list[_Event] = []
-    for item in reader.items():
+    for item in metered(reader.items(), reader, progress):
         if isinstance(item, Drop):
             raise CrashCheckError(
                 f"the capture lost {item.count} record(s): its crash states would be "
@@ -303,7 +305,7 @@ def _events(reader: CaptureReader, hasher: Hasher) -> list[_Event]:
 
 
 def boundaries(capture: Path, reader: CaptureReader, hasher: Hasher | None = None,
-               ) -> list[Boundary]:
+               progress: Progress | None = None) -> list[Boundary]:
     """The crash points of a capture and what each leaves, by the model above.
 
     One walk in completion order: the writes a flush made durable move from
@@ -326,7 +328,7 @@ def boundaries(capture: Path, reader: CaptureReader, hasher: Hasher | None = Non
         found.append(Boundary(len(found), kind, seq, label, len(writes), unflushed, t,
                               durable.key, _atoms(t, durable) if t else (), listing))
 
-    for ev in _events(reader, hasher):
+    for ev in _events(reader, hasher, progress):
         if ev.kind == "mark":
             boundary("mark", ev.seq, ev.label)
             continue
@@ -394,19 +396,20 @@ def unique_states(bounds: Sequence[Boundary], *, exhaustive: int = 6,
     return Unique(out, enumerated, False)
 
 
-def load(capture: Path) -> tuple[list[Boundary], int]:
+def load(capture: Path, progress: Progress | None = None) -> tuple[list[Boundary], int]:
     """The capture's boundaries, and the traced device's size in bytes, from
-    one pass that also checks the capture whole."""
+    one pass that also checks the capture whole (``progress``: bytes read)."""
     files.require_capture(capture, "crashcheck")
     with CaptureReader(capture) as reader:
-        return boundaries(capture, reader), reader.sectors * 512
+        return boundaries(capture, reader, progress=progress), reader.sectors * 512
 
 
-def crash_boundaries(capture: Path, base: Path) -> tuple[list[Boundary], int]:
+def crash_boundaries(capture: Path, base: Path,
+                     progress: Progress | None = None) -> tuple[list[Boundary], int]:
     """The capture's boundaries and the device's size, once the capture is
     whole, BASE (an image or a device) is large enough, and there is at least
     one boundary to check."""
-    bounds, size = load(capture)
+    bounds, size = load(capture, progress)
     increment.check_base(base, size)
     if not bounds:
         raise CrashCheckError(f"{capture} has no flush, FUA write or mark: there is no "
@@ -724,10 +727,14 @@ def check_capture(bounds: Sequence[Boundary], base: Path, size: int, check: Sequ
                   max_states: int = 1000, exhaustive: int = 6, jobs: int = 1,
                   workdir: Path | None = None, keep_failing: bool = False,
                   timeout: float | None = None, stop: threading.Event | None = None,
-                  report: Callable[[Result], None] | None = None) -> Summary:
+                  report: Callable[[Result], None] | None = None,
+                  listed: Callable[[int], None] | None = None) -> Summary:
     """Run CHECK on every distinct crash state of ``bounds`` (see
-    :func:`crash_boundaries`), at most ``max_states``, ``jobs`` at a time."""
+    :func:`crash_boundaries`), at most ``max_states``, ``jobs`` at a time;
+    ``listed`` hears how many there are to check, before the first starts."""
     todo, enumerated, stopped = unique_states(bounds, exhaustive=exhaustive, limit=max_states)
+    if listed is not None:
+        listed(len(todo))
     results = check_all(todo, base, size, check, jobs=jobs, workdir=workdir,
                         keep_failing=keep_failing, report=report, timeout=timeout, stop=stop)
     return Summary(len(bounds), enumerated, len(todo), stopped, max_states, results)

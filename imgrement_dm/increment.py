@@ -36,6 +36,7 @@ from imgrement_dm.errors import IncrementError
 from imgrement_dm.formats import files, qcow2
 from imgrement_dm.formats.capture import CaptureReader
 from imgrement_dm.output import atomic_path, check_writable
+from imgrement_dm.progress import Progress, metered
 
 __all__ = ["CHANGING_OPS", "FUA_FLAG", "PREFLUSH_FLAG", "Extents", "Selection", "StopAt",
            "apply", "apply_qcow2", "extents", "replay"]
@@ -47,7 +48,6 @@ COPY_CHUNK = 1 << 20
 PROGRESS_EVERY = 256
 
 T = TypeVar("T")
-Progress = Callable[[int, int], None]
 
 
 def _passes(capture: Path, stop: StopAt, *, force: bool, command: str,
@@ -263,8 +263,8 @@ def apply(base: Path, capture: Path, out: Path, stop: StopAt = END, *,
 
 
 def apply_qcow2(base: Path, capture: Path, out: Path, stop: StopAt = END, *,
-                backing_name: str | None = None,
-                force: bool = False) -> tuple[Selection, int, int]:
+                backing_name: str | None = None, force: bool = False,
+                progress: Progress | None = None) -> tuple[Selection, int, int]:
     """The increment as a qcow2 overlay on ``base``; returns the selection, the
     number of 64 KiB clusters stored and of those marked zero
     (see imgrement_dm.formats.qcow2).
@@ -283,8 +283,9 @@ def apply_qcow2(base: Path, capture: Path, out: Path, stop: StopAt = END, *,
             check_base(base, size)
             fd = os.open(part, os.O_RDWR | os.O_TRUNC | os.O_CLOEXEC)
             try:
-                return qcow2.write(fd, base, size, _inside(changes, size), reader.fileno(),
-                                   name)
+                return qcow2.write(fd, base, size,
+                                   metered(_inside(changes, size), reader, progress),
+                                   reader.fileno(), name)
             finally:
                 os.close(fd)
 

@@ -26,6 +26,7 @@ from imgrement_dm.errors import IncrementError
 from imgrement_dm.formats import files
 from imgrement_dm.formats.capture import CaptureReader
 from imgrement_dm.output import atomic_output, check_writable, is_stream
+from imgrement_dm.progress import Progress, metered
 from imgrement_dm.records import BioRecord, Drop, Item, MarkRecord
 
 _TRACE, _ = layout.struct_for("struct blk_io_trace")
@@ -195,14 +196,15 @@ def _lw_order(reader: CaptureReader, *, exact: bool = False) -> Iterator[_Logged
     yield from unflushed
 
 
-def log_writes(reader: CaptureReader, out: BinaryIO, *, exact: bool = False) -> int:
+def log_writes(reader: CaptureReader, out: BinaryIO, *, exact: bool = False,
+               progress: Progress | None = None) -> int:
     """Write a dm-log-writes log of the capture's changes and marks, in the
     target's own order (:func:`_lw_order`), each write's data copied from the
     capture as its entry is written; returns its entries."""
     out.write(bytes(SECTOR))  # the super block, written last
     n = 0
     source = reader.fileno()
-    for e in _lw_order(reader, exact=exact):
+    for e in metered(_lw_order(reader, exact=exact), reader, progress):
         if e.kind == "mark":
             # as dm-log-writes writes it: the label inside the entry's own
             # sector, right after the 32-byte entry, and no sector of its own
@@ -253,7 +255,7 @@ FORMATS = ("blktrace", "jsonl", "log-writes")
 
 
 def export_capture(capture: Path, fmt: str, out: Path, *, device: tuple[int, int] = (253, 0),
-                   with_payload: bool = False) -> int:
+                   with_payload: bool = False, progress: Progress | None = None) -> int:
     """Write ``capture`` to ``out`` in ``fmt`` (one of :data:`FORMATS`): the
     bios of a blktrace trace, the records of JSON lines (payloads as hex with
     ``with_payload``), or the entries of a dm-log-writes log; returns that
@@ -262,7 +264,7 @@ def export_capture(capture: Path, fmt: str, out: Path, *, device: tuple[int, int
     written whole or not at all (output.py), never over the capture itself, so
     a damaged capture leaves nothing (a stream, ``-`` or a FIFO, gets nothing:
     the capture is checked before it).  A log-writes log must hold every
-    write's data."""
+    write's data.  ``progress`` hears the bytes of the capture read."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}: one of {', '.join(FORMATS)}")
     streams = fmt != "log-writes"
@@ -279,11 +281,12 @@ def export_capture(capture: Path, fmt: str, out: Path, *, device: tuple[int, int
                     CaptureReader(capture) as reader:
                 # one pass: every chunk and the trailer are checked as it goes,
                 # before the output is renamed into place
+                items = metered(reader.items(), reader, progress)
                 if fmt == "blktrace":
-                    return blktrace(reader.items(), f, device, exact=exact)["queue"]
+                    return blktrace(items, f, device, exact=exact)["queue"]
                 if fmt == "jsonl":
-                    return jsonl(reader.items(), f, with_payload=with_payload)
-                return log_writes(reader, f, exact=exact)
+                    return jsonl(items, f, with_payload=with_payload)
+                return log_writes(reader, f, exact=exact, progress=progress)
         except ReorderedError:
             if to_stream:
                 raise IncrementError(
