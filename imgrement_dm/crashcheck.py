@@ -513,7 +513,23 @@ def image_path(workdir: Path, state: State) -> Path:
     return workdir / f"state-{state.id.replace(':', '-').replace(',', '_')}.img"
 
 
-def run_check(state: State, base: Path, size: int, check: Sequence[str], workdir: Path,
+#: What checks a state: a command (argv, ``{}`` standing for the image's
+#: path), or a Python function of the image's path and the state that returns
+#: whether the state passes (one that raises fails it, with the exception's
+#: text as its output).  A function runs in crashcheck's own process, in a
+#: thread of the pool: no process start a state, no ``timeout`` (a thread
+#: cannot be killed), and it may only read the image or change it in place.
+Check = Sequence[str] | Callable[[Path, State], bool]
+
+
+def _call(check: Callable[[Path, State], bool], img: Path, state: State) -> tuple[int, str]:
+    try:
+        return (0, "") if check(img, state) else (1, "the check returned False")
+    except Exception as e:  # a failing check is a failing state
+        return 1, f"{type(e).__name__}: {e}"
+
+
+def run_check(state: State, base: Path, size: int, check: Check, workdir: Path,
               keep: bool, *, timeout: float | None = None,
               stop: threading.Event | None = None, lent: bool = False) -> Result | None:
     """Build the state (unless ``lent``: its image is made, and the caller
@@ -536,6 +552,14 @@ def run_check(state: State, base: Path, size: int, check: Sequence[str], workdir
         return None
     if not lent:
         build(state, base, img, size)
+    if callable(check):
+        code, output = _call(check, img, state)
+        result = Result(state, code, output)
+        if result.passed or not keep:
+            drop()
+        else:
+            result.image = img
+        return result
     argv = [a.replace("{}", str(img)) for a in check]
     try:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -570,7 +594,7 @@ def run_check(state: State, base: Path, size: int, check: Sequence[str], workdir
 
 
 def _check_lent(images: StateImages, state: State, base: Path, size: int,
-                check: Sequence[str], workdir: Path, keep: bool, *, timeout: float | None,
+                check: Check, workdir: Path, keep: bool, *, timeout: float | None,
                 stop: threading.Event | None) -> Result | None:
     """run_check on an image ``images`` made, given back to it afterwards
     (unless it is kept: a failing state's, for the user)."""
@@ -603,7 +627,7 @@ def _workdir(where: Path | None, base: Path) -> Iterator[Path]:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def check_all(todo: Sequence[State], base: Path, size: int, check: Sequence[str], *,
+def check_all(todo: Sequence[State], base: Path, size: int, check: Check, *,
               jobs: int, workdir: Path | None = None, keep_failing: bool = False,
               report: Callable[[Result], None] | None = None, timeout: float | None = None,
               stop: threading.Event | None = None) -> list[Result]:
@@ -660,7 +684,7 @@ def check_all(todo: Sequence[State], base: Path, size: int, check: Sequence[str]
         return results
 
 
-def bisect(bounds: Sequence[Boundary], base: Path, size: int, check: Sequence[str], *,
+def bisect(bounds: Sequence[Boundary], base: Path, size: int, check: Check, *,
            workdir: Path | None = None,
            report: Callable[[Result], None] | None = None) -> Result | None:
     """The first boundary whose in-order state fails, in about log2(n) checks;
@@ -723,7 +747,7 @@ class Summary:
                 f"checked, {len(self.failed)} failed{slow}")
 
 
-def check_capture(bounds: Sequence[Boundary], base: Path, size: int, check: Sequence[str], *,
+def check_capture(bounds: Sequence[Boundary], base: Path, size: int, check: Check, *,
                   max_states: int = 1000, exhaustive: int = 6, jobs: int = 1,
                   workdir: Path | None = None, keep_failing: bool = False,
                   timeout: float | None = None, stop: threading.Event | None = None,

@@ -16,8 +16,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
-import click
-
 if TYPE_CHECKING:
     from click._termui_impl import ProgressBar
 
@@ -68,6 +66,8 @@ class Meter:
         self.ended = False
 
     def __call__(self, done: int, total: int) -> None:
+        import click  # here: the API's users (metered) need not load the CLI's library
+
         if self.mode == "json":
             now = time.monotonic()
             end = done >= total

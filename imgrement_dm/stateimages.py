@@ -152,9 +152,20 @@ def _spans(writes: Sequence[Change]) -> list[tuple[int, int]]:
 @dataclass
 class _Slot:
     path: Path
+    fd: int = -1  # open on its file while it is a slot (a rename keeps it valid)
     at: int = -1  # the durable prefix it holds; -1: unknown, compare it whole
     tail: list[Change] = field(default_factory=list)  # applied over that prefix
     ino: tuple[int, int] = (0, 0)
+
+    def open(self) -> int:
+        if self.fd < 0:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        return self.fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class StateImages:
@@ -193,6 +204,8 @@ class StateImages:
         return os.fstat(fd).st_blocks * 512
 
     def _apply(self, fd: int, writes: Sequence[Change]) -> int:
+        if not writes:
+            return 0
         increment.apply_to_fd(fd, writes, self.source, self.size)
         return sum(w.size for w in writes if w.op_name == "write")
 
@@ -206,24 +219,18 @@ class StateImages:
             self.made += 1
             slot = _Slot(self.workdir / f"slot-{self.made}.img")
         if prefix < self.at:  # behind the durable image (out of order): from BASE
+            slot.close()
             increment.clone(self.base, slot.path)
-            fd = os.open(slot.path, os.O_RDWR | os.O_CLOEXEC)
-            try:
-                self.written += self._allocated(fd) + self._apply(fd, [*writes[:prefix], *tail])
-            finally:
-                os.close(fd)
+            fd = slot.open()
+            self.written += self._allocated(fd) + self._apply(fd, [*writes[:prefix], *tail])
         else:
             self.written += self._apply(self.fd, writes[self.at:prefix])
-            self._refresh(slot, writes, prefix)
-            fd = os.open(slot.path, os.O_RDWR | os.O_CLOEXEC)
-            try:
-                self.written += self._apply(fd, tail)
-            finally:
-                os.close(fd)
             self.at = prefix
+            self._refresh(slot, writes, prefix)
+            self.written += self._apply(slot.fd, tail)
         slot.at, slot.tail = prefix, list(tail)
-        os.utime(slot.path, ns=(STAMP_NS, STAMP_NS))
-        st = os.stat(slot.path)
+        os.utime(slot.fd, ns=(STAMP_NS, STAMP_NS))
+        st = os.fstat(slot.fd)
         slot.ino = (st.st_dev, st.st_ino)
         os.rename(slot.path, dest)
         with self.lock:
@@ -231,23 +238,16 @@ class StateImages:
 
     def _refresh(self, slot: _Slot, writes: Sequence[Change], prefix: int) -> None:
         """Make the slot's file the durable image (now at ``prefix``)."""
-        if not slot.path.exists():
+        if slot.fd < 0 and not slot.path.exists():
             increment.clone(self.path, slot.path)
-            fd = os.open(slot.path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                self.written += self._allocated(fd)
-            finally:
-                os.close(fd)
+            self.written += self._allocated(slot.open())
             return
-        fd = os.open(slot.path, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            if slot.at < 0:
-                self.written += sync(self.fd, fd, self.size)
-            else:
-                spans = _spans([*slot.tail, *writes[slot.at:prefix]])
-                self.written += copy_ranges(self.fd, fd, spans)
-        finally:
-            os.close(fd)
+        fd = slot.open()
+        if slot.at < 0:
+            self.written += sync(self.fd, fd, self.size)
+        else:
+            spans = _spans([*slot.tail, *writes[slot.at:prefix]])
+            self.written += copy_ranges(self.fd, fd, spans)
 
     def give_back(self, dest: Path, *, keep: bool = False) -> None:
         """The check on ``dest`` is over: its file becomes a free slot again,
@@ -256,14 +256,18 @@ class StateImages:
         with self.lock:
             slot = self.lent.pop(dest)
         if keep:
+            slot.close()
             return
         try:
             st = os.stat(dest)
         except FileNotFoundError:
+            slot.close()
             return
-        if ((st.st_dev, st.st_ino) != slot.ino or st.st_mtime_ns != STAMP_NS
-                or st.st_size != self.size):
-            slot.at = -1  # the check wrote to it (or replaced it): compare it whole
+        if (st.st_dev, st.st_ino) != slot.ino:
+            slot.close()  # replaced: the open one is the old file's
+            slot.at = -1
+        elif st.st_mtime_ns != STAMP_NS or st.st_size != self.size:
+            slot.at = -1  # the check wrote to it: compare it whole
         os.rename(dest, slot.path)
         with self.lock:
             self.free.append(slot)
@@ -276,5 +280,6 @@ class StateImages:
         self.path.unlink(missing_ok=True)
         with self.lock:
             for slot in self.free:
+                slot.close()
                 slot.path.unlink(missing_ok=True)
             self.free.clear()

@@ -229,3 +229,32 @@ def test_crashcheck_checks_each_state_s_own_bytes_with_two_jobs(tmp_path: Path) 
     assert sorted(p.name for p in work.iterdir()) == ["state-17-all.img"]
     kept = (work / "state-17-all.img").read_bytes()
     assert kept[17 * 4096:17 * 4096 + 8] == (17).to_bytes(8, "little")
+
+
+def test_a_python_check_sees_each_state_in_process(tmp_path: Path) -> None:
+    """check_capture with a function for CHECK: it gets each state's image
+    and the state, at -j 2; False fails a state, an exception fails it with
+    its text, and a failing image is kept like a command's."""
+    _cap, base, todo, size = _fsync_case(tmp_path, n=60)
+    seen: list[str] = []
+
+    def check(img: Path, st: crash.State) -> bool:
+        k = st.boundary.upto - 1  # the last write this state holds, block k
+        with img.open("rb") as f:
+            f.seek(k * 4096)
+            got = f.read(8)
+            f.seek((k + 1) * 4096)
+            after = f.read(8)
+        seen.append(st.id)
+        if k == 44:
+            raise ValueError("block 44 looked at")
+        return (got == k.to_bytes(8, "little") and after != (k + 1).to_bytes(8, "little")
+                and k != 17)
+
+    work = tmp_path / "work"
+    results = crash.check_all(todo, base, size, check, jobs=2, workdir=work, keep_failing=True)
+    assert sorted(seen) == sorted(st.id for st in todo)
+    failed = {r.state.id: r.output for r in results if not r.passed}
+    assert failed == {"17:all": "the check returned False",
+                      "44:all": "ValueError: block 44 looked at"}
+    assert sorted(p.name for p in work.iterdir()) == ["state-17-all.img", "state-44-all.img"]
