@@ -38,12 +38,16 @@ class _Positioned(Protocol):
 
 
 def metered(items: Iterable[T], reader: _Positioned,
-            progress: Progress | None) -> Iterator[T]:
+            progress: Progress | None) -> Iterable[T]:
     """``items``, telling ``progress`` every :data:`EVERY` of them how many
-    bytes of the capture ``reader`` has read, and once more at the end."""
+    bytes of the capture ``reader`` has read, and once more at the end;
+    ``items`` themselves without ``progress`` (no layer a record to pay)."""
     if progress is None:
-        yield from items
-        return
+        return items
+    return _metered(items, reader, progress)
+
+
+def _metered(items: Iterable[T], reader: _Positioned, progress: Progress) -> Iterator[T]:
     for n, item in enumerate(items, 1):
         yield item
         if n % EVERY == 0:
