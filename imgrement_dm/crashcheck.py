@@ -651,9 +651,8 @@ def check_all(todo: Sequence[State], base: Path, size: int, check: Check, *,
             results.append(r)
 
     with _workdir(workdir, base) as wd, ThreadPoolExecutor(max_workers=jobs) as pool:
-        images_of = todo[0].boundary.listing.capture if todo else None
-        images = (StateImages(base, size, wd, todo[0].boundary.listing.capture)
-                  if todo else None)
+        capture = todo[0].boundary.listing.capture if todo else None
+        images = StateImages(base, size, wd, capture) if capture is not None else None
         try:
             for st in todo:
                 while not (stop is not None and stop.is_set()):
@@ -668,7 +667,7 @@ def check_all(todo: Sequence[State], base: Path, size: int, check: Check, *,
                     break
                 assert images is not None
                 b = st.boundary
-                if b.listing.capture != images_of:
+                if b.listing.capture != capture:
                     raise CrashCheckError("check_all takes the states of one capture")
                 images.make(b.listing.writes, b.upto - len(b.tail), st.tail_writes(),
                             image_path(wd, st))
