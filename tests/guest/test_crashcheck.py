@@ -175,6 +175,27 @@ def test_the_rename_pattern(tmp_path: Path, fsync: bool) -> None:
     assert again.returncode == 1 and "neither old nor new: 0 bytes" in again.stdout
 
 
+def _record_direct(dev: str, cap: Path, work: Callable[[int, mmap.mmap], None], *,
+                   timeout: float = 120) -> None:
+    """Wrap ``dev`` as traced, record it losslessly into ``cap`` while
+    ``work`` does direct I/O on /dev/mapper/traced (an open O_DIRECT
+    descriptor and an aligned 4 KiB buffer), then unwrap: the capture whole."""
+    assert cli("wrap", dev).returncode == 0
+    try:
+        rec = start_record("traced", cap)
+        buf = mmap.mmap(-1, 4096)  # O_DIRECT wants an aligned buffer
+        fd = os.open("/dev/mapper/traced", os.O_RDWR | os.O_DIRECT)
+        try:
+            work(fd, buf)
+        finally:
+            os.close(fd)
+        assert cli("unwrap", "traced").returncode == 0
+        _, err = rec.communicate(timeout=timeout)
+        assert rec.returncode == 0, err
+    finally:
+        subprocess.run(["dmsetup", "remove", "traced"], capture_output=True, check=False)
+
+
 def test_the_state_count_of_a_known_capture_made_through_the_target(
         tmp_path: Path, loopdev: str) -> None:
     """The host test's eight records, made for real: two direct writes, a flush
@@ -186,31 +207,22 @@ def test_the_state_count_of_a_known_capture_made_through_the_target(
     sh("cp", "--sparse=always", str(Path(sh("losetup", "-nO", "BACK-FILE", loopdev).strip())),
        str(base))
     cap = tmp_path / "s.cap"
-    assert cli("wrap", loopdev).returncode == 0
-    try:
-        rec = start_record("traced", cap)
-        buf = mmap.mmap(-1, 4096)  # O_DIRECT wants an aligned buffer
-        fd = os.open("/dev/mapper/traced", os.O_RDWR | os.O_DIRECT)
-        try:
-            def write(sector: int, fill: int, flags: int = 0) -> None:
-                buf[:] = bytes([fill]) * 4096
-                assert os.pwritev(fd, [buf], sector * 512, flags) == 4096
 
-            write(0, 1)
-            write(8, 2)
-            os.fsync(fd)
-            write(16, 3)
-            write(24, 4)
-            assert cli("mark", "traced", "m").returncode == 0
-            write(32, 5, os.RWF_DSYNC)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        assert cli("unwrap", "traced").returncode == 0
-        _, err = rec.communicate(timeout=120)
-        assert rec.returncode == 0, err
-    finally:
-        subprocess.run(["dmsetup", "remove", "traced"], capture_output=True, check=False)
+    def work(fd: int, buf: mmap.mmap) -> None:
+        def write(sector: int, fill: int, flags: int = 0) -> None:
+            buf[:] = bytes([fill]) * 4096
+            assert os.pwritev(fd, [buf], sector * 512, flags) == 4096
+
+        write(0, 1)
+        write(8, 2)
+        os.fsync(fd)
+        write(16, 3)
+        write(24, 4)
+        assert cli("mark", "traced", "m").returncode == 0
+        write(32, 5, os.RWF_DSYNC)
+        os.fsync(fd)
+
+    _record_direct(loopdev, cap, work)
     # The kernel may add flushes of its own after ours (seen: one more at the end, from
     # the last close or the unwrap): each is a boundary with every write durable,
     # one state, the same bytes as the one before it.
@@ -248,23 +260,14 @@ def test_ten_thousand_fsyncs_checked_to_the_end(tmp_path: Path, loopdev: str) ->
     with base.open("wb") as f:
         f.truncate(64 << 20)  # the loop device's file: zeros, as base
     cap = tmp_path / "s.cap"
-    assert cli("wrap", loopdev).returncode == 0
-    try:
-        rec = start_record("traced", cap)
-        buf = mmap.mmap(-1, 4096)
-        fd = os.open("/dev/mapper/traced", os.O_RDWR | os.O_DIRECT)
-        try:
-            for i in range(FSYNCS):
-                buf[:] = i.to_bytes(8, "little") * 512
-                assert os.pwrite(fd, buf, (i % BLOCKS) * 4096) == 4096
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        assert cli("unwrap", "traced").returncode == 0
-        _, err = rec.communicate(timeout=300)
-        assert rec.returncode == 0, err
-    finally:
-        subprocess.run(["dmsetup", "remove", "traced"], capture_output=True, check=False)
+
+    def work(fd: int, buf: mmap.mmap) -> None:
+        for i in range(FSYNCS):
+            buf[:] = i.to_bytes(8, "little") * 512
+            assert os.pwrite(fd, buf, (i % BLOCKS) * 4096) == 4096
+            os.fsync(fd)
+
+    _record_direct(loopdev, cap, work, timeout=300)
     bounds, size = crash.crash_boundaries(cap, base)
     # each fsync one flush boundary with its write durable; the kernel may add
     # flushes of its own at the end (each a boundary, the same bytes)
