@@ -475,8 +475,11 @@ def _stop_at(until_mark: str | None, until_flush: int | None = None,
 @click.option("--quiet", "-q", is_flag=True, help="No progress line.")
 @click.option("--allow-drops", is_flag=True,
               help="Leave the device's overflow policy as it is (drop: never slow the disk).")
+@click.option("--marks", type=click.Path(path_type=Path, dir_okay=False),
+              help="Make this FIFO for the recording: each line written to it becomes a "
+                   "mark (echo ack:42 > FIFO), from any program.")
 def record(name: str, output: Path, duration: float | None, quiet: bool,
-           allow_drops: bool) -> None:
+           allow_drops: bool, marks: Path | None) -> None:
     """Record the stream of NAME into a durable capture file.
 
     Lossless: a device wrapped with --overflow drop is switched to wait for
@@ -496,7 +499,9 @@ def record(name: str, output: Path, duration: float | None, quiet: bool,
     done = None
     with _until_interrupted():  # SIGTERM as Ctrl-C: record() ends cleanly on either
         done = recording.record(name, output, duration=duration, allow_drops=allow_drops,
-                                progress=None if quiet else show)
+                                progress=None if quiet else show, marks=marks,
+                                warn=lambda text: click.echo(f"\nimgrement-dm: warning: "
+                                                             f"{text}", err=True))
     if done is None:  # interrupted before the recording began: nothing was written
         sys.exit(130)
     if not quiet:
@@ -580,9 +585,20 @@ def apply_cmd(capture_file: Path, base: Path, until_mark: str | None, output: Pa
 @click.argument("capture_file", metavar="CAPTURE", type=click.Path(path_type=Path))
 @click.argument("base", type=click.Path(path_type=Path, dir_okay=False, exists=True,
                                         readable=True))
-@click.argument("check", nargs=-1, required=True)
+@click.argument("check", nargs=-1)
+@click.option("--fsck", "use_fsck", is_flag=True,
+              help="Check with the file system's own checker (ext4, XFS, btrfs, by "
+                   "signature), after the recovery a mount would do.")
+@click.option("--sqlite", "sqlite_check", nargs=2, metavar="DB QUERY",
+              help="Check the SQLite database at DB (its path in the file system): whole, "
+                   "and every acknowledged label among QUERY's first column.")
 @click.option("--max-states", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Check at most this many distinct states (in the documented order).")
+@click.option("--sample", type=click.IntRange(min=1), default=None,
+              help="Check a random sample of this many distinct states (all are listed; "
+                   "--max-states does not apply).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="The sample's seed: the same seed checks the same states.")
 @click.option("--exhaustive", type=click.IntRange(0, 12), default=6, show_default=True,
               help="Every subset of the unflushed writes when there are at most this many; "
                    "beyond, none, each alone and all but each.")
@@ -599,8 +615,9 @@ def apply_cmd(capture_file: Path, base: Path, until_mark: str | None, output: Pa
                    "state fails as timed out.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per state checked.")
 @_progress_option
-def crashcheck(capture_file: Path, base: Path, check: tuple[str, ...], max_states: int,
-               exhaustive: int, jobs: int, bisect: bool, workdir: Path | None,
+def crashcheck(capture_file: Path, base: Path, check: tuple[str, ...], use_fsck: bool,
+               sqlite_check: tuple[str, str] | None, max_states: int, sample: int | None,
+               seed: int, exhaustive: int, jobs: int, bisect: bool, workdir: Path | None,
                keep_failing: bool, timeout: float | None, as_json: bool,
                progress_mode: str) -> None:
     """Run CHECK on every disk state a power cut could have left.
@@ -613,14 +630,35 @@ def crashcheck(capture_file: Path, base: Path, check: tuple[str, ...], max_state
 
     \b
     imgrement-dm crashcheck s.cap base.img -- e2fsck -fn {}
+    imgrement-dm crashcheck s.cap base.img --fsck
+    imgrement-dm crashcheck s.cap base.img --sqlite /app.db 'SELECT id FROM t'
+
+    Marks labelled ack:LABEL say the application acknowledged LABEL: every
+    state from there on must hold it. CHECK finds them in the file
+    $IMGREMENT_ACKED (one a line) and writes the missing ones to the file
+    $IMGREMENT_LOST; such a state fails as "lost acknowledged data".
 
     Exit 0 if every state passed, 1 if any failed; each failure is named by
     its state id, which 'apply --state ID' rebuilds alone. Ctrl-C or SIGTERM
     ends the running checks, removes their images, prints the summary so far
     and exits 130 or 143.
     """
+    from imgrement_dm import checks as ready
     from imgrement_dm import crashcheck as crash
     from imgrement_dm import render
+
+    made = ([ready.fsck] if use_fsck else []) + (
+        [ready.sqlite(*sqlite_check)] if sqlite_check else [])
+    if check and made:
+        raise click.UsageError("give a CHECK command or --fsck/--sqlite, not both (a "
+                               "command can run e2fsck and sqlite3 itself)")
+    if not check and not made:
+        raise click.UsageError("nothing to check with: give a CHECK command after --, "
+                               "or --fsck, or --sqlite DB QUERY")
+    if made and timeout is not None:
+        raise click.UsageError("--timeout ends a CHECK command; --fsck and --sqlite run "
+                               "in crashcheck's process and cannot be cut short")
+    checker: crash.Check = check if check else ready.all_of(*made)
 
     with _meter(progress_mode, "listing") as m:
         bounds, size = crash.crash_boundaries(capture_file, base, progress=m)
@@ -638,13 +676,20 @@ def crashcheck(capture_file: Path, base: Path, check: tuple[str, ...], max_state
         states(seen["checked"], seen["total"])
         if tty:  # a progress line on a terminal; the summary replaces it
             click.echo("\r\033[K", err=True, nl=False)
+        acked = r.state.acked
         if as_json:
             click.echo(render.dumps({"state": r.state.id, "boundary": r.state.boundary.index,
                                      "kind": r.state.boundary.kind,
                                      "record": r.state.boundary.seq,
                                      "kept": r.state.kept, "exit": r.code,
                                      "timed_out": r.timed_out, "passed": r.passed,
-                                     "output": r.output[-2000:]}))
+                                     "verdict": r.verdict, "acked": len(acked),
+                                     "last_ack": acked[-1] if acked else None,
+                                     "lost": list(r.lost), "output": r.output[-2000:]}))
+        elif r.lost:
+            shown = ", ".join(r.lost[:10]) + (" ..." if len(r.lost) > 10 else "")
+            click.echo(f"LOST {r.state.describe()}: {len(r.lost)} of {len(acked)} "
+                       f"acknowledged missing: {shown}")
         elif not r.passed:
             last = r.output.splitlines()[-1] if r.output else ""
             how = f"timed out after {timeout:g} s" if r.timed_out else f"exit {r.code}"
@@ -654,7 +699,7 @@ def crashcheck(capture_file: Path, base: Path, check: tuple[str, ...], max_state
                        f"{seen['failed']} failed", err=True, nl=False)
 
     if bisect:
-        first = crash.bisect(bounds, base, size, check, workdir=workdir, report=show)
+        first = crash.bisect(bounds, base, size, checker, workdir=workdir, report=show)
         if first is None:
             click.echo(f"{len(bounds)} boundaries: the last one passes, so bisect finds "
                        "nothing", err=True)
@@ -663,10 +708,11 @@ def crashcheck(capture_file: Path, base: Path, check: tuple[str, ...], max_state
                    f"{first.state.boundary.describe()} (state {first.state.id})", err=True)
         sys.exit(1)
     with _stop_on_signals() as stop:
-        summary = crash.check_capture(bounds, base, size, check, max_states=max_states,
+        summary = crash.check_capture(bounds, base, size, checker, max_states=max_states,
                                       exhaustive=exhaustive, jobs=jobs, workdir=workdir,
                                       keep_failing=keep_failing, timeout=timeout,
-                                      stop=stop.event, report=show, listed=listed)
+                                      stop=stop.event, report=show, listed=listed,
+                                      sample=sample, seed=seed)
     if tty:
         click.echo("\r\033[K", err=True, nl=False)
     click.echo(summary.describe(interrupted_by=stop.signum), err=True)

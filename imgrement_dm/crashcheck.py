@@ -70,6 +70,13 @@ class Boundary:
     durable_key: int = field(repr=False)  # the content key of writes[:upto - len(tail)]
     atoms: tuple[tuple[int, int, int], ...] = field(repr=False)  # see _atoms
     listing: Listing = field(repr=False, compare=False)
+    acks: int = 0  # acknowledgements made by then: the first ``acks`` of listing.acks
+
+    @property
+    def acked(self) -> list[str]:
+        """The labels of every ack mark made by this boundary (it included),
+        in order: what a state here must still hold (docs/crashcheck.md)."""
+        return self.listing.acks[:self.acks]
 
     @property
     def completed(self) -> list[Change]:
@@ -111,6 +118,7 @@ class Listing:
     capture: Path
     writes: list[Change]
     hasher: Hasher
+    acks: list[str] = field(default_factory=list)  # the ack marks' labels, in order
 
 
 @dataclass(frozen=True)
@@ -142,6 +150,11 @@ class State:
     def key(self) -> int:
         return self.boundary.key(self.kept)
 
+    @property
+    def acked(self) -> list[str]:
+        """What the application had acknowledged by this state's boundary."""
+        return self.boundary.acked
+
     def describe(self) -> str:
         n = len(self.boundary.unflushed)
         if n == 0:
@@ -150,6 +163,11 @@ class State:
         return (f"state {self.id}: {self.boundary.describe()}, {kept} of {n} unflushed "
                 f"write(s) kept")
 
+
+#: A mark labelled ``ack:LABEL`` says the application acknowledged LABEL
+#: (told its user it was saved) by then: every state from that boundary on
+#: must still hold it (docs/crashcheck.md, "The acknowledgement oracle").
+ACK_PREFIX = "ack:"
 
 #: Content keys are sums modulo this prime (a Mersenne prime: 2**127 - 1).
 MOD = (1 << 127) - 1
@@ -326,10 +344,13 @@ def boundaries(capture: Path, reader: CaptureReader, hasher: Hasher | None = Non
         t = tuple(tail)
         unflushed = tuple(w for w in t if not (w.op_name == "write" and w.flags & FUA_FLAG))
         found.append(Boundary(len(found), kind, seq, label, len(writes), unflushed, t,
-                              durable.key, _atoms(t, durable) if t else (), listing))
+                              durable.key, _atoms(t, durable) if t else (), listing,
+                              len(listing.acks)))
 
     for ev in _events(reader, hasher, progress):
         if ev.kind == "mark":
+            if ev.label.startswith(ACK_PREFIX) and len(ev.label) > len(ACK_PREFIX):
+                listing.acks.append(ev.label[len(ACK_PREFIX):])
             boundary("mark", ev.seq, ev.label)
             continue
         if ev.kind != "write":
@@ -377,14 +398,17 @@ class Unique(NamedTuple):
 
 def unique_states(bounds: Sequence[Boundary], *, exhaustive: int = 6,
                   limit: int | None = None) -> Unique:
-    """States deduplicated by content, at most ``limit``; how many were
-    enumerated; and whether the limit left out another distinct one (looked
-    for, so that a capture with exactly ``limit`` states is not said to stop)."""
-    seen: set[int] = set()
+    """States deduplicated by content (and by the acknowledgements they must
+    hold: a later boundary with the same bytes but more acks is checked too),
+    at most ``limit``; how many were enumerated; and whether the limit left
+    out another distinct one (looked for, so that a capture with exactly
+    ``limit`` states is not said to stop)."""
+    seen: set[tuple[int, int]] = set()
     out: list[State] = []
     enumerated = 0
     for st in states(bounds, exhaustive):
-        key = st.key()
+        # the same bytes under more acknowledgements is another question
+        key = (st.key(), st.boundary.acks)
         if key in seen:
             enumerated += 1
             continue
@@ -485,10 +509,37 @@ class Result:
     output: str = field(repr=False)
     timed_out: bool = False  # the check ran past --timeout and was killed
     image: Path | None = None  # where the state's image was kept (a failing one)
+    lost: tuple[str, ...] = ()  # acknowledged labels the check found missing
 
     @property
     def passed(self) -> bool:
-        return self.code == 0 and not self.timed_out
+        return self.code == 0 and not self.timed_out and not self.lost
+
+    @property
+    def verdict(self) -> str:
+        """``passed``, ``lost acknowledged data`` (the check named acked
+        labels the state lacks), ``timed out`` or ``failed`` (the check
+        failed otherwise: an inconsistent state)."""
+        if self.lost:
+            return LOST
+        if self.timed_out:
+            return "timed out"
+        return "passed" if self.code == 0 else "failed"
+
+
+#: The verdict of a state missing data the application had acknowledged.
+LOST = "lost acknowledged data"
+
+
+class LostAcknowledged(Exception):  # noqa: N818 (a verdict, raised by a check)
+    """Raised by a Python check: the state lacks these acknowledged labels.
+
+    (A command check writes them to the file $IMGREMENT_LOST instead.)"""
+
+    def __init__(self, labels: Sequence[str]) -> None:
+        self.labels = tuple(labels)
+        shown = ", ".join(self.labels[:10]) + (" ..." if len(self.labels) > 10 else "")
+        super().__init__(f"{len(self.labels)} acknowledged label(s) missing: {shown}")
 
 
 #: How often a running check looks at the stop flag and its time limit.
@@ -519,14 +570,40 @@ def image_path(workdir: Path, state: State) -> Path:
 #: text as its output).  A function runs in crashcheck's own process, in a
 #: thread of the pool: no process start a state, no ``timeout`` (a thread
 #: cannot be killed), and it may only read the image or change it in place.
+#: Either may find data the application acknowledged missing (``state.acked``
+#: or $IMGREMENT_ACKED): a function raises :class:`LostAcknowledged`, a
+#: command writes the labels to $IMGREMENT_LOST; the state's verdict is then
+#: :data:`LOST`, not merely failed.
 Check = Sequence[str] | Callable[[Path, State], bool]
 
 
-def _call(check: Callable[[Path, State], bool], img: Path, state: State) -> tuple[int, str]:
+def _call(check: Callable[[Path, State], bool], img: Path,
+          state: State) -> tuple[int, str, tuple[str, ...]]:
     try:
-        return (0, "") if check(img, state) else (1, "the check returned False")
+        return (0, "", ()) if check(img, state) else (1, "the check returned False", ())
+    except LostAcknowledged as e:
+        return 1, str(e), e.labels
     except Exception as e:  # a failing check is a failing state
-        return 1, f"{type(e).__name__}: {e}"
+        return 1, f"{type(e).__name__}: {e}", ()
+
+
+def _ack_files(img: Path, state: State) -> tuple[Path, Path]:
+    """The files a command check is given beside its image: the labels it
+    must find ($IMGREMENT_ACKED, one a line) and where it names the ones it
+    did not ($IMGREMENT_LOST, empty)."""
+    acked = img.with_name(img.name + ".acked")
+    lost = img.with_name(img.name + ".lost")
+    acked.write_text("".join(f"{a}\n" for a in state.acked))
+    lost.write_bytes(b"")
+    return acked, lost
+
+
+def _read_lost(lost: Path) -> tuple[str, ...]:
+    try:
+        text = lost.read_text(errors="replace")
+    except FileNotFoundError:
+        return ()
+    return tuple(line for line in text.splitlines() if line.strip())
 
 
 def run_check(state: State, base: Path, size: int, check: Check, workdir: Path,
@@ -534,8 +611,9 @@ def run_check(state: State, base: Path, size: int, check: Check, workdir: Path,
               stop: threading.Event | None = None, lent: bool = False) -> Result | None:
     """Build the state (unless ``lent``: its image is made, and the caller
     takes it back), run CHECK on it ({} is its path, also in
-    $IMGREMENT_STATE, and its id in $IMGREMENT_STATE_ID), and remove it
-    unless it failed and is to be kept.
+    $IMGREMENT_STATE, and its id in $IMGREMENT_STATE_ID; the labels it must
+    hold in the file $IMGREMENT_ACKED, the last in $IMGREMENT_LAST_ACK), and
+    remove it unless it failed and is to be kept.
 
     A check that runs past ``timeout`` seconds is killed (its process group)
     and fails as timed out.  Once ``stop`` is set, the check is ended and
@@ -553,21 +631,31 @@ def run_check(state: State, base: Path, size: int, check: Check, workdir: Path,
     if not lent:
         build(state, base, img, size)
     if callable(check):
-        code, output = _call(check, img, state)
-        result = Result(state, code, output)
+        code, output, lost = _call(check, img, state)
+        result = Result(state, code, output, lost=lost)
         if result.passed or not keep:
             drop()
         else:
             result.image = img
         return result
     argv = [a.replace("{}", str(img)) for a in check]
+    acked, lost_file = _ack_files(img, state)
+
+    def drop_all() -> None:
+        drop()
+        acked.unlink(missing_ok=True)
+        lost_file.unlink(missing_ok=True)
+
     try:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, stdin=subprocess.DEVNULL, start_new_session=True,
                                 env={**os.environ, "IMGREMENT_STATE": str(img),
-                                     "IMGREMENT_STATE_ID": state.id})
+                                     "IMGREMENT_STATE_ID": state.id,
+                                     "IMGREMENT_ACKED": str(acked),
+                                     "IMGREMENT_LAST_ACK": (state.acked or [""])[-1],
+                                     "IMGREMENT_LOST": str(lost_file)})
     except OSError as e:
-        drop()
+        drop_all()
         raise CrashCheckError(f"cannot run the check {argv[0]!r}: {e.strerror}") from None
     deadline = None if timeout is None else time.monotonic() + timeout
     timed_out = False
@@ -579,13 +667,16 @@ def run_check(state: State, base: Path, size: int, check: Check, workdir: Path,
             pass
         if stop is not None and stop.is_set():
             _end(proc, signal.SIGTERM)
-            drop()
+            drop_all()
             return None
         if deadline is not None and time.monotonic() > deadline:
             out, err = _end(proc, signal.SIGKILL)
             timed_out = True
             break
-    result = Result(state, proc.returncode, (out + err).strip(), timed_out=timed_out)
+    result = Result(state, proc.returncode, (out + err).strip(), timed_out=timed_out,
+                    lost=_read_lost(lost_file))
+    acked.unlink(missing_ok=True)
+    lost_file.unlink(missing_ok=True)
     if result.passed or not keep:
         drop()
     else:
@@ -723,10 +814,19 @@ class Summary:
     stopped: bool  # max_states left out at least one more distinct state
     max_states: int
     results: list[Result]  # those decided (fewer if stopped by a signal)
+    seconds: float = 0.0  # the checking's wall time
+    sampled_from: int = 0  # with a sample: the distinct states it was drawn from
+    seed: int | None = None  # with a sample: its seed (the same seed, the same states)
+    acks: int = 0  # ack marks in the capture
 
     @property
     def failed(self) -> list[Result]:
         return [r for r in self.results if not r.passed]
+
+    @property
+    def lost(self) -> list[Result]:
+        """The states that lack data the application had acknowledged."""
+        return [r for r in self.results if r.lost]
 
     @property
     def kept(self) -> list[str]:
@@ -740,10 +840,18 @@ class Summary:
                 if self.stopped else "")
         cut = (f", interrupted by {signal.Signals(interrupted_by).name} after "
                f"{len(self.results)} of {self.to_check}" if interrupted_by else "")
-        slow = f" ({timed_out} timed out)" if timed_out else ""
-        return (f"{self.boundaries} boundaries, {self.enumerated} states enumerated, "
-                f"{self.to_check} distinct to check{more}{cut}: {len(self.results)} "
-                f"checked, {len(self.failed)} failed{slow}")
+        why = [f"{len(self.lost)} {LOST}"] if self.lost else []
+        why += [f"{timed_out} timed out"] if timed_out else []
+        slow = f" ({', '.join(why)})" if why else ""
+        picked = (f"a sample of {self.to_check} of {self.sampled_from} distinct (seed "
+                  f"{self.seed})" if self.seed is not None else
+                  f"{self.to_check} distinct to check{more}")
+        acks = f", {self.acks} acknowledgements" if self.acks else ""
+        rate = (f", {len(self.results) * 60 / self.seconds:.0f} states/min"
+                if self.seconds > 0 and self.results else "")
+        return (f"{self.boundaries} boundaries{acks}, {self.enumerated} states enumerated, "
+                f"{picked}{cut}: {len(self.results)} checked, {len(self.failed)} "
+                f"failed{slow}{rate}")
 
 
 def check_capture(bounds: Sequence[Boundary], base: Path, size: int, check: Check, *,
@@ -751,13 +859,30 @@ def check_capture(bounds: Sequence[Boundary], base: Path, size: int, check: Chec
                   workdir: Path | None = None, keep_failing: bool = False,
                   timeout: float | None = None, stop: threading.Event | None = None,
                   report: Callable[[Result], None] | None = None,
-                  listed: Callable[[int], None] | None = None) -> Summary:
+                  listed: Callable[[int], None] | None = None,
+                  sample: int | None = None, seed: int = 0) -> Summary:
     """Run CHECK on every distinct crash state of ``bounds`` (see
     :func:`crash_boundaries`), at most ``max_states``, ``jobs`` at a time;
-    ``listed`` hears how many there are to check, before the first starts."""
-    todo, enumerated, stopped = unique_states(bounds, exhaustive=exhaustive, limit=max_states)
+    ``listed`` hears how many there are to check, before the first starts.
+
+    With ``sample``: every distinct state is listed (``max_states`` does not
+    apply) and ``sample`` of them, drawn with ``seed``, are checked in their
+    order, so that the same seed checks the same states again."""
+    if sample is not None:
+        every, enumerated, _ = unique_states(bounds, exhaustive=exhaustive, limit=None)
+        picked = sorted(random.Random(seed).sample(range(len(every)),
+                                                   min(sample, len(every))))
+        todo, stopped = [every[i] for i in picked], False
+    else:
+        todo, enumerated, stopped = unique_states(bounds, exhaustive=exhaustive,
+                                                  limit=max_states)
     if listed is not None:
         listed(len(todo))
+    began = time.monotonic()
     results = check_all(todo, base, size, check, jobs=jobs, workdir=workdir,
                         keep_failing=keep_failing, report=report, timeout=timeout, stop=stop)
-    return Summary(len(bounds), enumerated, len(todo), stopped, max_states, results)
+    return Summary(len(bounds), enumerated, len(todo), stopped, max_states, results,
+                   time.monotonic() - began,
+                   len(every) if sample is not None else 0,
+                   seed if sample is not None else None,
+                   len(bounds[-1].listing.acks) if bounds else 0)

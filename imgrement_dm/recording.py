@@ -20,6 +20,7 @@ from imgrement_dm import api, layout
 from imgrement_dm.directio import BLOCK, DirectAppender, address_of
 from imgrement_dm.errors import ImgrementError
 from imgrement_dm.formats.capture import IN_PLACE_MIN, write_capture
+from imgrement_dm.markfifo import mark_fifo
 from imgrement_dm.output import atomic_appender, check_writable
 from imgrement_dm.records import STREAM_MAGIC, Item, RecordReader
 
@@ -118,7 +119,8 @@ def lossless(name: str, wanted: bool = True) -> Iterator[bool]:
 def record(name: str, output: Path, *, duration: float | None = None,
            allow_drops: bool = False,
            progress: Callable[[Recorded], None] | None = None,
-           progress_every: float = 1.0) -> Recorded:
+           progress_every: float = 1.0, marks: Path | None = None,
+           warn: Callable[[str], None] | None = None) -> Recorded:
     """Record traced device ``name`` into the capture file ``output``.
 
     Lossless unless ``allow_drops``: see :func:`lossless`. Runs until the
@@ -128,13 +130,15 @@ def record(name: str, output: Path, *, duration: float | None = None,
     written and OUTPUT.part renamed to OUTPUT either way. Any other failure leaves
     OUTPUT as it was. ``progress`` is called about every ``progress_every``
     seconds. A capture with drops is still written (the result says how
-    many); apply and replay refuse it.
+    many); apply and replay refuse it. ``marks``: a FIFO made for the
+    recording, each line written to it a mark (:mod:`~imgrement_dm.markfifo`;
+    ``warn`` hears of one that could not be made).
     """
     check_writable(output)
     sectors = api.TracedDevice.find(name).table().length
     began = last = time.monotonic()
     with RecordReader.live(name) as reader, write_capture(output, name, sectors) as writer, \
-            lossless(name, not allow_drops):
+            lossless(name, not allow_drops), mark_fifo(name, marks, warn):
 
         def so_far() -> Recorded:
             return Recorded(output, writer.records, writer.bytes, writer.drops,
