@@ -278,13 +278,13 @@ def read_until_mark(reader: RecordReader, seq: int, timeout: float = 60) -> list
         assert time.monotonic() < deadline, f"mark {seq} never arrived"
 
 
-def start_record(name: str, out: Path) -> subprocess.Popen[str]:
+def start_record(name: str, out: Path, *extra: str) -> subprocess.Popen[str]:
     """``imgrement-dm record NAME -o OUT -q``, returned once it is really recording:
     its reader open (record opens the stream before it creates its temporary
     file beside OUT, output.parts_of) and the
     device switched to wait mode (after that).  A fixed sleep was not enough: a
     loaded guest started the CLI after the workload had already run."""
-    rec = subprocess.Popen([*CLI, "record", name, "-o", str(out), "-q"],
+    rec = subprocess.Popen([*CLI, "record", name, "-o", str(out), "-q", *extra],
                            stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120 * SLOWDOWN
     while not (parts_of(out) and api.status(name).overflow == "wait"):
