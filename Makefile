@@ -6,6 +6,7 @@
 #   make test-debug  the full guest suite on the debug kernel (KASAN, lockdep, ...)
 #   make test-canary the guest suite on experimental's newest kernel (not claimed)
 #   make demo      wrap a scratch disk in the sandbox and show what the target saw
+#   make demo-sqlite  crashcheck's acknowledgement oracle on SQLite, in the sandbox
 #   make bench     fio through raw, dm-linear and imgrement; docs/benchmarks.md
 #   make bench-scale  the capture tools on 1-8 GiB captures, on the host
 #   make lint      ruff and mypy (the target is built with W=1 and sparse,
@@ -184,6 +185,12 @@ demo-crash: all
 	$(BIN)/imgrement-dm sandbox --kernel $(KERNEL) --disk 64M --results build/demo \
 		-- scripts/demo-crash-guest
 
+# crashcheck's acknowledgement oracle on SQLite in the sandbox: DELETE mode
+# with synchronous=FULL loses the last acknowledged row, EXTRA none.
+demo-sqlite: all
+	$(BIN)/imgrement-dm sandbox --kernel $(KERNEL) --disk 64M --results build/demo \
+		-- scripts/demo-sqlite-guest
+
 # Install on a real machine (root): the module through DKMS (rebuilt on kernel
 # upgrades), the CLI in its own venv, the udev rule and systemd unit (inert
 # until a policy exists: see udev/autowrap.conf.example).
@@ -227,4 +234,4 @@ clean:
 distclean: clean
 	rm -rf $(VENV)
 
-.PHONY: deb test-deb test-canary demo-crash all lint test test-host test-system test-guest test-debug bench bench-scale bench-peers demo install uninstall clean distclean
+.PHONY: deb test-deb test-canary demo-crash demo-sqlite all lint test test-host test-system test-guest test-debug bench bench-scale bench-peers demo install uninstall clean distclean
