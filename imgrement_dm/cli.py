@@ -415,9 +415,13 @@ def stats(name: str | None, from_file: Path | None, duration: float | None,
               show_default=True,
               help="Kill the guest after this many seconds (exit 124); the full suite "
                    "on the debug kernel takes about an hour under emulation.")
+@click.option("--qemu-arg", "qemu_args", multiple=True, metavar="ARG",
+              help="One more argument for QEMU, as it is (e.g. --qemu-arg=-plugin "
+                   "--qemu-arg=insncount.so,out=counts.txt); repeatable.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def sandbox(kernel: str | None, disks: tuple[str, ...], memory: str, results: Path,
-            kvm: bool, append: str, timeout: float, command: tuple[str, ...]) -> None:
+            kvm: bool, append: str, timeout: float, qemu_args: tuple[str, ...],
+            command: tuple[str, ...]) -> None:
     """Boot a Debian kernel in QEMU with the target loaded and run COMMAND as root.
 
     Write COMMAND after '--'. Without it, an interactive shell starts. The
@@ -434,6 +438,7 @@ def sandbox(kernel: str | None, disks: tuple[str, ...], memory: str, results: Pa
         kvm=kvm,
         append=append,
         timeout=timeout if command else None,
+        qemu_args=list(qemu_args),
     )
     sys.exit(rc)
 

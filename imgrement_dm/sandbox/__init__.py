@@ -43,8 +43,11 @@ def run_command(
     kvm: bool = False,
     append: str = "",
     timeout: float | None = None,
+    qemu_args: list[str] | None = None,
 ) -> int:
-    """Prepare ``kernel``, build the target for it, boot, run ``command``; its status."""
+    """Prepare ``kernel``, build the target for it, boot, run ``command``; its status.
+
+    ``qemu_args`` go to QEMU as they are (the cost bench's ``-plugin``)."""
     k = prepare(kernel)
     module = build_module(k, target_source())
     spec = GuestRun(
@@ -58,5 +61,6 @@ def run_command(
         kvm=kvm,
         append=append,
         timeout=timeout,
+        qemu_args=list(qemu_args or []),
     )
     return run(spec)

@@ -61,6 +61,7 @@ class GuestRun:
     append: str = ""  # more kernel command line
     extra_env: dict[str, str] = field(default_factory=dict)
     timeout: float | None = None  # seconds; the guest is killed after it (exit 124)
+    qemu_args: list[str] = field(default_factory=list)  # passed to QEMU as they are
 
 
 def _vng() -> str:
@@ -163,6 +164,7 @@ def run(spec: GuestRun) -> int:
             "-fsdev", "local,id=imgrement-cache,path=/,security_model=none,readonly=on,"
             "multidevs=remap",
             "-device", f"virtio-9p-pci,fsdev=imgrement-cache,mount_tag={CACHE_TAG}",
+            *spec.qemu_args,
         ]
         for attempt in (1, 2):
             token = uuid.uuid4().hex
