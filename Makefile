@@ -8,6 +8,7 @@
 #   make demo      wrap a scratch disk in the sandbox and show what the target saw
 #   make demo-sqlite  crashcheck's acknowledgement oracle on SQLite, in the sandbox
 #   make bench     fio through raw, dm-linear and imgrement; docs/benchmarks.md
+#   make bench-cost   the cost of each configuration in counted guest instructions
 #   make bench-scale  the capture tools on 1-8 GiB captures, on the host
 #   make lint      ruff and mypy (the target is built with W=1 and sparse,
 #                  warnings failing the build, on every guest boot)
@@ -146,6 +147,24 @@ bench: all
 	$(BIN)/python tests/bench/report.py build/bench docs/benchmarks.md
 	$(MAKE) bench-scale
 
+# The cost in guest instructions (tests/bench/cost/): the guest runs under a
+# QEMU TCG plugin that counts the instructions of every vCPU between two
+# marker instructions around each fio run of a fixed number of I/Os; the
+# peer table's configurations and workloads, COST_REPS runs each.  Writes
+# build/bench/results-cost.json and the section that leads docs/benchmarks.md.
+COST_ENV ?=
+bench-cost: all
+	scripts/install-host-deps --bench
+	tests/bench/cost/build
+	rm -f build/bench/cost-counts.txt build/bench/cost-runs.json
+	$(BIN)/imgrement-dm sandbox --kernel $(KERNEL) --disk 1G --disk 1G --disk 1G --memory 8G \
+		--append "$(BENCH_APPEND)" --results build/bench \
+		--qemu-arg=-plugin \
+		--qemu-arg=$(CURDIR)/build/bench/cost/insncount.so,out=$(CURDIR)/build/bench/cost-counts.txt \
+		-- env INSNMARK=$(CURDIR)/build/bench/cost/insnmark $(COST_ENV) \
+		python -m tests.bench.cost.cost_guest
+	$(BIN)/python -m tests.bench.cost.cost_report build/bench docs/benchmarks.md
+
 # The capture tools at scale, on the host (tests/bench/scale.py): captures of
 # 1, 2, 4 and 8 GiB (SCALE_GIB) applied, replayed, diffed and exported, time
 # and peak RSS each, against cp; crashcheck's listing of 1,000 to 100,000
@@ -234,4 +253,4 @@ clean:
 distclean: clean
 	rm -rf $(VENV)
 
-.PHONY: deb test-deb test-canary demo-crash demo-sqlite all lint test test-host test-system test-guest test-debug bench bench-scale bench-peers demo install uninstall clean distclean
+.PHONY: deb test-deb test-canary demo-crash demo-sqlite all lint test test-host test-system test-guest test-debug bench bench-cost bench-scale bench-peers demo install uninstall clean distclean

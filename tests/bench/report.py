@@ -410,13 +410,17 @@ def peer_goals(peers: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, An
     return out
 
 
-def _scale_section(doc: Path) -> str:
-    """The page's section that tests/bench/scale.py writes, kept as it is."""
+def _kept_section(doc: Path, begin: str, end: str) -> str:
+    """A section another bench writes (between its markers), kept as it is."""
     text = doc.read_text() if doc.exists() else ""
-    begin, end = "<!-- scale:begin -->", "<!-- scale:end -->"
     if begin not in text or end not in text:
         return ""
     return "\n" + text[text.index(begin):text.index(end) + len(end)] + "\n"
+
+
+def _scale_section(doc: Path) -> str:
+    """The page's section that tests/bench/scale.py writes."""
+    return _kept_section(doc, "<!-- scale:begin -->", "<!-- scale:end -->")
 
 
 def main(argv: list[str]) -> int:
@@ -440,7 +444,12 @@ def main(argv: list[str]) -> int:
     if stream.exists():
         res["decoder"] = decoder_rate(stream)
     (out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
-    doc.write_text(markdown(res) + _scale_section(doc))
+    cost = _kept_section(doc, "<!-- cost:begin -->", "<!-- cost:end -->").strip()
+    page = markdown(res)
+    if cost:  # make bench-cost's section leads, after the title
+        head, _, rest = page.partition("\n\n")
+        page = head + "\n\n" + cost + "\n\n" + rest
+    doc.write_text(page + _scale_section(doc))
     print(doc.read_text())
     return 0
 

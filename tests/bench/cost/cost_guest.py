@@ -1,0 +1,102 @@
+"""The cost benchmark, run inside one sandbox guest by ``make bench-cost``.
+
+Under software emulation a guest's work is instructions, and QEMU can count
+them exactly: the guest is booted with the insncount plugin (insncount.c),
+and each measured run is fenced by ``insnmark start`` and ``insnmark stop``,
+so the plugin appends the instructions every vCPU executed in between,
+kernel and user, fio and the consumer alike, to a file on the host.  Each
+run is a fixed number of I/Os (not a fixed time), so a configuration's
+count divided by its I/Os is what one I/O costs, and its ratio to
+dm-linear's is the cost of tracing.
+
+The configurations and workloads are the peer table's (guest_bench.Peer,
+PEER_WORKLOADS), on brd and on the virtio disk, every run REPS times in one
+set-up; the order of the runs is written to $IMGREMENT_RESULTS/cost-runs.json,
+line k of the plugin's file being run k's count (cost_report.py pairs them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.bench.guest_bench import PEER_FS, PEER_WORKLOADS, STREAMS, Peer, sh
+
+CONFIGS = [c for c in ["linear", "blktrace", "bpftrace", "meta", "writes-drop",
+                       "writes-wait", "log-writes"]
+           if c in os.environ.get("COST_CONFIGS", c).split(",")]
+WORKLOADS = [w for w in PEER_WORKLOADS
+             if w in os.environ.get("COST_WORKLOADS", w).split(",")]
+DISKS = os.environ.get("COST_DISKS", "brd,virtio").split(",")
+REPS = int(os.environ.get("COST_REPS", "5"))
+#: I/Os a run: a fixed count, the same in every configuration.
+IOS = {"seqwrite-1m": 256}
+DEFAULT_IOS = int(os.environ.get("COST_IOS", "8000"))
+MARK = os.environ["INSNMARK"]
+OUT = Path(os.environ["IMGREMENT_RESULTS"])
+SETTLE = 1.0  # seconds after fio for the consumer to drain, inside the window
+
+
+def measured(path: str, workload: str) -> dict[str, Any]:
+    """One fenced run of ``workload`` on ``path``: fio's own figures."""
+    ios = IOS.get(workload, DEFAULT_IOS)
+    argv = ["fio", "--name=cost", f"--filename={path}", "--direct=1", "--ioengine=libaio",
+            f"--number_ios={ios}", "--size=200M", "--randrepeat=1", "--norandommap",
+            "--group_reporting", "--output-format=json", *PEER_WORKLOADS[workload]]
+    if workload == "seqwrite-1m":
+        argv = [a for a in argv if not a.startswith("--io_size")]
+    sh(MARK, "start")
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    time.sleep(SETTLE)
+    sh(MARK, "stop")
+    job = json.loads(out)["jobs"][0]
+    done = job["read"]["total_ios"] + job["write"]["total_ios"]
+    return {"ios": done, "fio_reads": job["read"]["total_ios"],
+            "fio_writes": job["write"]["total_ios"]}
+
+
+def main() -> int:
+    STREAMS.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["modprobe", "brd", "rd_nr=3", f"rd_size={1024 << 10}"], check=True)
+    scratch = os.environ["IMGREMENT_SCRATCH_DISKS"].split()
+    disks = {"brd": ("/dev/ram0", "/dev/ram1", "/dev/ram2"),
+             "virtio": (scratch[0], scratch[1], scratch[2])}
+    runs: list[dict[str, Any]] = []
+    for disk_name in DISKS:
+        disk, log_disk, fs_disk = disks[disk_name]
+        sh("mkfs.ext4", "-q", "-F", "-E", "nodiscard", fs_disk)
+        PEER_FS.mkdir(parents=True, exist_ok=True)
+        sh("mount", "-o", "discard", fs_disk, str(PEER_FS))
+        try:
+            for workload in WORKLOADS:
+                for config in CONFIGS:
+                    peer = Peer(config, disk, log_disk)
+                    try:
+                        peer.start()
+                        for rep in range(REPS):
+                            got = measured(peer.path, workload)
+                            got.update(disk=disk_name, workload=workload, config=config,
+                                       rep=rep)
+                            runs.append(got)
+                            (OUT / "cost-runs.json").write_text(json.dumps(runs, indent=1))
+                        stats = peer.stop()
+                        for r in runs[-REPS:]:
+                            r["dropped"] = stats.get("dropped")
+                        print(f"cost {disk_name:6} {workload:24} {config:11} "
+                              f"{REPS} runs, dropped {stats.get('dropped', '-')}", flush=True)
+                    finally:
+                        peer.close()
+        finally:
+            sh("umount", str(PEER_FS))
+    (OUT / "cost-runs.json").write_text(json.dumps(runs, indent=1))
+    subprocess.run(["rmmod", "brd"], check=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

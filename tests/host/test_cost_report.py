@@ -1,0 +1,64 @@
+"""The cost bench's report: counts paired with runs, ratios, spread, goals,
+and its section kept in place by both reports (the numbers are made up here;
+make bench-cost measures them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.bench import report
+from tests.bench.cost import cost_report
+
+
+def _runs(config: str, counts: list[int], ios: int = 1000,
+          dropped: int = 0) -> list[dict[str, Any]]:
+    return [{"disk": "brd", "workload": "randwrite-4k-qd1", "config": config, "rep": i,
+             "ios": ios, "dropped": dropped} for i in range(len(counts))]
+
+
+def test_instructions_per_io_ratios_spread_and_goals() -> None:
+    plan = {"linear": [10_000_000, 10_100_000, 9_900_000],
+            "blktrace": [13_000_000] * 3, "meta": [12_000_000, 12_000_000, 12_240_000],
+            "log-writes": [26_000_000] * 3, "writes-wait": [20_000_000] * 3}
+    runs, counts = [], []
+    for config, xs in plan.items():
+        runs += _runs(config, xs)
+        counts += xs
+    res = cost_report.summarise(counts, runs)
+    cell = "brd-randwrite-4k-qd1"
+    assert res["cells"]["linear"][cell]["insns_per_io"] == 10_000
+    assert res["cells"]["linear"][cell]["spread"] == 0.02
+    assert res["cells"]["meta"][cell]["insns_per_io"] == 12_000
+    assert res["cost_ratio"]["meta"][cell] == 1.2
+    assert res["cost_ratio"]["blktrace"][cell] == 1.3
+    assert [(g["goal"], g["met"]) for g in res["goals"]] == [
+        ("meta's extra <= blktrace's", True),
+        ("writes-wait <= log-writes / 1.3, 0 dropped", True)]
+    # 20,000 > 26,000 / 1.3 = 20,000? equal is met; one more instruction an I/O is not
+    runs2 = runs[:-3] + _runs("writes-wait", [20_001_000] * 3)
+    counts2 = counts[:-3] + [20_001_000] * 3
+    assert not cost_report.summarise(counts2, runs2)["goals"][1]["met"]
+    res["reps"] = 3
+    text = "\n".join(cost_report.lines(res))
+    assert "| brd-randwrite-4k-qd1 | 10,000 |" in text and "1.200 (±1.0%)" in text
+    assert "worst spread of any cell's runs, (max - min) / median, is 2.00%" in text
+
+
+def test_counts_and_runs_must_match() -> None:
+    with pytest.raises(SystemExit, match="2 counts for 3 runs"):
+        cost_report.summarise([1, 2], _runs("linear", [1, 2, 3]))
+
+
+def test_the_section_leads_the_page_and_survives_make_bench(tmp_path: Path) -> None:
+    doc = tmp_path / "b.md"
+    doc.write_text("# Benchmarks\n\nIntro.\n\n## Goals\n")
+    section = f"{cost_report.BEGIN}\n## Cost\nfigures\n{cost_report.END}"
+    doc.write_text(cost_report.place(doc.read_text(), section))
+    assert doc.read_text().startswith(f"# Benchmarks\n\n{cost_report.BEGIN}")
+    again = cost_report.place(doc.read_text(), section.replace("figures", "new"))
+    assert again.count(cost_report.BEGIN) == 1 and "new" in again and "figures" not in again
+    kept = report._kept_section(doc, cost_report.BEGIN, cost_report.END)
+    assert kept.strip() == section
