@@ -156,11 +156,11 @@ COST_ENV ?=
 bench-cost: all
 	scripts/install-host-deps --bench
 	tests/bench/cost/build
-	rm -f build/bench/cost-counts.txt build/bench/cost-runs.json
+	rm -f build/bench/cost-counts.txt build/bench/cost-runs.json build/bench/cost-profile.txt
 	$(BIN)/imgrement-dm sandbox --kernel $(KERNEL) --disk 1G --disk 1G --disk 1G --memory 8G \
 		--append "$(BENCH_APPEND)" --results build/bench \
 		--qemu-arg=-plugin \
-		--qemu-arg=$(CURDIR)/build/bench/cost/insncount.so,out=$(CURDIR)/build/bench/cost-counts.txt \
+		--qemu-arg=$(CURDIR)/build/bench/cost/insncount.so,out=$(CURDIR)/build/bench/cost-counts.txt,profile=$(CURDIR)/build/bench/cost-profile.txt \
 		-- env INSNMARK=$(CURDIR)/build/bench/cost/insnmark $(COST_ENV) \
 		python -m tests.bench.cost.cost_guest
 	$(BIN)/python -m tests.bench.cost.cost_report build/bench docs/benchmarks.md

@@ -62,3 +62,34 @@ def test_the_section_leads_the_page_and_survives_make_bench(tmp_path: Path) -> N
     assert again.count(cost_report.BEGIN) == 1 and "new" in again and "figures" not in again
     kept = report._kept_section(doc, cost_report.BEGIN, cost_report.END)
     assert kept.strip() == section
+
+
+KALLSYMS = """ffffffff81000000 T _stext
+ffffffff81001000 T ktime_get
+ffffffff81002000 T memcpy
+ffffffff81003000 t submit_bio_noacct
+ffffffffc0001000 t imgrement_map\t[imgrement]
+ffffffffc0002000 t imgrement_end_io\t[imgrement]
+"""
+
+
+def test_a_profile_is_mapped_to_symbols_and_grouped() -> None:
+    syms = cost_report.Symbols(KALLSYMS)
+    assert syms.name(0xffffffff81001010) == "ktime_get"
+    assert syms.name(0xffffffffc0001800) == "imgrement_map [imgrement]"
+    assert syms.name(0x7f0000001000) == "[user]"
+    text = ("# window 1\nffffffff81003010 1000\n7f0000001000 500\n"
+            "# window 2\nffffffff81003010 1000\nffffffffc0001010 300\n"
+            "ffffffff81001000 200\n7f0000001000 600\nffffffff81002000 100\n")
+    windows = cost_report.profiles(text, syms)
+    assert windows == {1: {"submit_bio_noacct": 1000, "[user]": 500},
+                       2: {"submit_bio_noacct": 1000, "imgrement_map [imgrement]": 300,
+                           "ktime_get": 200, "[user]": 600, "memcpy": 100}}
+    runs = [{"disk": "brd", "workload": "w", "config": "linear", "rep": "profile", "ios": 10},
+            {"disk": "brd", "workload": "w", "config": "meta", "rep": "profile", "ios": 10}]
+    prof = cost_report.profile_summary(runs, windows)["brd-w"]["meta"]
+    assert prof["extra_per_io"] == 70  # (300 + 200 + 100 + 100) / 10
+    assert prof["groups"] == {"clock reads": 20, "imgrement (the target)": 30,
+                              "memory copies": 10, "other kernel code": 0,
+                              "user space (fio, the consumer)": 10}
+    assert prof["top"][0] == ("imgrement_map [imgrement]", 30)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -40,17 +41,20 @@ DEFAULT_IOS = int(os.environ.get("COST_IOS", "8000"))
 MARK = os.environ["INSNMARK"]
 OUT = Path(os.environ["IMGREMENT_RESULTS"])
 SETTLE = 1.0  # seconds after fio for the consumer to drain, inside the window
+#: Where one more run a cell is profiled by block (not among the REPS).
+PROFILE_DISKS = os.environ.get("COST_PROFILE_DISKS", "brd").split(",")
 
 
-def measured(path: str, workload: str) -> dict[str, Any]:
-    """One fenced run of ``workload`` on ``path``: fio's own figures."""
+def measured(path: str, workload: str, *, profile: bool = False) -> dict[str, Any]:
+    """One fenced run of ``workload`` on ``path``: fio's own figures
+    (``profile``: the plugin also writes the run's profile by block)."""
     ios = IOS.get(workload, DEFAULT_IOS)
     argv = ["fio", "--name=cost", f"--filename={path}", "--direct=1", "--ioengine=libaio",
             f"--number_ios={ios}", "--size=200M", "--randrepeat=1", "--norandommap",
             "--group_reporting", "--output-format=json", *PEER_WORKLOADS[workload]]
     if workload == "seqwrite-1m":
         argv = [a for a in argv if not a.startswith("--io_size")]
-    sh(MARK, "start")
+    sh(MARK, "profile" if profile else "start")
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     time.sleep(SETTLE)
     sh(MARK, "stop")
@@ -78,14 +82,18 @@ def main() -> int:
                     peer = Peer(config, disk, log_disk)
                     try:
                         peer.start()
-                        for rep in range(REPS):
-                            got = measured(peer.path, workload)
+                        first = len(runs)
+                        reps: list[int | str] = list(range(REPS))
+                        if disk_name in PROFILE_DISKS:
+                            reps.append("profile")
+                        for rep in reps:
+                            got = measured(peer.path, workload, profile=rep == "profile")
                             got.update(disk=disk_name, workload=workload, config=config,
                                        rep=rep)
                             runs.append(got)
                             (OUT / "cost-runs.json").write_text(json.dumps(runs, indent=1))
                         stats = peer.stop()
-                        for r in runs[-REPS:]:
+                        for r in runs[first:]:
                             r["dropped"] = stats.get("dropped")
                         print(f"cost {disk_name:6} {workload:24} {config:11} "
                               f"{REPS} runs, dropped {stats.get('dropped', '-')}", flush=True)
@@ -94,6 +102,9 @@ def main() -> int:
         finally:
             sh("umount", str(PEER_FS))
     (OUT / "cost-runs.json").write_text(json.dumps(runs, indent=1))
+    # the kernel's symbols and the modules' (dm-log-writes' loaded by now), for
+    # the profile: root reads the addresses
+    shutil.copyfile("/proc/kallsyms", OUT / "cost-kallsyms.txt")
     subprocess.run(["rmmod", "brd"], check=False)
     return 0
 

@@ -12,9 +12,11 @@ throughput tables (report.py keeps it when it rewrites the page).
 
 from __future__ import annotations
 
+import bisect
 import json
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,8 @@ def summarise(counts: list[int], runs: list[dict[str, Any]]) -> dict[str, Any]:
     per: dict[tuple[str, str, str], list[float]] = {}
     dropped: dict[tuple[str, str, str], Any] = {}
     for n, r in zip(counts, runs, strict=True):
+        if r["rep"] == "profile":  # a run the plugin profiled: not among the reps
+            continue
         key = (r["disk"], r["workload"], r["config"])
         per.setdefault(key, []).append(n / r["ios"])
         dropped[key] = r.get("dropped")
@@ -76,6 +80,85 @@ def goals(cells: dict[str, dict[str, Any]],
     return out
 
 
+#: Where the extra instructions of a traced configuration go, by symbol.
+GROUPS: list[tuple[str, Callable[[str], bool]]] = [
+    ("imgrement (the target)", lambda s: s.endswith("[imgrement]")),
+    ("clock reads", lambda s: any(k in s for k in ("ktime", "clock", "tsc", "hpet"))),
+    ("memory copies", lambda s: any(k in s for k in ("memcpy", "copy_", "memmove",
+                                                     "rep_movs"))),
+    ("user space (fio, the consumer)", lambda s: s == "[user]")]
+USER_TOP = 0xffff800000000000
+
+
+class Symbols:
+    """Guest addresses to names, from a copy of the guest's /proc/kallsyms."""
+
+    def __init__(self, text: str) -> None:
+        pairs = []
+        for line in text.splitlines():
+            parts = line.split()
+            if len(parts) >= 3 and parts[1] in "tTwW":
+                name = parts[2] + (" " + parts[3] if len(parts) > 3 else "")
+                pairs.append((int(parts[0], 16), name))
+        pairs.sort()
+        self.addrs = [a for a, _ in pairs]
+        self.names = [n for _, n in pairs]
+
+    def name(self, addr: int) -> str:
+        if addr < USER_TOP:
+            return "[user]"
+        i = bisect.bisect_right(self.addrs, addr) - 1
+        return self.names[i] if i >= 0 and self.addrs[i] else "[unknown kernel]"
+
+
+def profiles(text: str, symbols: Symbols) -> dict[int, dict[str, int]]:
+    """The profile file's windows: window (the count file's line, from 1) to
+    instructions by symbol."""
+    out: dict[int, dict[str, int]] = {}
+    cur: dict[str, int] | None = None
+    for line in text.splitlines():
+        if line.startswith("# window "):
+            cur = out.setdefault(int(line.split()[2]), {})
+            continue
+        if cur is None or not line.strip():
+            continue
+        addr, ran = line.split()
+        name = symbols.name(int(addr, 16))
+        cur[name] = cur.get(name, 0) + int(ran)
+    return out
+
+
+def profile_summary(runs: list[dict[str, Any]], windows: dict[int, dict[str, int]],
+                    top: int = 6) -> dict[str, Any]:
+    """For each profiled cell and traced configuration: its extra
+    instructions an I/O over dm-linear's, by group and by symbol."""
+    per: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
+    for k, r in enumerate(runs, start=1):
+        if r["rep"] == "profile" and k in windows:
+            by = {s: n / r["ios"] for s, n in windows[k].items()}
+            per.setdefault((r["disk"], r["workload"]), {})[r["config"]] = by
+    out: dict[str, Any] = {}
+    for (disk, workload), configs in sorted(per.items()):
+        base = configs.get("linear")
+        if base is None:
+            continue
+        for config, by in configs.items():
+            if config == "linear":
+                continue
+            extra = {s: by.get(s, 0) - base.get(s, 0) for s in set(by) | set(base)}
+            total = sum(extra.values())
+            groups: dict[str, float] = {}
+            for s, x in extra.items():
+                g = next((name for name, test in GROUPS if test(s)), "other kernel code")
+                groups[g] = groups.get(g, 0) + x
+            out.setdefault(f"{disk}-{workload}", {})[config] = {
+                "extra_per_io": round(total), "groups": {g: round(x) for g, x in
+                                                         sorted(groups.items())},
+                "top": [(s, round(x)) for s, x in sorted(extra.items(),
+                                                         key=lambda kv: -kv[1])[:top]]}
+    return out
+
+
 def lines(res: dict[str, Any]) -> list[str]:
     cells, ratio = res["cells"], res["cost_ratio"]
     configs = [c for c in ORDER if c in cells]
@@ -112,6 +195,23 @@ def lines(res: dict[str, Any]) -> list[str]:
         for g in res["goals"]:
             out.append(f"| {g['goal']} | {g['cell']} | {g['got']} | {g['wanted']} | "
                        f"{'yes' if g['met'] else '**no**'} |")
+    prof = res.get("profile") or {}
+    if prof:
+        out += ["", "Where the extra instructions of an I/O go (one more run a cell, "
+                "profiled by translated block, the guest's addresses mapped to its kernel's "
+                "symbols; user space is one lump): the extra over dm-linear's run, by group, "
+                "and the symbols that add the most.", "",
+                "| cell | config | extra insns/I/O | by group | top symbols |",
+                "| --- | --- | --- | --- | --- |"]
+        for cell, configs in prof.items():
+            for config in [c for c in ORDER if c in configs]:
+                p = configs[config]
+                total = p["extra_per_io"] or 1
+                groups = ", ".join(f"{g} {x / total:.0%}" for g, x in
+                                   sorted(p["groups"].items(), key=lambda kv: -kv[1]))
+                tops = ", ".join(f"`{s}` {x:,}" for s, x in p["top"][:4])
+                out.append(f"| {cell} | {config} | {p['extra_per_io']:,} | {groups} | "
+                           f"{tops} |")
     out.append(END)
     return out
 
@@ -129,7 +229,11 @@ def main(argv: list[str]) -> int:
     counts = [int(x) for x in (out / "cost-counts.txt").read_text().split()]
     runs = json.loads((out / "cost-runs.json").read_text())
     res = summarise(counts, runs)
-    res["reps"] = max(r["rep"] for r in runs) + 1
+    res["reps"] = max(r["rep"] for r in runs if r["rep"] != "profile") + 1
+    prof, syms = out / "cost-profile.txt", out / "cost-kallsyms.txt"
+    if prof.exists() and syms.exists():
+        windows = profiles(prof.read_text(), Symbols(syms.read_text()))
+        res["profile"] = profile_summary(runs, windows)
     (out / "results-cost.json").write_text(json.dumps(res, indent=1) + "\n")
     section = "\n".join(lines(res))
     doc.write_text(place(doc.read_text() if doc.exists() else "# Benchmarks\n", section))
