@@ -518,13 +518,13 @@ class Result:
     @property
     def verdict(self) -> str:
         """``passed``, ``lost acknowledged data`` (the check named acked
-        labels the state lacks), ``timed out`` or ``failed`` (the check
-        failed otherwise: an inconsistent state)."""
+        labels the state lacks), ``timed out`` or ``inconsistent`` (the
+        check failed otherwise)."""
         if self.lost:
             return LOST
         if self.timed_out:
             return "timed out"
-        return "passed" if self.code == 0 else "failed"
+        return "passed" if self.code == 0 else "inconsistent"
 
 
 #: The verdict of a state missing data the application had acknowledged.

@@ -105,7 +105,7 @@ def test_synchronous_off_loses_acknowledged_rows(tmp_path: Path) -> None:
     base, cap, summary = _states(tmp_path, "DELETE", "OFF")
     lost = summary.lost
     assert lost, summary.describe()
-    assert {r.verdict for r in summary.failed} <= {crash.LOST, "failed"}
+    assert {r.verdict for r in summary.failed} <= {crash.LOST, "inconsistent"}
     for r in summary.failed:
         print(f"  {r.state.id}: {r.verdict}: {r.output}")
     # the first such state, rebuilt alone: sqlite3 itself lacks the rows
@@ -117,7 +117,7 @@ def test_synchronous_off_loses_acknowledged_rows(tmp_path: Path) -> None:
     # a state the check found damaged (seen: one, in the final writeback) is
     # damaged for sqlite3 too
     for r in summary.failed:
-        if r.verdict == "failed":
+        if r.verdict == "inconsistent":
             again = _sqlite3_of_state(tmp_path, cap, base, r.state.id,
                                       "PRAGMA integrity_check")
             assert again is not None and (again.returncode != 0

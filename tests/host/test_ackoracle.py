@@ -258,3 +258,15 @@ def test_a_mark_that_fails_is_reported_and_the_rest_go_on(
         w.write("one\nbad\ntwo\n")
     assert made == ["one", "two"] and fifo is not None and fifo.failed == 1
     assert warned == ["mark 'bad' not made: a mark label needs 1 to 64 bytes"]
+
+
+def test_a_check_that_fails_otherwise_is_inconsistent(cap: Path, base: Path) -> None:
+    """Lost acknowledged data is named apart: a check failing without naming
+    labels leaves its state inconsistent, not lost."""
+    r = CliRunner().invoke(cli.main, ["crashcheck", str(cap), str(base), "--json", "--",
+                                      "sh", "-c", 'test "$IMGREMENT_LAST_ACK" != b'])
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert [(x["state"], x["verdict"]) for x in rows] == [
+        ("0:all", "passed"), ("1:all", "passed"), ("2:all", "inconsistent"),
+        ("2:none", "inconsistent")]
+    assert r.exit_code == 1 and "2 failed, " in r.stderr and "lost" not in r.stderr
