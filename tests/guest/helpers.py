@@ -27,7 +27,8 @@ CLI = [sys.executable, "-m", "imgrement_dm.cli"]
 # The debug kernel (KASAN, lockdep, kmemleak, ...) runs everything several
 # times slower under emulation; waits for things outside the test's control
 # (udev, a hotplug watcher) scale by this so a slow kernel is not a failure.
-SLOWDOWN = 4 if os.uname().release.endswith("-imgrement-debug") else 1
+DEBUG_KERNEL = os.uname().release.endswith("-imgrement-debug")
+SLOWDOWN = 4 if DEBUG_KERNEL else 1
 
 
 def pattern(seed: int, size: int) -> bytes:

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from imgrement_dm import crashcheck as crash
-from tests.guest.helpers import CLI, cli, sh, start_record
+from tests.guest.helpers import CLI, DEBUG_KERNEL, cli, sh, start_record
 
 SIZE = 32 << 20
 OLD = b"old content\n" * 300
@@ -129,7 +129,13 @@ def _crashcheck(base: Path, cap: Path, *check: str, states: int = 40) -> \
                           check=False, timeout=1500)
 
 
-@pytest.mark.parametrize("fs", ["ext4", "xfs", "btrfs"])
+#: The file systems crashcheck --fsck is shown on.  Every Debian kernel has
+#: XFS and btrfs; the debug kernel (allnoconfig plus sandbox/debug.config,
+#: built to check our module) has ext4 alone, so there ext4 is the subject.
+FILESYSTEMS = ["ext4"] if DEBUG_KERNEL else ["ext4", "xfs", "btrfs"]
+
+
+@pytest.mark.parametrize("fs", FILESYSTEMS)
 def test_with_fsyncs_every_state_is_consistent(tmp_path: Path, fs: str) -> None:
     """Files written and fsynced, folders made, a file moved: every crash
     state mounts (the kernel recovers the journal or log) and the file
