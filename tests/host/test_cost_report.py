@@ -93,3 +93,18 @@ def test_a_profile_is_mapped_to_symbols_and_grouped() -> None:
                               "memory copies": 10, "other kernel code": 0,
                               "user space (fio, the consumer)": 10}
     assert prof["top"][0] == ("imgrement_map [imgrement]", 30)
+
+
+def test_a_rep_is_the_difference_of_its_two_runs() -> None:
+    """What each run costs once (fio's start and end) cancels: 50M fixed,
+    then 10,000 instructions an I/O, gives 10,000 an I/O whatever N is."""
+    runs, counts = [], []
+    for config, per_io in (("linear", 10_000), ("meta", 12_500)):
+        for rep in range(2):
+            for part, ios in (("short", 2000), ("long", 6000)):
+                runs.append({"disk": "brd", "workload": "w", "config": config, "rep": rep,
+                             "part": part, "ios": ios, "dropped": 0})
+                counts.append(50_000_000 + per_io * ios + rep)
+    res = cost_report.summarise(counts, runs)
+    assert res["cells"]["linear"]["brd-w"]["insns_per_io"] == 10_000
+    assert res["cost_ratio"]["meta"]["brd-w"] == 1.25

@@ -35,9 +35,13 @@ WORKLOADS = [w for w in PEER_WORKLOADS
              if w in os.environ.get("COST_WORKLOADS", w).split(",")]
 DISKS = os.environ.get("COST_DISKS", "brd,virtio").split(",")
 REPS = int(os.environ.get("COST_REPS", "5"))
-#: I/Os a run: a fixed count, the same in every configuration.
-IOS = {"seqwrite-1m": 256}
-DEFAULT_IOS = int(os.environ.get("COST_IOS", "8000"))
+#: I/Os of a rep's two runs: a fixed count, the same in every configuration.
+#: The report takes the difference of the two (the longer minus the shorter,
+#: over the I/Os between them), so what every run costs once (fio starting
+#: and ending, the marker programs, the settle) cancels out.
+IOS = {"seqwrite-1m": (64, 192)}
+DEFAULT_IOS = (int(os.environ.get("COST_IOS", "2000")), 3 * int(os.environ.get("COST_IOS",
+                                                                              "2000")))
 MARK = os.environ["INSNMARK"]
 OUT = Path(os.environ["IMGREMENT_RESULTS"])
 SETTLE = 1.0  # seconds after fio for the consumer to drain, inside the window
@@ -45,19 +49,24 @@ SETTLE = 1.0  # seconds after fio for the consumer to drain, inside the window
 PROFILE_DISKS = os.environ.get("COST_PROFILE_DISKS", "brd").split(",")
 
 
-def measured(path: str, workload: str, *, profile: bool = False) -> dict[str, Any]:
-    """One fenced run of ``workload`` on ``path``: fio's own figures
-    (``profile``: the plugin also writes the run's profile by block)."""
-    ios = IOS.get(workload, DEFAULT_IOS)
+def measured(path: str, workload: str, ios: int, *, profile: bool = False,
+             fenced: bool = True) -> dict[str, Any]:
+    """One fenced run of ``ios`` I/Os of ``workload`` on ``path``: fio's own
+    figures (``profile``: the plugin also writes the run's profile by block;
+    not ``fenced``: no markers, the plugin counts nothing)."""
     argv = ["fio", "--name=cost", f"--filename={path}", "--direct=1", "--ioengine=libaio",
-            f"--number_ios={ios}", "--size=200M", "--randrepeat=1", "--norandommap",
+            # io_size far beyond: the I/O count ends the run, not the 200M region
+            f"--number_ios={ios}", "--size=200M", "--io_size=100G", "--randrepeat=1",
+            "--norandommap",
             "--group_reporting", "--output-format=json", *PEER_WORKLOADS[workload]]
     if workload == "seqwrite-1m":
         argv = [a for a in argv if not a.startswith("--io_size")]
-    sh(MARK, "profile" if profile else "start")
+    if fenced:
+        sh(MARK, "profile" if profile else "start")
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     time.sleep(SETTLE)
-    sh(MARK, "stop")
+    if fenced:
+        sh(MARK, "stop")
     job = json.loads(out)["jobs"][0]
     done = job["read"]["total_ios"] + job["write"]["total_ios"]
     return {"ios": done, "fio_reads": job["read"]["total_ios"],
@@ -76,6 +85,10 @@ def main() -> int:
         sh("mkfs.ext4", "-q", "-F", "-E", "nodiscard", fs_disk)
         PEER_FS.mkdir(parents=True, exist_ok=True)
         sh("mount", "-o", "discard", fs_disk, str(PEER_FS))
+        # every block the runs touch written once: a RAM disk allocates its
+        # pages on first write, which the first run would pay alone
+        sh("fio", "--name=fill", f"--filename={disk}", "--rw=write", "--bs=1m",
+           "--size=200M", "--direct=1", "--ioengine=libaio", "--iodepth=4")
         try:
             for workload in WORKLOADS:
                 for config in CONFIGS:
@@ -83,14 +96,18 @@ def main() -> int:
                     try:
                         peer.start()
                         first = len(runs)
+                        short, long = IOS.get(workload, DEFAULT_IOS)
+                        measured(peer.path, workload, short, fenced=False)  # warm-up
                         reps: list[int | str] = list(range(REPS))
                         if disk_name in PROFILE_DISKS:
                             reps.append("profile")
                         for rep in reps:
-                            got = measured(peer.path, workload, profile=rep == "profile")
-                            got.update(disk=disk_name, workload=workload, config=config,
-                                       rep=rep)
-                            runs.append(got)
+                            for part, ios in (("short", short), ("long", long)):
+                                got = measured(peer.path, workload, ios,
+                                               profile=rep == "profile")
+                                got.update(disk=disk_name, workload=workload, config=config,
+                                           rep=rep, part=part)
+                                runs.append(got)
                             (OUT / "cost-runs.json").write_text(json.dumps(runs, indent=1))
                         stats = peer.stop()
                         for r in runs[first:]:

@@ -34,12 +34,26 @@ def summarise(counts: list[int], runs: list[dict[str, Any]]) -> dict[str, Any]:
                          "cost-counts.txt? make bench-cost removes it first)")
     per: dict[tuple[str, str, str], list[float]] = {}
     dropped: dict[tuple[str, str, str], Any] = {}
+    shorts: dict[tuple[str, str, str], list[tuple[int, int]]] = {}
+    longs: dict[tuple[str, str, str], list[tuple[int, int]]] = {}
     for n, r in zip(counts, runs, strict=True):
         if r["rep"] == "profile":  # a run the plugin profiled: not among the reps
             continue
         key = (r["disk"], r["workload"], r["config"])
-        per.setdefault(key, []).append(n / r["ios"])
         dropped[key] = r.get("dropped")
+        if r.get("part") == "short":
+            shorts.setdefault(key, []).append((n, r["ios"]))
+        elif r.get("part") == "long":
+            longs.setdefault(key, []).append((n, r["ios"]))
+        else:
+            per.setdefault(key, []).append(n / r["ios"])
+    # a long run's I/Os alone: its count less what a run costs once, taken
+    # from the median of the cell's short runs (their spread is mostly that
+    # fixed part: fio starting, the markers, the settle)
+    for key, got in longs.items():
+        fixed = statistics.median(n for n, _ in shorts[key])
+        ios0 = shorts[key][0][1]
+        per[key] = [(n - fixed) / (ios - ios0) for n, ios in got]
     cells: dict[str, dict[str, Any]] = {}
     for (disk, workload, config), xs in per.items():
         med = statistics.median(xs)
@@ -133,10 +147,19 @@ def profile_summary(runs: list[dict[str, Any]], windows: dict[int, dict[str, int
     """For each profiled cell and traced configuration: its extra
     instructions an I/O over dm-linear's, by group and by symbol."""
     per: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
+    shorts: dict[tuple[str, str, str], tuple[dict[str, int], int]] = {}
     for k, r in enumerate(runs, start=1):
-        if r["rep"] == "profile" and k in windows:
-            by = {s: n / r["ios"] for s, n in windows[k].items()}
-            per.setdefault((r["disk"], r["workload"]), {})[r["config"]] = by
+        if r["rep"] != "profile" or k not in windows:
+            continue
+        key = (r["disk"], r["workload"], r["config"])
+        if r.get("part") == "short":
+            shorts[key] = (windows[k], r["ios"])
+            continue
+        w0, ios0 = shorts.pop(key, ({}, 0))
+        got = windows[k]
+        by = {s: (got.get(s, 0) - w0.get(s, 0)) / (r["ios"] - ios0)
+              for s in set(got) | set(w0)}
+        per.setdefault((r["disk"], r["workload"]), {})[r["config"]] = by
     out: dict[str, Any] = {}
     for (disk, workload), configs in sorted(per.items()):
         base = configs.get("linear")
@@ -169,8 +192,11 @@ def lines(res: dict[str, Any]) -> list[str]:
            "exactly: the guest runs with a TCG plugin (tests/bench/cost/insncount.c) that "
            "adds up the instructions every vCPU executes, kernel and user, fio and the "
            "consumer alike, between two marker instructions the guest executes around each "
-           "run. Each run is a fixed number of I/Os, so a configuration's count over its "
-           "I/Os is what an I/O costs it. Each cell is the median over "
+           "run. Each rep is two runs of a fixed number of I/Os (N and 3N): a long run's "
+           "count less the median of the cell's short runs, over the 2N I/Os between "
+           "them, is what an I/O costs, so what every run costs once (fio starting and "
+           "ending, the markers, a 1 s settle for the consumer to drain) cancels. Each "
+           "cell is the median over "
            f"{res['reps']} runs in one set-up, as a ratio to dm-linear's instructions per "
            "I/O in the same boot (dm-linear's own figure in the first column); the worst "
            f"spread of any cell's runs, (max - min) / median, is {worst:.2%} "
