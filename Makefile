@@ -158,7 +158,7 @@ bench-cost: all
 	tests/bench/cost/build
 	rm -f build/bench/cost-counts.txt build/bench/cost-runs.json build/bench/cost-profile.txt
 	$(BIN)/imgrement-dm sandbox --kernel $(KERNEL) --disk 1G --disk 1G --disk 1G --memory 8G \
-		--append "$(BENCH_APPEND)" --results build/bench \
+		--append "$(BENCH_APPEND) nokaslr" --results build/bench \
 		--qemu-arg=-plugin \
 		--qemu-arg=$(CURDIR)/build/bench/cost/insncount.so,out=$(CURDIR)/build/bench/cost-counts.txt,profile=$(CURDIR)/build/bench/cost-profile.txt \
 		-- env INSNMARK=$(CURDIR)/build/bench/cost/insnmark $(COST_ENV) \

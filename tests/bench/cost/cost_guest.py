@@ -34,7 +34,7 @@ CONFIGS = [c for c in ["linear", "blktrace", "bpftrace", "meta", "writes-drop",
 WORKLOADS = [w for w in PEER_WORKLOADS
              if w in os.environ.get("COST_WORKLOADS", w).split(",")]
 DISKS = os.environ.get("COST_DISKS", "brd,virtio").split(",")
-REPS = int(os.environ.get("COST_REPS", "5"))
+REPS = int(os.environ.get("COST_REPS", "5"))  # 0: the profiled runs alone
 #: I/Os of a rep's two runs: a fixed count, the same in every configuration.
 #: The report takes the difference of the two (the longer minus the shorter,
 #: over the I/Os between them), so what every run costs once (fio starting
@@ -80,6 +80,9 @@ def main() -> int:
     disks = {"brd": ("/dev/ram0", "/dev/ram1", "/dev/ram2"),
              "virtio": (scratch[0], scratch[1], scratch[2])}
     runs: list[dict[str, Any]] = []
+    # the symbols now (and again at the end, with dm-log-writes' loaded): a
+    # run cut short still has them
+    shutil.copyfile("/proc/kallsyms", OUT / "cost-kallsyms.txt")
     for disk_name in DISKS:
         disk, log_disk, fs_disk = disks[disk_name]
         sh("mkfs.ext4", "-q", "-F", "-E", "nodiscard", fs_disk)

@@ -250,16 +250,26 @@ def place(page: str, section: str) -> str:
     return head + "\n\n" + section + "\n\n" + rest if sep else page + "\n" + section + "\n"
 
 
+def _runs_of(d: Path) -> tuple[list[int], list[dict[str, Any]]]:
+    """A boot's counts and runs; a boot ended early (its cells so far) keeps
+    the counts of the runs it listed."""
+    counts = [int(x) for x in (d / "cost-counts.txt").read_text().split()]
+    runs = json.loads((d / "cost-runs.json").read_text())
+    return counts[:len(runs)], runs
+
+
 def main(argv: list[str]) -> int:
+    """OUT DOC [PROFILE_DIR]: the counts and runs in OUT; the profile from
+    OUT, or from PROFILE_DIR (another boot's profiled runs and symbols)."""
     out, doc = Path(argv[0]), Path(argv[1])
-    counts = [int(x) for x in (out / "cost-counts.txt").read_text().split()]
-    runs = json.loads((out / "cost-runs.json").read_text())
+    counts, runs = _runs_of(out)
     res = summarise(counts, runs)
-    res["reps"] = max(r["rep"] for r in runs if r["rep"] != "profile") + 1
-    prof, syms = out / "cost-profile.txt", out / "cost-kallsyms.txt"
+    res["reps"] = max((r["rep"] for r in runs if r["rep"] != "profile"), default=-1) + 1
+    pdir = Path(argv[2]) if len(argv) > 2 else out
+    prof, syms = pdir / "cost-profile.txt", pdir / "cost-kallsyms.txt"
     if prof.exists() and syms.exists():
         windows = profiles(prof.read_text(), Symbols(syms.read_text()))
-        res["profile"] = profile_summary(runs, windows)
+        res["profile"] = profile_summary(_runs_of(pdir)[1], windows)
     (out / "results-cost.json").write_text(json.dumps(res, indent=1) + "\n")
     section = "\n".join(lines(res))
     doc.write_text(place(doc.read_text() if doc.exists() else "# Benchmarks\n", section))
