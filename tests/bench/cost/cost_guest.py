@@ -75,7 +75,9 @@ def measured(path: str, workload: str, ios: int, *, profile: bool = False,
 
 def main() -> int:
     STREAMS.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["modprobe", "brd", "rd_nr=3", f"rd_size={1024 << 10}"], check=True)
+    # 3 GiB each (pages only as written): the disk, the log, the capture file system,
+    # which takes a cell's every written byte in the data modes (about 2 GB)
+    subprocess.run(["modprobe", "brd", "rd_nr=3", f"rd_size={3072 << 10}"], check=True)
     scratch = os.environ["IMGREMENT_SCRATCH_DISKS"].split()
     disks = {"brd": ("/dev/ram0", "/dev/ram1", "/dev/ram2"),
              "virtio": (scratch[0], scratch[1], scratch[2])}
