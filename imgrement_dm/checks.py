@@ -116,6 +116,9 @@ def _mounted(image: Path, kind: str) -> Iterator[Path]:
         finally:
             u = _run(["umount", mnt])
             if u.returncode != 0:
+                # detached lazily at least: the folder's removal must not walk
+                # into a file system still mounted on it
+                _run(["umount", "-l", mnt])
                 raise CrashCheckError(f"cannot unmount the state at {mnt}: {_tail(u)}")
 
 
