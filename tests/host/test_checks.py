@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,11 +48,11 @@ def _put(img: Path, kind: str, files: dict[str, Path]) -> None:
 
 def _state(acked: list[str]) -> crash.State:
     """A state whose boundary must hold ``acked``: a capture of ack marks."""
-    import tempfile
-    d = Path(tempfile.mkdtemp(prefix="acks-"))
-    cap = _capture(d / "a.cap", [streams.mark(i, f"ack:{a}", time_ns=i + 1)
-                                 for i, a in enumerate(acked)] or [streams.mark(0, "x")])
-    bounds, _ = crash.load(cap)
+    with tempfile.TemporaryDirectory(prefix="acks-") as d:
+        cap = _capture(Path(d) / "a.cap", [streams.mark(i, f"ack:{a}", time_ns=i + 1)
+                                           for i, a in enumerate(acked)]
+                       or [streams.mark(0, "x")])
+        bounds, _ = crash.load(cap)
     return crash.State(bounds[-1], None)
 
 
