@@ -48,8 +48,16 @@ class MarkFifo:
             raise OutputError(f"cannot make the FIFO {path}: {e.strerror}") from None
         # our own writer end too: the reads never see an end of file when
         # the last program writing to it closes it
-        self._rfd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        self._wfd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        fds: list[int] = []
+        try:
+            fds.append(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+            fds.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
+        except OSError as e:
+            for fd in fds:
+                os.close(fd)
+            os.unlink(path)
+            raise OutputError(f"cannot open the FIFO {path}: {e.strerror}") from None
+        self._rfd, self._wfd = fds
         self._thread = threading.Thread(target=self._run, name="imgrement-marks", daemon=True)
         self._thread.start()
 

@@ -9,6 +9,7 @@ and no other state does.  The guest suite proves the same with SQLite.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -239,6 +240,30 @@ def test_the_fifo_refuses_a_path_that_exists(tmp_path: Path) -> None:
     with pytest.raises(OutputError, match="exists"), markfifo.mark_fifo("traced", path):
         pass
     assert path.read_text() == "mine"
+
+
+def test_a_fifo_that_cannot_be_opened_is_removed(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Made, then its second open refused (out of file descriptors): the
+    error names the FIFO, the first descriptor is closed, nothing is left."""
+    real_open = os.open
+    opened: list[int] = []
+
+    def fake_open(path: object, flags: int, *args: int) -> int:
+        if Path(str(path)).name == "acks" and opened:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        fd = real_open(path, flags, *args)  # type: ignore[arg-type]
+        opened.append(fd)
+        return fd
+
+    monkeypatch.setattr(os, "open", fake_open)
+    path = tmp_path / "acks"
+    with pytest.raises(OutputError, match=f"cannot open the FIFO {path}: Too many open"), \
+            markfifo.mark_fifo("traced", path):
+        pass
+    assert not path.exists() and len(opened) == 1
+    with pytest.raises(OSError):
+        os.fstat(opened[0])
 
 
 def test_a_mark_that_fails_is_reported_and_the_rest_go_on(
