@@ -77,8 +77,8 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
         return subprocess.run(argv, capture_output=True, text=True, check=False,
                               stdin=subprocess.DEVNULL)
     except FileNotFoundError:
-        package = {"e2fsck": "e2fsprogs", "debugfs": "e2fsprogs", "xfs_repair": "xfsprogs",
-                   "btrfs": "btrfs-progs"}.get(argv[0], argv[0])
+        package = {"e2fsck": "e2fsprogs", "xfs_repair": "xfsprogs", "btrfs": "btrfs-progs",
+                   "mount": "mount", "umount": "mount"}.get(argv[0], argv[0])
         raise CrashCheckError(f"the check needs {argv[0]}: install {package}") from None
 
 

@@ -171,3 +171,12 @@ def test_a_missing_database_loses_only_what_was_acknowledged(images: dict[str, P
 def test_a_relative_database_path_is_refused() -> None:
     with pytest.raises(CrashCheckError, match="must be absolute"):
         checks.sqlite("app.db", "SELECT 1")
+
+
+@pytest.mark.parametrize(("tool", "package"), [("e2fsck", "e2fsprogs"), ("xfs_repair", "xfsprogs"),
+                                               ("btrfs", "btrfs-progs"), ("umount", "mount")])
+def test_a_missing_tool_names_its_package(tool: str, package: str,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(CrashCheckError, match=f"the check needs {tool}: install {package}$"):
+        checks._run([tool, "-V"])
