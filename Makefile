@@ -48,18 +48,21 @@ test-host: all
 	$(BIN)/pytest tests/host -p no:cacheprovider --junitxml=$(RESULTS)/host.xml
 
 # One boot per kernel.  The debug kernel (Debian's 6.1 source with KASAN,
-# lockdep, UBSAN, kmemleak; built once) runs the smoke and stress tests,
-# where the checkers see their races, in every run.  One distro kernel runs
-# the whole suite and the others the smoke suite; which one rotates with the
-# commit: the commit count (git rev-list --count HEAD) modulo 4 picks from
-# ROTATION, so each runs whole every fourth landing (docs/testing.md has the
-# figures that decided this).  On 6.1 "whole" is run-suite's main: the
-# smoke and stress tests it leaves out run on the debug kernel, 6.1 too.
-# FULL_KERNEL=5.10 picks the whole-suite kernel by hand; KERNELS=all runs
-# the full suite everywhere (the debug kernel too); make test-debug on the
-# debug kernel alone.  Each boot's JUnit XML comes back through the shared
-# results folder and is checked: every boot must have run, with no failure
-# and nothing skipped.
+# lockdep, UBSAN, kmemleak; built once) runs the stress tests, where the
+# checkers see their races, in every run, and one of DEBUG_SHARDS shards of
+# the rest (tests/guest/shards.py): the commit count (git rev-list --count
+# HEAD) modulo DEBUG_SHARDS picks it, so the debug kernel runs the whole
+# suite over every DEBUG_SHARDS landings in a row; all of it at once does not
+# fit in CI.  One distro kernel runs the whole suite and the others the
+# smoke suite; the commit count modulo 4 picks from ROTATION, so each runs
+# whole every fourth landing (docs/testing.md has the figures that decided
+# this).  On 6.1 "whole" is run-suite's main: all but the stress tests, which
+# run on the debug kernel, 6.1 too, in every run.
+# FULL_KERNEL=5.10 picks the whole-suite kernel by hand, DEBUG_SHARD=2 the
+# debug kernel's shard; KERNELS=all runs the full suite everywhere (the debug
+# kernel too); make test-debug on the debug kernel alone.  Each boot's JUnit
+# XML comes back through the shared results folder and is checked: every
+# boot must have run, with no failure and nothing skipped.
 ALL_KERNELS := 6.1 5.10 6.12 7.2
 ROTATION := 6.1 7.2 5.10 6.12
 COMMITS := $(shell git rev-list --count HEAD 2>/dev/null || echo 0)
@@ -67,10 +70,14 @@ FULL_KERNEL ?= $(word $(shell echo $$(( $(COMMITS) % 4 + 1 ))),$(ROTATION))
 KERNELS ?= default
 _whole = $(if $(filter 6.1,$(1)),main,full)
 _suite = $(if $(filter all,$(KERNELS)),full,$(if $(filter $(FULL_KERNEL),$(1)),$(call _whole,$(1)),smoke))
+DEBUG_SHARDS := 5
+DEBUG_SHARD ?= $(shell echo $$(( $(COMMITS) % $(DEBUG_SHARDS) )))
 GUEST_RUNS ?= $(foreach k,$(ALL_KERNELS),$(k):$(call _suite,$(k))) \
-	debug:$(if $(filter all,$(KERNELS)),full,debug)
+	debug:$(if $(filter all,$(KERNELS)),full,shard-$(DEBUG_SHARD)/$(DEBUG_SHARDS))
 WHOLE_NOTE = whole suite on $(FULL_KERNEL) ($(if $(filter file,$(origin FULL_KERNEL)),commit count \
-	$(COMMITS) mod 4 picks it from $(ROTATION),given as FULL_KERNEL)), smoke suite on the other distro kernels
+	$(COMMITS) mod 4 picks it from $(ROTATION),given as FULL_KERNEL)), smoke suite on the other distro \
+	kernels; on the debug kernel the stress tests and shard $(DEBUG_SHARD) of $(DEBUG_SHARDS) \
+	($(if $(filter file,$(origin DEBUG_SHARD)),commit count $(COMMITS) mod $(DEBUG_SHARDS),given as DEBUG_SHARD))
 
 # Every test boot: Debian 5.10 zeroes each page it allocates (init_on_alloc,
 # on by default) so slowly under emulation that a process start took 5 times

@@ -18,7 +18,7 @@ from typing import IO
 
 import pytest
 
-from tests.guest import timing
+from tests.guest import shards, timing
 from tests.guest.helpers import (
     attached_loops,
     dm_names_now,
@@ -42,8 +42,28 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(timing, "guest-timing")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The kernel-log check judges everything before it, so it runs last."""
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--shard", metavar="K/S", default=None,
+        help="besides the stress tests and the kernel-log check, run only the tests "
+             "of shard K of S (tests/guest/shards.py)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The kernel-log check judges everything before it, so it runs last;
+    ``--shard K/S`` keeps the stress tests, the check and shard K's tests."""
+    spec = config.getoption("--shard")
+    if spec:
+        try:
+            k, s = shards.parse(spec)
+        except ValueError as e:
+            raise pytest.UsageError(str(e)) from None
+        keep = [i for i in items if i.get_closest_marker("stress")
+                or i.get_closest_marker("last") or shards.shard_of(i.nodeid, s) == k]
+        dropped = [i for i in items if i not in keep]
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
     last = [i for i in items if i.get_closest_marker("last")]
     items[:] = [i for i in items if i not in last] + last
 
