@@ -27,11 +27,23 @@ from pathlib import Path
 
 SALT = "8537"
 SHARDS = 5  # the Makefile's DEBUG_SHARDS
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def shard_of(nodeid: str, shards: int, salt: str = SALT) -> int:
     """The shard (0 to shards - 1) that ``nodeid`` runs in."""
     return zlib.crc32(f"{salt}:{nodeid}".encode()) % shards
+
+
+def parse(spec: str) -> tuple[int, int]:
+    """``"K/S"`` as (K, S), refused unless 0 <= K < S."""
+    try:
+        k, s = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard wants K/S (say 1/4), not {spec!r}") from None
+    if not 0 <= k < s:
+        raise ValueError(f"--shard {spec}: K must be 0 to S - 1")
+    return k, s
 
 
 def sums(times: dict[str, float], shards: int, salt: str = SALT) -> list[float]:
@@ -56,20 +68,20 @@ def _read(paths: list[str]) -> dict[str, float]:
     return times
 
 
-def _every_shard() -> set[str]:
-    """The node ids every shard runs (stress and last), collected here."""
+def collect(*args: str) -> set[str]:
+    """The node ids of the guest tests pytest's ``args`` select, collected
+    here on the host (no guest needed)."""
     env = {**os.environ, "IMGREMENT_HOST_COLLECT": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     out = subprocess.run([sys.executable, "-m", "pytest", "tests/guest", "--collect-only", "-q",
-                          "-p", "no:cacheprovider", "-p", "no:hypothesispytest",
-                          "-m", "stress or last"],
-                         capture_output=True, text=True, check=True, env=env).stdout
+                          "-p", "no:cacheprovider", "-p", "no:hypothesispytest", *args],
+                         capture_output=True, text=True, check=True, env=env, cwd=ROOT).stdout
     return {x for x in out.splitlines() if "::" in x}
 
 
 def main(argv: list[str]) -> None:
     """Print the best salt for the tests the TSVs time, but those every
     shard runs."""
-    every = _every_shard()
+    every = collect("-m", "stress or last")
     times = {k: v for k, v in _read(argv).items() if k not in every}
     salt = best_salt(times, SHARDS)
     for name, s in (("now", SALT), ("best", salt)):
@@ -80,13 +92,3 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     main(sys.argv[1:])
 
-
-def parse(spec: str) -> tuple[int, int]:
-    """``"K/S"`` as (K, S), refused unless 0 <= K < S."""
-    try:
-        k, s = (int(x) for x in spec.split("/"))
-    except ValueError:
-        raise ValueError(f"--shard wants K/S (say 1/4), not {spec!r}") from None
-    if not 0 <= k < s:
-        raise ValueError(f"--shard {spec}: K must be 0 to S - 1")
-    return k, s

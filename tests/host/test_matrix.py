@@ -56,29 +56,21 @@ def test_every_kernel_takes_its_turn_and_all_runs_everything() -> None:
         f"debug:shard-{k}/{S}" for k in range(S)}
 
 
-def _collect(*args: str) -> set[str]:
-    """The guest tests run-suite's arguments select, collected here."""
-    env = {**os.environ, "IMGREMENT_HOST_COLLECT": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-    out = subprocess.run([sys.executable, "-m", "pytest", "tests/guest", "--collect-only", "-q",
-                          "-p", "no:cacheprovider", "-p", "no:hypothesispytest", *args],
-                         capture_output=True, text=True, check=True, env=env, cwd=ROOT).stdout
-    return {x for x in out.splitlines() if "::" in x}
-
-
 def test_the_debug_kernels_shards_make_the_whole_suite() -> None:
     """Each shard has the stress tests and the kernel-log check; the rest is
     split with nothing left out and nothing twice; 6.1's main is all but the
     stress tests (the debug kernel, the same source, runs them every time)."""
-    full = _collect()
-    every_time = _collect("-m", "stress or last")
+    full = shards.collect()
+    every_time = shards.collect("-m", "stress or last")
     assert len(every_time) >= 5 and any("test_kernel_log_is_clean" in t for t in every_time)
-    parts = [_collect("--shard", f"{k}/{S}") - every_time for k in range(S)]
-    assert all(_collect("--shard", f"{k}/{S}") >= every_time for k in range(S))
+    picked = [shards.collect("--shard", f"{k}/{S}") for k in range(S)]
+    assert all(p >= every_time for p in picked)
+    parts = [p - every_time for p in picked]
     assert sum(len(p) for p in parts) == len(full - every_time)
     assert set().union(*parts) == full - every_time
     assert all(parts)
-    main = _collect("-m", "not stress")
-    assert main | _collect("-m", "stress") == full and not main & _collect("-m", "stress")
+    main, stress = shards.collect("-m", "not stress"), shards.collect("-m", "stress")
+    assert main | stress == full and not main & stress
     for bad in (f"{S}/{S}", "x", "1"):
         proc = subprocess.run([sys.executable, "-m", "pytest", "tests/guest", "--collect-only",
                                "-q", "-p", "no:cacheprovider", "--shard", bad],
