@@ -108,3 +108,43 @@ def test_a_rep_is_the_difference_of_its_two_runs() -> None:
     res = cost_report.summarise(counts, runs)
     assert res["cells"]["linear"]["brd-w"]["insns_per_io"] == 10_000
     assert res["cost_ratio"]["meta"]["brd-w"] == 1.25
+
+
+def test_the_floor_is_the_targets_append_and_copy_and_meta_is_held_to_it() -> None:
+    """The floor of meta is what the target's record-building functions cost
+    in meta's profiled run; the data modes' adds copy_payload, read from
+    writes-drop's.  meta's extra over dm-linear is held to 1.5 times it."""
+    configs = {"linear": {"submit_bio_noacct": 9000.0},
+               "meta": {"record_bio [imgrement]": 250.0,
+                        "imgrement_ring_reserve [imgrement]": 50.0,
+                        "imgrement_map [imgrement]": 400.0, "ktime_get": 100.0},
+               "writes-drop": {"record_bio [imgrement]": 300.0,
+                               "imgrement_ring_commit [imgrement]": 20.0,
+                               "copy_payload [imgrement]": 600.0,
+                               "clear_page_erms": 4000.0}}
+    assert cost_report.floor_of(configs) == {"meta": 300, "writes": 920}
+    cell = "brd-randwrite-4k-qd1"
+    res: dict[str, Any] = {
+        "cells": {"linear": {cell: {"insns_per_io": 10_000, "spread": 0.01, "dropped": None}},
+                  "meta": {cell: {"insns_per_io": 10_450, "spread": 0.01, "dropped": 0}},
+                  "writes-drop": {cell: {"insns_per_io": 15_000, "spread": 0.01,
+                                         "dropped": 3}}},
+        "cost_ratio": {"meta": {cell: 1.045}, "writes-drop": {cell: 1.5}},
+        "profile": {cell: {"floor": {"meta": 300, "writes": 920}}}, "reps": 5,
+        "lengths": {"randwrite-4k-qd1": [20_000, 80_000]}}
+    res["goals"] = cost_report.goals(res["cells"], res["cost_ratio"])
+    assert [(g["goal"], g["met"]) for g in res["goals"]] == [
+        ("writes-drop drops nothing", False)]
+    res["floor"] = cost_report.floor_goals(res)
+    meta, drop = res["floor"]
+    assert (meta["extra_per_io"], meta["floor_per_io"], meta["times_floor"]) == (450, 300, 1.5)
+    assert meta["met"] and meta["wanted"] == 450  # exactly 1.5 times is met
+    assert (drop["extra_per_io"], drop["times_floor"]) == (5000, 5.43) and "goal" not in drop
+    res["cells"]["meta"][cell]["insns_per_io"] = 10_451
+    assert not cost_report.floor_goals(res)[0]["met"]
+    text = "\n".join(cost_report.lines(res))
+    # the floor as ratios to dm-linear: 1 + 300/10,000 and 1 + 920/10,000
+    assert "| 1.030 / 1.092 |" in text
+    assert "| meta's extra <= 1.5x its floor | brd-randwrite-4k-qd1 | 450 | 450 | yes |" in text
+    assert "| brd-randwrite-4k-qd1 | writes-drop | 5,000 | 920 | 5.43 |" in text
+    assert "randwrite-4k-qd1: 20,000 and 80,000" in text

@@ -38,10 +38,17 @@ REPS = int(os.environ.get("COST_REPS", "5"))  # 0: the profiled runs alone
 #: I/Os of a rep's two runs: a fixed count, the same in every configuration.
 #: The report takes the difference of the two (the longer minus the shorter,
 #: over the I/Os between them), so what every run costs once (fio starting
-#: and ending, the marker programs, the settle) cancels out.
-IOS = {"seqwrite-1m": (64, 192)}
-DEFAULT_IOS = (int(os.environ.get("COST_IOS", "2000")), 3 * int(os.environ.get("COST_IOS",
-                                                                              "2000")))
+#: and ending, the marker programs, the settle, the sync) cancels out.  What
+#: does not cancel is work that comes in lumps at times of its own: in a
+#: probe, one meta run of five came out 17M instructions short of the others
+#: (which agreed within 1M), 2.4% of the 60,000 4 KiB I/Os between the two
+#: runs; so that many, and the short run need only be long enough to be
+#: steady.  seqwrite-1m's I/Os cost about 100 times as much; 400 between
+#: them keep a data mode's stored capture (5 reps and the profiled one) on
+#: its 4 GiB file system.
+DEFAULT_IOS = (int(os.environ.get("COST_SHORT", "5000")),
+               int(os.environ.get("COST_LONG", "65000")))
+IOS = {"seqwrite-1m": (8, 408)}
 MARK = os.environ["INSNMARK"]
 OUT = Path(os.environ["IMGREMENT_RESULTS"])
 SETTLE = 1.0  # seconds after fio for the consumer to drain, inside the window
@@ -58,13 +65,16 @@ def measured(path: str, workload: str, ios: int, *, profile: bool = False,
             # io_size far beyond: the I/O count ends the run, not the 200M region
             f"--number_ios={ios}", "--size=200M", "--io_size=100G", "--randrepeat=1",
             "--norandommap",
-            "--group_reporting", "--output-format=json", *PEER_WORKLOADS[workload]]
-    if workload == "seqwrite-1m":
-        argv = [a for a in argv if not a.startswith("--io_size")]
+            "--group_reporting", "--output-format=json",
+            # the workload's own io_size (seqwrite's 512m) would end it first
+            *(a for a in PEER_WORKLOADS[workload] if not a.startswith("--io_size"))]
     if fenced:
         sh(MARK, "profile" if profile else "start")
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     time.sleep(SETTLE)
+    # what the consumer stored, written back inside the window: otherwise the
+    # page cache's writeback lands in one run or the next as its timer says
+    sh("sync")
     if fenced:
         sh(MARK, "stop")
     job = json.loads(out)["jobs"][0]
@@ -75,9 +85,9 @@ def measured(path: str, workload: str, ios: int, *, profile: bool = False,
 
 def main() -> int:
     STREAMS.mkdir(parents=True, exist_ok=True)
-    # 3 GiB each (pages only as written): the disk, the log, the capture file system,
+    # 4 GiB each (pages only as written): the disk, the log, the capture file system,
     # which takes a cell's every written byte in the data modes (about 2 GB)
-    subprocess.run(["modprobe", "brd", "rd_nr=3", f"rd_size={3072 << 10}"], check=True)
+    subprocess.run(["modprobe", "brd", "rd_nr=3", f"rd_size={4096 << 10}"], check=True)
     scratch = os.environ["IMGREMENT_SCRATCH_DISKS"].split()
     disks = {"brd": ("/dev/ram0", "/dev/ram1", "/dev/ram2"),
              "virtio": (scratch[0], scratch[1], scratch[2])}
@@ -100,6 +110,11 @@ def main() -> int:
                     peer = Peer(config, disk, log_disk)
                     try:
                         peer.start()
+                        # udev's work stays out of the windows: each fio run ends by
+                        # closing the device, whose watch makes udev probe it again,
+                        # a burst of work that lands in a window or after it by chance
+                        sh("udevadm", "settle")
+                        sh("udevadm", "control", "--stop-exec-queue")
                         first = len(runs)
                         short, long = IOS.get(workload, DEFAULT_IOS)
                         measured(peer.path, workload, short, fenced=False)  # warm-up
@@ -114,12 +129,16 @@ def main() -> int:
                                            rep=rep, part=part)
                                 runs.append(got)
                             (OUT / "cost-runs.json").write_text(json.dumps(runs, indent=1))
+                        sh("udevadm", "control", "--start-exec-queue")
+                        sh("udevadm", "settle")
                         stats = peer.stop()
                         for r in runs[first:]:
                             r["dropped"] = stats.get("dropped")
                         print(f"cost {disk_name:6} {workload:24} {config:11} "
                               f"{REPS} runs, dropped {stats.get('dropped', '-')}", flush=True)
                     finally:
+                        subprocess.run(["udevadm", "control", "--start-exec-queue"],
+                                       check=False)
                         peer.close()
         finally:
             sh("umount", str(PEER_FS))
