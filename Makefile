@@ -7,7 +7,8 @@
 #   make test-canary the guest suite on experimental's newest kernel (not claimed)
 #   make demo      wrap a scratch disk in the sandbox and show what the target saw
 #   make demo-sqlite  crashcheck's acknowledgement oracle on SQLite, in the sandbox
-#   make bench     fio through raw, dm-linear and imgrement; docs/benchmarks.md
+#   make bench     fio through raw, dm-linear and imgrement, the peers, and
+#                  bench-cost and bench-scale; docs/benchmarks.md
 #   make bench-cost   the cost of each configuration in counted guest instructions
 #   make bench-scale  the capture tools on 1-8 GiB captures, on the host
 #   make lint      ruff and mypy (the target is built with W=1 and sparse,
@@ -152,6 +153,7 @@ bench: all
 	$(BIN)/imgrement-dm sandbox --kernel $(KERNEL) --disk 1G --disk 8G --disk 8G --memory 8G \
 		--append "$(BENCH_APPEND)" --results build/bench -- python tests/bench/guest_bench.py $(BENCH_ONLY)
 	$(BIN)/python tests/bench/report.py build/bench docs/benchmarks.md
+	$(MAKE) bench-cost
 	$(MAKE) bench-scale
 
 # The cost in guest instructions (tests/bench/cost/): the guest runs under a
