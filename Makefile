@@ -166,7 +166,7 @@ bench-cost: all
 	scripts/install-host-deps --bench
 	tests/bench/cost/build
 	rm -f build/bench/cost-counts.txt build/bench/cost-runs.json build/bench/cost-profile.txt
-	$(BIN)/imgrement-dm sandbox --kernel $(KERNEL) --disk 1G --disk 1G --disk 1G --memory 8G \
+	$(BIN)/imgrement-dm sandbox --kernel $(KERNEL) --disk 1G --disk 4G --disk 4G --memory 12G \
 		--append "$(BENCH_APPEND) nokaslr" --results build/bench \
 		--qemu-arg=-plugin \
 		--qemu-arg=$(CURDIR)/build/bench/cost/insncount.so,out=$(CURDIR)/build/bench/cost-counts.txt,profile=$(CURDIR)/build/bench/cost-profile.txt \

@@ -349,9 +349,11 @@ def contention(disk: str) -> dict[str, float]:
 class Peer:
     """One configuration of the peer comparison over one disk."""
 
-    def __init__(self, config: str, disk: str, log_disk: str) -> None:
+    def __init__(self, config: str, disk: str, log_disk: str, *,
+                 free_log: bool = True) -> None:
         self.config = config
         self.log_disk = log_disk
+        self.free_log = free_log  # discard dm-log-writes' log when done
         self.consumer: subprocess.Popen[bytes] | None = None
         self.traced: imgrement_dm.TracedDevice | None = None
         self.out = (PEER_FS / "capture" if config.startswith("writes") or config == "meta"
@@ -439,7 +441,7 @@ class Peer:
             self.traced.unwrap()
         else:
             subprocess.run(["dmsetup", "remove", "--retry", self.dm_name], check=True)
-        if self.config == "log-writes":
+        if self.config == "log-writes" and self.free_log:
             # the next log starts again at sector 0; a RAM disk frees its pages
             subprocess.run(["blkdiscard", self.log_disk], check=False)
 

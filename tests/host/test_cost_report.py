@@ -4,6 +4,7 @@ make bench-cost measures them)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -148,3 +149,33 @@ def test_the_floor_is_the_targets_append_and_copy_and_meta_is_held_to_it() -> No
     assert "| meta's extra <= 1.5x its floor | brd-randwrite-4k-qd1 | 450 | 450 | yes |" in text
     assert "| brd-randwrite-4k-qd1 | writes-drop | 5,000 | 920 | 5.43 |" in text
     assert "randwrite-4k-qd1: 20,000 and 80,000" in text
+
+
+def _boot(d: Path, disk: str, per_io: dict[str, int]) -> None:
+    """A boot's results folder: each configuration's 2 reps of a short and
+    a long run, 1,000 fixed instructions and ``per_io`` an I/O."""
+    runs, counts = [], []
+    for config, cost in per_io.items():
+        for rep in range(2):
+            for part, ios in (("short", 100), ("long", 1100)):
+                runs.append({"disk": disk, "workload": "w", "config": config, "rep": rep,
+                             "part": part, "ios": ios, "dropped": 0})
+                counts.append(1000 + cost * ios)
+    d.mkdir()
+    (d / "cost-runs.json").write_text(json.dumps(runs))
+    (d / "cost-counts.txt").write_text("".join(f"{n}\n" for n in counts))
+
+
+def test_boots_are_merged_each_cell_from_one(tmp_path: Path) -> None:
+    """The virtio disk's cells from a second boot: each ratio is to its own
+    boot's dm-linear; a cell measured twice is refused."""
+    _boot(tmp_path / "a", "brd", {"linear": 100, "meta": 110})
+    _boot(tmp_path / "b", "virtio", {"linear": 200, "meta": 250})
+    doc = tmp_path / "b.md"
+    assert cost_report.main([str(tmp_path / "a"), str(doc), str(tmp_path / "b")]) == 0
+    res = json.loads((tmp_path / "a" / "results-cost.json").read_text())
+    assert res["cost_ratio"]["meta"] == {"brd-w": 1.1, "virtio-w": 1.25}
+    assert "Each disk's cells come from one boot: brd; virtio." in doc.read_text()
+    _boot(tmp_path / "c", "brd", {"meta": 120})
+    with pytest.raises(SystemExit, match="brd-w-meta was measured in both"):
+        cost_report.main([str(tmp_path / "a"), str(doc), str(tmp_path / "c")])

@@ -1,6 +1,6 @@
 """The cost benchmark's counts into results-cost.json and a section of the page.
 
-    python -m tests.bench.cost.cost_report build/bench docs/benchmarks.md
+    python -m tests.bench.cost.cost_report build/bench docs/benchmarks.md [DIR...]
 
 Line k of cost-counts.txt (the insncount plugin's) is the instructions of
 run k of cost-runs.json (cost_guest.py's).  For each disk, workload and
@@ -273,7 +273,11 @@ def lines(res: dict[str, Any]) -> list[str]:
            "`clear_page_erms` and `rep movsb` copies weigh about one instruction a byte: "
            "a copy of a 4 KiB block is about 4,100. What this does not capture: memory "
            "bandwidth, caches and device time on real hardware (the throughput tables "
-           "below stay for that). Measured here: "
+           "below stay for that). "
+           + (("Each disk's cells come from one boot: " + "; ".join(
+               ", ".join(ds) for ds in res["boots"].values()) + ". ")
+              if len(res.get("boots", {})) > 1 else "")
+           + "Measured here: "
            + ", ".join(sorted(keys)) + " with " + ", ".join(configs) + ".", "",
            "| disk-workload | linear insns/I/O | " + " | ".join(configs[1:])
            + " | floor: meta / data |",
@@ -347,17 +351,36 @@ def _runs_of(d: Path) -> tuple[list[int], list[dict[str, Any]]]:
 
 
 def main(argv: list[str]) -> int:
-    """OUT DOC [PROFILE_DIR]: the counts and runs in OUT; the profile from
-    OUT, or from PROFILE_DIR (another boot's profiled runs and symbols)."""
+    """OUT DOC [DIR...]: the counts and runs of the boot in OUT, and of
+    each DIR (another boot's results: say, the virtio disk's); a cell
+    measured in two boots is refused, since its ratio must be to the
+    dm-linear of its own boot.  The profile of every boot that has one."""
     out, doc = Path(argv[0]), Path(argv[1])
-    counts, runs = _runs_of(out)
+    boots = [out, *map(Path, argv[2:])]
+    counts: list[int] = []
+    runs: list[dict[str, Any]] = []
+    seen: dict[tuple[str, str, str], Path] = {}
+    profile: dict[str, Any] = {}
+    disks: dict[str, list[str]] = {}
+    for d in boots:
+        c, listed = _runs_of(d)
+        for key in {(x["disk"], x["workload"], x["config"]) for x in listed}:
+            if key in seen:
+                raise SystemExit(f"cost_report: {'-'.join(key)} was measured in both "
+                                 f"{seen[key]} and {d}; give each boot's cells once")
+            seen[key] = d
+        counts += c
+        runs += listed
+        disks[str(d)] = sorted({x["disk"] for x in listed})
+        prof, syms = d / "cost-profile.txt", d / "cost-kallsyms.txt"
+        if prof.exists() and syms.exists():
+            windows = profiles(prof.read_text(), Symbols(syms.read_text()))
+            profile.update(profile_summary(listed, windows))
     res = summarise(counts, runs)
     res["reps"] = max((r["rep"] for r in runs if r["rep"] != "profile"), default=-1) + 1
-    pdir = Path(argv[2]) if len(argv) > 2 else out
-    prof, syms = pdir / "cost-profile.txt", pdir / "cost-kallsyms.txt"
-    if prof.exists() and syms.exists():
-        windows = profiles(prof.read_text(), Symbols(syms.read_text()))
-        res["profile"] = profile_summary(_runs_of(pdir)[1], windows)
+    res["boots"] = disks
+    if profile:
+        res["profile"] = profile
         res["floor"] = floor_goals(res)
     res["lengths"] = {}
     for r in runs:
