@@ -179,3 +179,12 @@ def test_boots_are_merged_each_cell_from_one(tmp_path: Path) -> None:
     _boot(tmp_path / "c", "brd", {"meta": 120})
     with pytest.raises(SystemExit, match="brd-w-meta was measured in both"):
         cost_report.main([str(tmp_path / "a"), str(doc), str(tmp_path / "c")])
+
+
+def test_a_cell_the_boot_did_not_finish_is_left_out() -> None:
+    """Runs are listed as they end, a cell's drop count when the cell ends:
+    a boot cut short inside a cell leaves runs without it, not a full cell."""
+    runs = _runs("linear", [1000, 1000]) + _runs("meta", [1200])
+    del runs[-1]["dropped"]
+    res = cost_report.summarise([1000, 1000, 1200], runs)
+    assert list(res["cells"]) == ["linear"] and res["unfinished"] == ["brd-randwrite-4k-qd1-meta"]

@@ -36,10 +36,14 @@ def summarise(counts: list[int], runs: list[dict[str, Any]]) -> dict[str, Any]:
     dropped: dict[tuple[str, str, str], Any] = {}
     shorts: dict[tuple[str, str, str], list[tuple[int, int]]] = {}
     longs: dict[tuple[str, str, str], list[tuple[int, int]]] = {}
+    unfinished: set[str] = set()
     for n, r in zip(counts, runs, strict=True):
         if r["rep"] == "profile":  # a run the plugin profiled: not among the reps
             continue
         key = (r["disk"], r["workload"], r["config"])
+        if "dropped" not in r:  # the boot ended inside this cell: not all its reps ran
+            unfinished.add("-".join(key))
+            continue
         dropped[key] = r.get("dropped")
         if r.get("part") == "short":
             shorts.setdefault(key, []).append((n, r["ios"]))
@@ -68,7 +72,8 @@ def summarise(counts: list[int], runs: list[dict[str, Any]]) -> dict[str, Any]:
             if base:
                 ratio.setdefault(config, {})[cell] = round(c["insns_per_io"]
                                                            / base["insns_per_io"], 4)
-    return {"cells": cells, "cost_ratio": ratio, "goals": goals(cells, ratio)}
+    return {"cells": cells, "cost_ratio": ratio, "goals": goals(cells, ratio),
+            "unfinished": sorted(unfinished)}
 
 
 def goals(cells: dict[str, dict[str, Any]],
@@ -278,7 +283,9 @@ def lines(res: dict[str, Any]) -> list[str]:
                ", ".join(ds) for ds in res["boots"].values()) + ". ")
               if len(res.get("boots", {})) > 1 else "")
            + "Measured here: "
-           + ", ".join(sorted(keys)) + " with " + ", ".join(configs) + ".", "",
+           + ", ".join(sorted(keys)) + " with " + ", ".join(configs) + "."
+           + (" Left out, their boot having ended before all their runs: "
+              + ", ".join(res["unfinished"]) + "." if res.get("unfinished") else ""), "",
            "| disk-workload | linear insns/I/O | " + " | ".join(configs[1:])
            + " | floor: meta / data |",
            "| --- | --- | " + " | ".join("---" for _ in configs[1:]) + " | --- |"]
