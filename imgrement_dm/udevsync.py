@@ -45,13 +45,20 @@ def udev_running() -> bool:
     """Is systemd-udevd listening on its control socket?
 
     The socket file outlives a udevd that exited, so we connect rather than
-    look for the file.
+    look for the file.  udevd listens with a backlog of 0: one connection
+    not yet accepted (ours of a moment ago, or udevadm's) fills it, and the
+    next connect fails with EAGAIN, which only a live listener answers; a
+    busy udevd is running.  (Taken for "not running", it made a wrap right
+    after a udevd restart make its own node, which the unwrap, under udev,
+    then left behind.)
     """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         sock.settimeout(2)
         sock.connect(UDEV_CONTROL)
         return True
+    except BlockingIOError:
+        return True  # EAGAIN: listening, its queue full
     except OSError:
         return False
     finally:
@@ -150,10 +157,35 @@ class NodeSync:
         ``uevent`` False: nothing was removed yet (a deferred remove of an
         open device), so the node stays and there is nothing to wait for.
         """
-        node = MAPPER_DIR / name
         if not uevent:
             return
         if self.use_udev:
             self._wait_event(major, minor, ("remove",))
-        elif node.is_block_device():
-            node.unlink()
+        remove_stale_node(MAPPER_DIR / name, major, minor)
+
+
+def remove_stale_node(node: Path, major: int, minor: int) -> None:
+    """Remove ``node`` if it is what the removed device (major, minor) left.
+
+    Who made a node and who removes it can differ: a device wrapped while
+    udev was down has a node we made, which udev's remove rules do not know
+    and leave (CI saw this when udevd came back between a wrap and its
+    unwrap); one wrapped under udev has udev's symlink, which dangles once
+    the kernel's /dev/dm-N is gone if udev is down at the unwrap.  Like
+    libdm's check after udev, we remove either: a block node of this device
+    number, or a symlink that leads nowhere.  A symlink to a live device is
+    udev's business (the number may already be reused).
+    """
+    devnum = os.makedev(major, minor)
+    try:
+        st = os.lstat(node)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            os.stat(node)
+        except FileNotFoundError:
+            node.unlink(missing_ok=True)  # dangling: its /dev/dm-N is gone
+        return
+    if stat.S_ISBLK(st.st_mode) and st.st_rdev == devnum:
+        node.unlink(missing_ok=True)
