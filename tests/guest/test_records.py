@@ -7,6 +7,7 @@ Marks bracket each step, so a record is judged by where it stands.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import mmap
 import os
@@ -282,6 +283,28 @@ def test_write_payload_is_what_was_submitted(make_traced: Callable[..., Traced])
         os.close(fd)
     (w,) = mine(t.until_mark("written"))
     assert bytes(w.payload) == pattern(7, 65536)
+
+
+def test_comm_is_the_submitters_name_nul_padded(make_traced: Callable[..., Traced]) -> None:
+    """comm is read without the task lock (copy_comm): after a long name, a
+    short one must come NUL-padded, with nothing of the old name behind it
+    (a kernel whose rename does not pad would leave it there)."""
+    t = make_traced()
+    libc = ctypes.CDLL(None, use_errno=True)
+    tids: list[int] = []
+
+    def named_writes() -> None:
+        tids.append(threading.get_native_id())
+        for i, name in enumerate((b"abcdefghijklmno", b"xy")):
+            assert libc.prctl(15, name, 0, 0, 0) == 0  # PR_SET_NAME
+            direct_write(t.dev.node, i * 4096, pattern(i, 4096))
+
+    worker = threading.Thread(target=named_writes)
+    worker.start()
+    worker.join()
+    recs = [r for r in mine(t.until_mark("named")) if r.tid == tids[0]]
+    assert [(r.sector, bytes(r.comm_raw)) for r in recs] == [
+        (0, b"abcdefghijklmno\0"), (8, b"xy" + bytes(14))]
 
 
 @pytest.mark.smoke
