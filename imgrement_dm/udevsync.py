@@ -41,7 +41,7 @@ DEFAULT_TIMEOUT = 60.0
 UDEV_CONTROL = "/run/udev/control"
 
 
-def udev_running() -> bool:
+def udev_running(control: str = UDEV_CONTROL) -> bool:
     """Is systemd-udevd listening on its control socket?
 
     The socket file outlives a udevd that exited, so we connect rather than
@@ -55,7 +55,7 @@ def udev_running() -> bool:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         sock.settimeout(2)
-        sock.connect(UDEV_CONTROL)
+        sock.connect(control)
         return True
     except BlockingIOError:
         return True  # EAGAIN: listening, its queue full
