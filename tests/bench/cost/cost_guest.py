@@ -137,7 +137,9 @@ def main() -> int:
                                 runs.append(got)
                             (OUT / "cost-runs.json").write_text(json.dumps(runs, indent=1))
                         sh("udevadm", "control", "--start-exec-queue")
-                        sh("udevadm", "settle")
+                        # the cell's queued probes, one per fio run: 120 s, udevadm's
+                        # default, was too short once (randrw, writes-drop)
+                        sh("udevadm", "settle", "--timeout=900")
                         stats = peer.stop()
                         for r in runs[first:]:
                             r["dropped"] = stats.get("dropped")
