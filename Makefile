@@ -161,6 +161,8 @@ bench: all
 # marker instructions around each fio run of a fixed number of I/Os; the
 # peer table's configurations and workloads, COST_REPS runs each.  Writes
 # build/bench/results-cost.json and the section that leads docs/benchmarks.md.
+# brd's 35 cells took 50 minutes here (5 Dec 2026, COST_ENV="COST_DISKS=brd");
+# the virtio disk's cells, the default's second half, have not been run whole.
 COST_ENV ?=
 bench-cost: all
 	scripts/install-host-deps --bench

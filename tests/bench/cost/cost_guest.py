@@ -83,6 +83,47 @@ def measured(path: str, workload: str, ios: int, *, profile: bool = False,
             "fio_writes": job["write"]["total_ios"]}
 
 
+def start_and_settle(timeout: int) -> None:
+    """Start udev's event queue again and wait up to ``timeout`` seconds for
+    it to empty, saying the start again every 30 s.
+
+    Twice a grid stopped here with the queue never emptying (900 s): udevd
+    idle in epoll, no worker, no task in D state, so nothing was being
+    done; the queued events were simply not started (whether the one start
+    message was lost or a retry of a held event was never scheduled, a
+    later message wakes it).  On a timeout, what udev's workers and every
+    task in D state wait on goes to stderr before the error."""
+    deadline = time.monotonic() + timeout
+    again = 0
+    while True:
+        sh("udevadm", "control", "--start-exec-queue")
+        if not subprocess.run(["udevadm", "settle", "--timeout=30"], check=False).returncode:
+            break
+        if time.monotonic() > deadline:
+            diagnose_udev()
+            raise RuntimeError(f"udevadm settle: udev's queue not empty after {timeout} s")
+        again += 1
+    if again:
+        print(f"udev's queue emptied after the start was said {again + 1} times",
+              file=sys.stderr, flush=True)
+
+
+def diagnose_udev() -> None:
+    """What udev and the tasks in D state are doing, to stderr."""
+    for cmd in (["ps", "-eo", "pid,stat,wchan:32,etime,args"],
+                ["dmsetup", "info", "-c"], ["dmsetup", "status"],
+                ["udevadm", "control", "--ping"], ["free", "-m"],
+                ["sh", "-c", "dmesg | tail -40"]):
+        subprocess.run(cmd, check=False, stdout=sys.stderr)
+    for task in Path("/proc").glob("[0-9]*"):
+        try:
+            if (task / "stat").read_text().split(") ", 1)[1][0] == "D":
+                print(task.name, (task / "cmdline").read_bytes().replace(b"\0", b" "),
+                      (task / "stack").read_text(), file=sys.stderr)
+        except OSError:
+            continue
+
+
 def main() -> int:
     STREAMS.mkdir(parents=True, exist_ok=True)
     # 3 GiB each: the disk, the log, the capture file system, which takes a
@@ -136,10 +177,8 @@ def main() -> int:
                                            rep=rep, part=part)
                                 runs.append(got)
                             (OUT / "cost-runs.json").write_text(json.dumps(runs, indent=1))
-                        sh("udevadm", "control", "--start-exec-queue")
-                        # the cell's queued probes, one per fio run: 120 s, udevadm's
-                        # default, was too short once (randrw, writes-drop)
-                        sh("udevadm", "settle", "--timeout=900")
+                        # the cell's queued probes, one per fio run
+                        start_and_settle(int(os.environ.get("COST_SETTLE", "900")))
                         stats = peer.stop()
                         for r in runs[first:]:
                             r["dropped"] = stats.get("dropped")
