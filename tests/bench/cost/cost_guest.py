@@ -117,7 +117,9 @@ def diagnose_udev() -> None:
         subprocess.run(cmd, check=False, stdout=sys.stderr)
     for task in Path("/proc").glob("[0-9]*"):
         try:
-            if (task / "stat").read_text().split(") ", 1)[1][0] == "D":
+            # the state follows the comm's closing parenthesis: the last one,
+            # since a comm may hold ") " itself
+            if (task / "stat").read_text().rsplit(") ", 1)[1][0] == "D":
                 print(task.name, (task / "cmdline").read_bytes().replace(b"\0", b" "),
                       (task / "stack").read_text(), file=sys.stderr)
         except OSError:
