@@ -199,6 +199,86 @@ def test_direct_writes_and_reads_recorded_exactly(
     rbufs.close()
 
 
+def page_frames(view: memoryview) -> list[int]:
+    """The page frame numbers behind ``view`` (/proc/self/pagemap; root sees them)."""
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    first, last = addr // PAGE, (addr + len(view) - 1) // PAGE
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(first * 8)
+        raw = f.read((last - first + 1) * 8)
+    entries = [int.from_bytes(raw[i:i + 8], "little") for i in range(0, len(raw), 8)]
+    assert all(e >> 63 for e in entries), "a page of the buffer is not present"
+    return [e & ((1 << 55) - 1) for e in entries]
+
+
+#: mmap's flag for a mapping of huge pages (Python's mmap module may not name it).
+MAP_HUGETLB = getattr(mmap, "MAP_HUGETLB", 0x40000)
+NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
+
+
+@pytest.fixture
+def huge_page() -> Iterator[mmap.mmap]:
+    """One 2 MiB huge page, mapped: physically contiguous memory for O_DIRECT."""
+    before = NR_HUGEPAGES.read_text()
+    NR_HUGEPAGES.write_text(f"{int(before) + 1}\n")
+    try:
+        m = mmap.mmap(-1, 2 << 20, flags=mmap.MAP_PRIVATE | MAP_HUGETLB)
+        try:
+            yield m
+        finally:
+            m.close()
+    finally:
+        NR_HUGEPAGES.write_text(before)
+
+
+@pytest.mark.smoke
+def test_a_multipage_bvec_is_recorded_page_by_page(make_traced: Callable[..., Traced],
+                                                   huge_page: mmap.mmap) -> None:
+    """A buffer in one huge page reaches the target as bvecs many pages long
+    (the block layer merges contiguous pages), which the target counts and
+    cuts into page pieces a bvec at a time: the segments must be the pieces
+    bio_for_each_segment() gives, with exact sectors, for a buffer starting
+    512 bytes into a page, for writes and reads."""
+    t = make_traced(capture="all")
+    size = 1 << 20
+    offset = 8 << 20
+    view = memoryview(huge_page)[512:512 + size]
+    data = pattern(4242, size)
+    view[:] = data
+    frames = page_frames(view)
+    # The control: without contiguous frames the bios would hold one-page bvecs.
+    assert frames == list(range(frames[0], frames[0] + len(frames))), \
+        "the huge page's frames are not contiguous"
+    fd = os.open(t.dev.node, os.O_RDWR | os.O_DIRECT)
+    try:
+        t.until_mark("thp-start")
+        assert os.pwritev(fd, [view], offset) == size
+        writes = mine(t.until_mark("thp-written"))
+        view[:] = bytes(size)
+        assert os.preadv(fd, [view], offset) == size
+        assert bytes(view) == data
+        reads = mine(t.until_mark("thp-read"))
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    finally:
+        os.close(fd)
+        view.release()
+    assert len(page_pieces([(addr, size)], 0)) == 257
+    for recs, op in ((writes, "write"), (reads, "read")):
+        assert recs and all(r.op_name == op and r.status == 0 for r in recs)
+        assert recs[0].sector == offset // 512
+        for a, b in zip(recs, recs[1:]):
+            assert b.sector == a.sector + a.sectors
+        assert sum(r.size for r in recs) == size
+        for r in recs:
+            # A bio split inside a page starts its pieces there, as the kernel's walk does.
+            at = addr + (r.sector - offset // 512) * 512
+            assert r.nr_segments == len(r.segments)
+            assert [(s.len, s.offset, s.sector) for s in r.segments] == \
+                page_pieces([(at, r.size)], r.sector)
+        assert recs[0].segments[0].len == PAGE - 512 and recs[0].segments[0].offset == 512
+        assert sha(b"".join(bytes(r.payload) for r in recs)) == sha(data)
+
+
 @pytest.mark.smoke
 def test_fua_flush_discard_and_write_zeroes(make_traced: Callable[..., Traced]) -> None:
     t = make_traced()
