@@ -24,6 +24,7 @@ import pytest
 
 import imgrement_dm
 from imgrement_dm import kmsg
+from imgrement_dm.directio import address_of
 from imgrement_dm.records import (
     BioRecord,
     Drop,
@@ -201,7 +202,7 @@ def test_direct_writes_and_reads_recorded_exactly(
 
 def page_frames(view: memoryview) -> list[int]:
     """The page frame numbers behind ``view`` (/proc/self/pagemap; root sees them)."""
-    addr = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    addr = address_of(view)
     first, last = addr // PAGE, (addr + len(view) - 1) // PAGE
     with open("/proc/self/pagemap", "rb") as f:
         f.seek(first * 8)
@@ -243,6 +244,7 @@ def test_a_multipage_bvec_is_recorded_page_by_page(make_traced: Callable[..., Tr
     size = 1 << 20
     offset = 8 << 20
     view = memoryview(huge_page)[512:512 + size]
+    addr = address_of(view)
     data = pattern(4242, size)
     view[:] = data
     frames = page_frames(view)
@@ -258,7 +260,6 @@ def test_a_multipage_bvec_is_recorded_page_by_page(make_traced: Callable[..., Tr
         assert os.preadv(fd, [view], offset) == size
         assert bytes(view) == data
         reads = mine(t.until_mark("thp-read"))
-        addr = ctypes.addressof(ctypes.c_char.from_buffer(view))
     finally:
         os.close(fd)
         view.release()
