@@ -212,30 +212,62 @@ def page_frames(view: memoryview) -> list[int]:
     return [e & ((1 << 55) - 1) for e in entries]
 
 
-#: mmap's flag for a mapping of huge pages (Python's mmap module may not name it).
-MAP_HUGETLB = getattr(mmap, "MAP_HUGETLB", 0x40000)
-NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
+#: Pages a 1 MiB buffer 512 bytes into its first page spans.
+CONTIGUOUS_PAGES = (512 + (1 << 20)) // PAGE + 1
+#: The anonymous mapping searched for them: its pages come mostly in long
+#: runs of consecutive frames (the buddy allocator splits big free blocks in
+#: order; a distro kernel's transparent huge pages are 512 frames each).
+SEARCH_BYTES = 64 << 20
+
+
+def first_contiguous_run(frames: Sequence[int], length: int) -> int | None:
+    """The index where ``length`` consecutive entries of ``frames`` are
+    consecutive frame numbers, or None."""
+    start = 0
+    for i in range(1, len(frames) + 1):
+        if i == len(frames) or frames[i] != frames[i - 1] + 1:
+            if i - start >= length:
+                return start
+            start = i
+    return None
 
 
 @pytest.fixture
-def huge_page() -> Iterator[mmap.mmap]:
-    """One 2 MiB huge page, mapped: physically contiguous memory for O_DIRECT."""
-    before = NR_HUGEPAGES.read_text()
-    NR_HUGEPAGES.write_text(f"{int(before) + 1}\n")
+def contiguous_pages() -> Iterator[memoryview]:
+    """CONTIGUOUS_PAGES pages of ordinary memory whose frames are consecutive:
+    physically contiguous memory for O_DIRECT, which the block layer puts in
+    bvecs many pages long. Found by reading /proc/self/pagemap over a touched
+    anonymous mapping, not taken from hugetlbfs: the debug kernel has none."""
+    m = mmap.mmap(-1, SEARCH_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    whole = memoryview(m)
     try:
-        m = mmap.mmap(-1, 2 << 20, flags=mmap.MAP_PRIVATE | MAP_HUGETLB)
+        for i in range(0, SEARCH_BYTES, PAGE):
+            whole[i] = 1
+        at = first_contiguous_run(page_frames(whole), CONTIGUOUS_PAGES)
+        if at is None:
+            pytest.fail(f"no {CONTIGUOUS_PAGES} physically contiguous pages in "
+                        f"{SEARCH_BYTES >> 20} MiB of anonymous memory")
+        run = whole[at * PAGE:(at + CONTIGUOUS_PAGES) * PAGE]
         try:
-            yield m
+            yield run
         finally:
-            m.close()
+            run.release()
     finally:
-        NR_HUGEPAGES.write_text(before)
+        whole.release()
+        m.close()
+
+
+def test_first_contiguous_run_finds_the_first_long_enough_run() -> None:
+    assert first_contiguous_run([7, 8, 3, 4, 5, 9], 3) == 2
+    assert first_contiguous_run([3, 4, 5], 3) == 0
+    assert first_contiguous_run([1, 2, 5, 6], 3) is None
+    assert first_contiguous_run([], 1) is None
 
 
 @pytest.mark.smoke
 def test_a_multipage_bvec_is_recorded_page_by_page(make_traced: Callable[..., Traced],
-                                                   huge_page: mmap.mmap) -> None:
-    """A buffer in one huge page reaches the target as bvecs many pages long
+                                                   contiguous_pages: memoryview) -> None:
+    """A buffer in physically contiguous pages reaches the target as bvecs many pages long
     (the block layer merges contiguous pages), which the target counts and
     cuts into page pieces a bvec at a time: the segments must be the pieces
     bio_for_each_segment() gives, with exact sectors, for a buffer starting
@@ -243,14 +275,14 @@ def test_a_multipage_bvec_is_recorded_page_by_page(make_traced: Callable[..., Tr
     t = make_traced(capture="all")
     size = 1 << 20
     offset = 8 << 20
-    view = memoryview(huge_page)[512:512 + size]
+    view = contiguous_pages[512:512 + size]
     addr = address_of(view)
     data = pattern(4242, size)
     view[:] = data
     frames = page_frames(view)
     # The control: without contiguous frames the bios would hold one-page bvecs.
     assert frames == list(range(frames[0], frames[0] + len(frames))), \
-        "the huge page's frames are not contiguous"
+        "the buffer's frames are not contiguous"
     fd = os.open(t.dev.node, os.O_RDWR | os.O_DIRECT)
     try:
         t.until_mark("thp-start")
@@ -260,6 +292,8 @@ def test_a_multipage_bvec_is_recorded_page_by_page(make_traced: Callable[..., Tr
         assert os.preadv(fd, [view], offset) == size
         assert bytes(view) == data
         reads = mine(t.until_mark("thp-read"))
+        # Nothing moved the pages while the bios held them.
+        assert page_frames(view) == frames
     finally:
         os.close(fd)
         view.release()
