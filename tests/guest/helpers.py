@@ -279,16 +279,29 @@ def read_until_mark(reader: RecordReader, seq: int, timeout: float = 60) -> list
         assert time.monotonic() < deadline, f"mark {seq} never arrived"
 
 
+def holds_open(pid: int, paths: list[Path]) -> bool:
+    """Whether process ``pid`` has one of ``paths`` open."""
+    names = {str(p) for p in paths}
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in names:
+                    return True
+    return False
+
+
 def start_record(name: str, out: Path, *extra: str) -> subprocess.Popen[str]:
     """``imgrement-dm record NAME -o OUT -q``, returned once it is really recording:
     its reader open (record opens the stream before it creates its temporary
-    file beside OUT, output.parts_of) and the
-    device switched to wait mode (after that).  A fixed sleep was not enough: a
-    loaded guest started the CLI after the workload had already run."""
+    file beside OUT, output.parts_of), that file open (it is created, closed
+    and opened again with O_DIRECT: on a device wrapped in wait mode the
+    file's existence alone let a test look for the open file too early) and
+    the device switched to wait mode (after that).  A fixed sleep was not
+    enough: a loaded guest started the CLI after the workload had already run."""
     rec = subprocess.Popen([*CLI, "record", name, "-o", str(out), "-q", *extra],
                            stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120 * SLOWDOWN
-    while not (parts_of(out) and api.status(name).overflow == "wait"):
+    while not (holds_open(rec.pid, parts_of(out)) and api.status(name).overflow == "wait"):
         if rec.poll() is not None:
             raise AssertionError(f"record ended early: {rec.stderr.read() if rec.stderr else ''}")
         assert time.monotonic() < deadline, "record did not start"

@@ -34,6 +34,7 @@ from tests.guest.helpers import (
     cli,
     direct_read,
     direct_write,
+    holds_open,
     idle_inflight,
     pattern,
     reading_in_background,
@@ -494,7 +495,8 @@ def test_large_windows_are_stored_with_o_direct_from_the_buffer(
             proc = subprocess.Popen([*CLI, "trace", dev.name, "-q", "-o", str(out)],
                                     stderr=subprocess.PIPE, text=True)
             deadline = time.monotonic() + 120 * SLOWDOWN
-            while not parts_of(out):
+            # created, closed and opened again with O_DIRECT: open, not just there
+            while not holds_open(proc.pid, parts_of(out)):
                 assert proc.poll() is None and time.monotonic() < deadline, "trace did not start"
                 time.sleep(0.2)
         [part] = parts_of(out)
