@@ -43,12 +43,16 @@ REPS = int(os.environ.get("COST_REPS", "5"))  # 0: the profiled runs alone
 #: probe, one meta run of five came out 17M instructions short of the others
 #: (which agreed within 1M), 2.4% of the 60,000 4 KiB I/Os between the two
 #: runs; so that many, and the short run need only be long enough to be
-#: steady.  seqwrite-1m's I/Os cost about 100 times as much; 400 between
-#: them keep a data mode's stored capture (5 reps and the profiled one) on
-#: its 3 GiB file system.
+#: steady.  seqwrite-1m's I/Os cost about 30 times as much (dm-linear's
+#: 313,000 instructions), but a run's fixed cost varies just as much (its
+#: short runs' standard deviation was 2.5M to 4.6M instructions in every
+#: cell, 4 KiB or 1 MiB): with 400 I/Os between the runs (125M
+#: instructions) the five runs of a cell spread 4 to 15%, so 2,000, about
+#: as many instructions as the 4 KiB cells' 60,000 I/Os.  A long run stores
+#: 2 GB, so the stores are freed after every run (Peer.free_store).
 DEFAULT_IOS = (int(os.environ.get("COST_SHORT", "5000")),
                int(os.environ.get("COST_LONG", "65000")))
-IOS = {"seqwrite-1m": (8, 408)}
+IOS = {"seqwrite-1m": (8, 2008)}
 MARK = os.environ["INSNMARK"]
 OUT = Path(os.environ["IMGREMENT_RESULTS"])
 SETTLE = 1.0  # seconds after fio for the consumer to drain, inside the window
@@ -178,6 +182,7 @@ def main() -> int:
                                 got.update(disk=disk_name, workload=workload, config=config,
                                            rep=rep, part=part)
                                 runs.append(got)
+                                peer.free_store()
                             (OUT / "cost-runs.json").write_text(json.dumps(runs, indent=1))
                         # the cell's queued probes, one per fio run
                         start_and_settle(int(os.environ.get("COST_SETTLE", "900")))
