@@ -414,11 +414,13 @@ class Peer:
         dm-log-writes' table is loaded again, whose log then starts again
         at its beginning (its blocks on a RAM disk stay allocated, so no
         run pays for new pages).  Neither touches a run's window."""
-        if self.config in ("meta", "writes-drop", "writes-wait") and self.out.is_file():
-            size = self.out.stat().st_size
-            if size:
-                sh("fallocate", "--punch-hole", "--keep-size", "--offset", "0",
-                   "--length", str(size), str(self.out))
+        if self.config in ("meta", "writes-drop", "writes-wait"):
+            # the consumer writes its .part file and renames it when it ends
+            for part in parts_of(self.out):
+                size = part.stat().st_size
+                if size:
+                    sh("fallocate", "--punch-hole", "--keep-size", "--offset", "0",
+                       "--length", str(size), str(part))
         elif self.config == "log-writes":
             table = sh("dmsetup", "table", self.dm_name).strip()
             sh("dmsetup", "suspend", self.dm_name)
