@@ -279,15 +279,20 @@ def read_until_mark(reader: RecordReader, seq: int, timeout: float = 60) -> list
         assert time.monotonic() < deadline, f"mark {seq} never arrived"
 
 
-def holds_open(pid: int, paths: list[Path]) -> bool:
-    """Whether process ``pid`` has one of ``paths`` open."""
-    names = {str(p) for p in paths}
+def open_flags(pid: int, path: Path) -> int | None:
+    """The open-file flags with which process ``pid`` holds ``path``, or None."""
     with contextlib.suppress(OSError):
         for fd in os.listdir(f"/proc/{pid}/fd"):
             with contextlib.suppress(OSError):
-                if os.readlink(f"/proc/{pid}/fd/{fd}") in names:
-                    return True
-    return False
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == str(path):
+                    info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+                    return int(info.split("flags:")[1].split()[0], 8)
+    return None
+
+
+def holds_open(pid: int, paths: list[Path]) -> bool:
+    """Whether process ``pid`` has one of ``paths`` open."""
+    return any(open_flags(pid, p) is not None for p in paths)
 
 
 def start_record(name: str, out: Path, *extra: str) -> subprocess.Popen[str]:

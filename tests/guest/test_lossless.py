@@ -6,7 +6,6 @@ say from which record the capture is incomplete."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import mmap
 import os
@@ -36,6 +35,7 @@ from tests.guest.helpers import (
     direct_write,
     holds_open,
     idle_inflight,
+    open_flags,
     pattern,
     reading_in_background,
     sh,
@@ -458,16 +458,6 @@ def _chunk_tags(cap: Path) -> list[tuple[bytes, int]]:
     return tags
 
 
-def _open_flags(pid: int, path: Path) -> int:
-    """The open-file flags with which process ``pid`` holds ``path``."""
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/{pid}/fd/{fd}") == str(path):
-                info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
-                return int(info.split("flags:")[1].split()[0], 8)
-    raise AssertionError(f"process {pid} does not hold {path} open")
-
-
 @pytest.mark.parametrize("command", ["record", "trace"])
 def test_large_windows_are_stored_with_o_direct_from_the_buffer(
         command: str, disk: str, disk2: str, tmp_path: Path) -> None:
@@ -501,7 +491,8 @@ def test_large_windows_are_stored_with_o_direct_from_the_buffer(
                 time.sleep(0.2)
         [part] = parts_of(out)
         try:
-            flags = _open_flags(proc.pid, part)
+            flags = open_flags(proc.pid, part)
+            assert flags is not None, f"process {proc.pid} does not hold {part} open"
             assert flags & os.O_DIRECT, f"output opened without O_DIRECT: {flags:o}"
             data = pattern(11, 32 << 20)
             for off in range(0, len(data), 1 << 20):
