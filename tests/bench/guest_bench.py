@@ -368,8 +368,9 @@ class Peer:
                             f"0 {n} linear {disk} 0"], check=True)
             self.path = f"/dev/mapper/{self.dm_name}"
         elif config == "log-writes":
-            subprocess.run(["dmsetup", "create", self.dm_name, "--table",
-                            f"0 {n} log-writes {disk} {log_disk}"], check=True)
+            self.table = f"0 {n} log-writes {disk} {log_disk}"
+            subprocess.run(["dmsetup", "create", self.dm_name, "--table", self.table],
+                           check=True)
             self.path = f"/dev/mapper/{self.dm_name}"
         else:
             self.traced = imgrement_dm.wrap(
@@ -422,10 +423,9 @@ class Peer:
                     sh("fallocate", "--punch-hole", "--keep-size", "--offset", "0",
                        "--length", str(size), str(part))
         elif self.config == "log-writes":
-            table = sh("dmsetup", "table", self.dm_name).strip()
             sh("dmsetup", "suspend", self.dm_name)
             try:
-                sh("dmsetup", "load", self.dm_name, "--table", table)
+                sh("dmsetup", "load", self.dm_name, "--table", self.table)
             finally:
                 # the cost bench holds udev's queue during a cell: waiting
                 # for udev to take the resume's event would never end
