@@ -229,6 +229,8 @@ struct imgrement_scan {
 #define IMGREMENT_SCAN_CUT ...
 int imgrement_scan(const uint8_t *buf, size_t len, struct imgrement_scan *out);
 uint64_t imgrement_xxh64(const uint8_t *buf, size_t len);
+uint64_t imgrement_xxh3(const uint8_t *buf, size_t len);
+uint64_t imgrement_xxh3_scalar(const uint8_t *buf, size_t len);
 """
 
 #: The per-record and per-byte work of a storing consumer (see its top comment).

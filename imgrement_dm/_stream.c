@@ -162,3 +162,237 @@ uint64_t imgrement_xxh64(const uint8_t *p, size_t len)
 	h ^= h >> 32;
 	return h;
 }
+
+/*
+ * XXH3, 64-bit, seed 0, the default secret: the xxHash specification's
+ * algorithm (what `xxhsum -H3` prints), written from its description.  Its
+ * long-input loop is 8 independent lanes of a 32x32->64 multiply and adds,
+ * which vector units do four lanes at a time: with AVX2 a 64-byte stripe
+ * is about 14 instructions (XXH64: 56), and on real hardware several times
+ * XXH64's speed.  The scalar loop gives the same value where AVX2 is
+ * missing.
+ */
+static const uint8_t xxh3_secret[192] = {
+	0xb8, 0xfe, 0x6c, 0x39, 0x23, 0xa4, 0x4b, 0xbe, 0x7c, 0x01, 0x81, 0x2c, 0xf7, 0x21, 0xad, 0x1c,
+	0xde, 0xd4, 0x6d, 0xe9, 0x83, 0x90, 0x97, 0xdb, 0x72, 0x40, 0xa4, 0xa4, 0xb7, 0xb3, 0x67, 0x1f,
+	0xcb, 0x79, 0xe6, 0x4e, 0xcc, 0xc0, 0xe5, 0x78, 0x82, 0x5a, 0xd0, 0x7d, 0xcc, 0xff, 0x72, 0x21,
+	0xb8, 0x08, 0x46, 0x74, 0xf7, 0x43, 0x24, 0x8e, 0xe0, 0x35, 0x90, 0xe6, 0x81, 0x3a, 0x26, 0x4c,
+	0x3c, 0x28, 0x52, 0xbb, 0x91, 0xc3, 0x00, 0xcb, 0x88, 0xd0, 0x65, 0x8b, 0x1b, 0x53, 0x2e, 0xa3,
+	0x71, 0x64, 0x48, 0x97, 0xa2, 0x0d, 0xf9, 0x4e, 0x38, 0x19, 0xef, 0x46, 0xa9, 0xde, 0xac, 0xd8,
+	0xa8, 0xfa, 0x76, 0x3f, 0xe3, 0x9c, 0x34, 0x3f, 0xf9, 0xdc, 0xbb, 0xc7, 0xc7, 0x0b, 0x4f, 0x1d,
+	0x8a, 0x51, 0xe0, 0x4b, 0xcd, 0xb4, 0x59, 0x31, 0xc8, 0x9f, 0x7e, 0xc9, 0xd9, 0x78, 0x73, 0x64,
+	0xea, 0xc5, 0xac, 0x83, 0x34, 0xd3, 0xeb, 0xc3, 0xc5, 0x81, 0xa0, 0xff, 0xfa, 0x13, 0x63, 0xeb,
+	0x17, 0x0d, 0xdd, 0x51, 0xb7, 0xf0, 0xda, 0x49, 0xd3, 0x16, 0x55, 0x26, 0x29, 0xd4, 0x68, 0x9e,
+	0x2b, 0x16, 0xbe, 0x58, 0x7d, 0x47, 0xa1, 0xfc, 0x8f, 0xf8, 0xb8, 0xd1, 0x7a, 0xd0, 0x31, 0xce,
+	0x45, 0xcb, 0x3a, 0x8f, 0x95, 0x16, 0x04, 0x28, 0xaf, 0xd7, 0xfb, 0xca, 0xbb, 0x4b, 0x40, 0x7e,
+};
+
+#define XXH3_SECRET_LEN 192
+#define XXH3_STRIPE 64
+#define XXH3_STRIPES_PER_BLOCK ((XXH3_SECRET_LEN - XXH3_STRIPE) / 8)	/* 16 */
+#define XXH3_BLOCK (XXH3_STRIPE * XXH3_STRIPES_PER_BLOCK)		/* 1024 */
+#define PRIME32_1 0x9E3779B1U
+#define PRIME32_2 0x85EBCA77U
+#define PRIME32_3 0xC2B2AE3DU
+#define PRIME_MX1 0x165667919E3779F9ULL
+#define PRIME_MX2 0x9FB21C651E98DF25ULL
+
+static inline uint64_t fold128(uint64_t a, uint64_t b)
+{
+	unsigned __int128 m = (unsigned __int128)a * b;
+
+	return (uint64_t)m ^ (uint64_t)(m >> 64);
+}
+
+static inline uint64_t xxh3_avalanche(uint64_t h)
+{
+	h ^= h >> 37;
+	h *= PRIME_MX1;
+	return h ^ (h >> 32);
+}
+
+static inline uint64_t xxh64_avalanche(uint64_t h)
+{
+	h ^= h >> 33;
+	h *= P2;
+	h ^= h >> 29;
+	h *= P3;
+	return h ^ (h >> 32);
+}
+
+/* 16 bytes of input against 16 of the secret (seed 0) */
+static inline uint64_t xxh3_mix16(const uint8_t *p, const uint8_t *s)
+{
+	return fold128(load64(p) ^ load64(s), load64(p + 8) ^ load64(s + 8));
+}
+
+static uint64_t xxh3_upto16(const uint8_t *p, size_t len)
+{
+	const uint8_t *s = xxh3_secret;
+
+	if (len > 8) {
+		uint64_t lo = load64(p) ^ (load64(s + 24) ^ load64(s + 32));
+		uint64_t hi = load64(p + len - 8) ^ (load64(s + 40) ^ load64(s + 48));
+
+		return xxh3_avalanche(len + __builtin_bswap64(lo) + hi + fold128(lo, hi));
+	}
+	if (len >= 4) {
+		uint64_t v = ((uint64_t)load32(p + len - 4) | (uint64_t)load32(p) << 32) ^
+			     (load64(s + 8) ^ load64(s + 16));
+
+		v ^= rotl(v, 49) ^ rotl(v, 24);
+		v *= PRIME_MX2;
+		v ^= (v >> 35) + len;
+		v *= PRIME_MX2;
+		return v ^ (v >> 28);
+	}
+	if (len) {
+		uint32_t combined = (uint32_t)p[len - 1] | (uint32_t)len << 8 |
+				    (uint32_t)p[0] << 16 | (uint32_t)p[len >> 1] << 24;
+
+		return xxh64_avalanche((uint64_t)(load32(s) ^ load32(s + 4)) ^ combined);
+	}
+	return xxh64_avalanche(load64(s + 56) ^ load64(s + 64));
+}
+
+static uint64_t xxh3_upto240(const uint8_t *p, size_t len)
+{
+	const uint8_t *s = xxh3_secret;
+	uint64_t acc = len * P1;
+	size_t i;
+
+	if (len <= 128) {
+		for (i = 0; i < ((len - 1) >> 5) + 1; i++) {
+			acc += xxh3_mix16(p + 16 * i, s + 32 * i);
+			acc += xxh3_mix16(p + len - 16 - 16 * i, s + 32 * i + 16);
+		}
+		return xxh3_avalanche(acc);
+	}
+	for (i = 0; i < 8; i++)
+		acc += xxh3_mix16(p + 16 * i, s + 16 * i);
+	acc = xxh3_avalanche(acc);
+	for (i = 8; i < len / 16; i++)
+		acc += xxh3_mix16(p + 16 * i, s + 16 * (i - 8) + 3);
+	acc += xxh3_mix16(p + len - 16, s + 136 - 17);
+	return xxh3_avalanche(acc);
+}
+
+/* The long input's loop, by whichever unit runs it: @n stripes from @p. */
+typedef void xxh3_stripes_fn(uint64_t *acc, const uint8_t *p, size_t n, const uint8_t *s);
+
+static void xxh3_stripes_scalar(uint64_t *acc, const uint8_t *p, size_t n, const uint8_t *s)
+{
+	size_t k;
+	int i;
+
+	for (k = 0; k < n; k++, p += XXH3_STRIPE, s += 8) {
+		for (i = 0; i < 8; i++) {
+			uint64_t v = load64(p + 8 * i);
+			uint64_t key = v ^ load64(s + 8 * i);
+
+			acc[i ^ 1] += v;
+			acc[i] += (key & 0xffffffff) * (key >> 32);
+		}
+	}
+}
+
+static void xxh3_scramble_scalar(uint64_t *acc, const uint8_t *s)
+{
+	int i;
+
+	for (i = 0; i < 8; i++) {
+		uint64_t a = acc[i];
+
+		a ^= a >> 47;
+		a ^= load64(s + 8 * i);
+		acc[i] = a * PRIME32_1;
+	}
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && \
+	__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#include <immintrin.h>
+
+/* Four lanes a register: the same sums as the scalar loop, lane for lane. */
+__attribute__((target("avx2"))) static void xxh3_stripes_avx2(uint64_t *acc, const uint8_t *p,
+							      size_t n, const uint8_t *s)
+{
+	__m256i a0 = _mm256_loadu_si256((const __m256i *)acc);
+	__m256i a1 = _mm256_loadu_si256((const __m256i *)(acc + 4));
+	size_t k;
+
+	for (k = 0; k < n; k++, p += XXH3_STRIPE, s += 8) {
+		__m256i d0 = _mm256_loadu_si256((const __m256i *)p);
+		__m256i d1 = _mm256_loadu_si256((const __m256i *)(p + 32));
+		__m256i k0 = _mm256_xor_si256(d0, _mm256_loadu_si256((const __m256i *)s));
+		__m256i k1 = _mm256_xor_si256(d1, _mm256_loadu_si256((const __m256i *)(s + 32)));
+
+		/* low half of each key lane times its high half */
+		k0 = _mm256_mul_epu32(k0, _mm256_shuffle_epi32(k0, _MM_SHUFFLE(0, 3, 0, 1)));
+		k1 = _mm256_mul_epu32(k1, _mm256_shuffle_epi32(k1, _MM_SHUFFLE(0, 3, 0, 1)));
+		/* each lane's input goes to its neighbour: lanes 0 1 2 3 as 1 0 3 2 */
+		a0 = _mm256_add_epi64(a0, _mm256_add_epi64(k0, _mm256_shuffle_epi32(
+						       d0, _MM_SHUFFLE(1, 0, 3, 2))));
+		a1 = _mm256_add_epi64(a1, _mm256_add_epi64(k1, _mm256_shuffle_epi32(
+						       d1, _MM_SHUFFLE(1, 0, 3, 2))));
+	}
+	_mm256_storeu_si256((__m256i *)acc, a0);
+	_mm256_storeu_si256((__m256i *)(acc + 4), a1);
+}
+
+static int xxh3_have_avx2(void)
+{
+	static int have = -1;	/* a race here only asks the CPU twice */
+
+	if (have < 0)
+		have = __builtin_cpu_supports("avx2") ? 1 : 0;
+	return have;
+}
+#endif
+
+static uint64_t xxh3_long(const uint8_t *p, size_t len, xxh3_stripes_fn *stripes)
+{
+	uint64_t acc[8] = { PRIME32_3, P1, P2, P3, P4, PRIME32_2, P5, PRIME32_1 };
+	const uint8_t *s = xxh3_secret;
+	size_t blocks = (len - 1) / XXH3_BLOCK, b, last;
+	uint64_t h;
+	int i;
+
+	for (b = 0; b < blocks; b++, p += XXH3_BLOCK) {
+		stripes(acc, p, XXH3_STRIPES_PER_BLOCK, s);
+		xxh3_scramble_scalar(acc, s + XXH3_SECRET_LEN - XXH3_STRIPE);
+	}
+	last = len - blocks * XXH3_BLOCK;	/* 1 to XXH3_BLOCK */
+	stripes(acc, p, (last - 1) / XXH3_STRIPE, s);
+	/* the input's last 64 bytes, which may overlap the stripes before */
+	stripes(acc, p + last - XXH3_STRIPE, 1, s + XXH3_SECRET_LEN - XXH3_STRIPE - 7);
+	h = len * P1;
+	for (i = 0; i < 4; i++)
+		h += fold128(acc[2 * i] ^ load64(s + 11 + 16 * i),
+			     acc[2 * i + 1] ^ load64(s + 11 + 16 * i + 8));
+	return xxh3_avalanche(h);
+}
+
+uint64_t imgrement_xxh3(const uint8_t *p, size_t len)
+{
+	if (len <= 16)
+		return xxh3_upto16(p, len);
+	if (len <= 240)
+		return xxh3_upto240(p, len);
+#ifdef __AVX2__
+	return xxh3_long(p, len, xxh3_stripes_avx2);
+#elif defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && \
+	__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+	if (xxh3_have_avx2())
+		return xxh3_long(p, len, xxh3_stripes_avx2);
+#endif
+	return xxh3_long(p, len, xxh3_stripes_scalar);
+}
+
+/* The scalar loop alone, so tests can hold the vector one to it. */
+uint64_t imgrement_xxh3_scalar(const uint8_t *p, size_t len)
+{
+	if (len <= 240)
+		return imgrement_xxh3(p, len);
+	return xxh3_long(p, len, xxh3_stripes_scalar);
+}

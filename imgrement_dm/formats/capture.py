@@ -5,7 +5,8 @@ Layout (all little-endian; docs/capture-format.md):
     file header   96 bytes: magic "IMGRCAP1", format version, record version,
                   device sectors, start time, device name, header crc32
     chunks        "CHNK", payload length, record count, checksum of the
-                  payload (XXH64 from version 3, crc32 before), then the
+                  payload (XXH3 from version 4, XXH64 in version 3, zlib's
+                  crc32 before), then the
                   payload: records exactly as the kernel gave them
     padding       "PAD ", length, that many zero bytes (from version 2): put
                   before a large chunk so that its payload can be written
@@ -31,20 +32,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imgrement_dm import layout
-from imgrement_dm.checksum import xxh64
+from imgrement_dm.checksum import xxh3, xxh64
 from imgrement_dm.directio import BLOCK, DirectAppender, address_of
 from imgrement_dm.errors import CaptureError, StreamError, cannot_open
 from imgrement_dm.output import atomic_appender
 from imgrement_dm.records import Buf, Drop, Item, Record, _Gaps, decode, scan
 
 MAGIC = b"IMGRCAP1"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 #: Versions this module reads: 1 has no padding chunks, 2 may have them,
-#: 3 checksums chunks with XXH64 instead of crc32.
-READS_VERSIONS = (1, 2, 3)
+#: 3 checksums chunks with XXH64 instead of crc32, 4 with XXH3 (64-bit).
+READS_VERSIONS = (1, 2, 3, 4)
 _HEADER = struct.Struct("<8sIIQQ32sI")  # magic, version, record version, sectors, ns, name, crc
 _HEADER_SIZE = 96  # the struct, then zeros (room to grow)
-_CHUNK = struct.Struct("<4sIIQ")  # tag, payload bytes, records, xxh64(payload)
+_CHUNK = struct.Struct("<4sIIQ")  # tag, payload bytes, records, checksum(payload)
 _CHUNK_CRC32 = struct.Struct("<4sIII")  # the same in versions 1 and 2, with crc32
 _TRAILER = struct.Struct("<4sQQqI")  # tag, records, drops, last seq (-1: none), crc32
 _PAD = struct.Struct("<4sI")  # tag, bytes of zeros that follow
@@ -99,7 +100,7 @@ class CaptureWriter:
             return
         if self.last_seq >= 0 and first != self.last_seq + 1:
             gaps += first - self.last_seq - 1
-        head = _CHUNK.pack(b"CHNK", len(raw), count, xxh64(raw))
+        head = _CHUNK.pack(b"CHNK", len(raw), count, xxh3(raw))
         if len(raw) >= IN_PLACE_MIN and self._f.direct:
             pad = (address_of(raw) - self._f.tell() - _PAD.size - len(head)) % BLOCK
             self._f.write(_PAD.pack(b"PAD ", pad) + bytes(pad))
@@ -162,7 +163,8 @@ class CaptureReader:
             )
         self.version = version
         self._chunk = _CHUNK if version >= 3 else _CHUNK_CRC32
-        self._checksum: Callable[[Buf], int] = xxh64 if version >= 3 else zlib.crc32
+        self._checksum: Callable[[Buf], int] = (xxh3 if version >= 4 else xxh64
+                                                if version == 3 else zlib.crc32)
         self._size = os.fstat(self._f.fileno()).st_size
         self.device = name.rstrip(b"\0").decode("utf-8", "replace")
         self.sectors = sectors
