@@ -10,10 +10,10 @@
  * run here without the GIL (cffi releases it for the call), over the
  * kernel's mapped buffer, which is only read.
  *
- * The checksum is XXH64 (the xxHash specification, seed 0), written from
- * the published algorithm: four independent 64-bit lanes of multiply and
- * rotate, which costs few loads per byte.  It is what `xxhsum -H64` prints,
- * so a chunk can be checked without this package.
+ * The checksum of format 4 is XXH3 (64-bit), of format 3 XXH64: both the
+ * xxHash specification's, seed 0, written from the published algorithms,
+ * what `xxhsum -H3` and `xxhsum -H64` print, so a chunk can be checked
+ * without this package (XXH3's comment below says why it replaced XXH64).
  */
 #include <endian.h>
 #include <stddef.h>
