@@ -197,11 +197,23 @@ static const uint8_t xxh3_secret[192] = {
 #define PRIME_MX1 0x165667919E3779F9ULL
 #define PRIME_MX2 0x9FB21C651E98DF25ULL
 
+/* The 128-bit product of @a and @b, its halves xored. */
 static inline uint64_t fold128(uint64_t a, uint64_t b)
 {
+#if defined(__SIZEOF_INT128__) && !defined(IMGREMENT_NO_INT128)
 	unsigned __int128 m = (unsigned __int128)a * b;
 
 	return (uint64_t)m ^ (uint64_t)(m >> 64);
+#else
+	/* 32-bit targets have no 128-bit type: four 32x32->64 products */
+	uint64_t ll = (a & 0xffffffff) * (b & 0xffffffff);
+	uint64_t hl = (a >> 32) * (b & 0xffffffff);
+	uint64_t lh = (a & 0xffffffff) * (b >> 32);
+	uint64_t hh = (a >> 32) * (b >> 32);
+	uint64_t cross = (ll >> 32) + (hl & 0xffffffff) + lh;
+
+	return ((cross << 32) | (ll & 0xffffffff)) ^ (hh + (hl >> 32) + (cross >> 32));
+#endif
 }
 
 static inline uint64_t xxh3_avalanche(uint64_t h)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import struct
+import subprocess
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -215,3 +216,25 @@ def test_version_3_captures_still_read_with_xxh64(tmp_path: Path) -> None:
     with CaptureReader(path) as r:
         r.validate()
         assert r.version == 4
+
+
+def test_xxh3_without_a_128_bit_type_gives_the_same_values(tmp_path: Path) -> None:
+    """32-bit targets (the Debian package is Architecture: any) have no
+    ``unsigned __int128``: _stream.c built without it (the portable product
+    of four 32x32->64 multiplies) gives XXH3's values still."""
+    src = Path(__file__).resolve().parents[2]
+    prog = tmp_path / "xxh3"
+    (tmp_path / "main.c").write_text(
+        '#include <stdio.h>\n#include <stdlib.h>\n#include "_stream.c"\n'
+        "int main(int argc, char **argv)\n{\n"
+        "\tsize_t n = strtoul(argv[1], NULL, 0), i;\n"
+        "\tunsigned char *p = malloc(n + 1);\n\n"
+        "\tfor (i = 0; i < n; i++)\n\t\tp[i] = (unsigned char)(i * 131 + 7);\n"
+        '\tprintf("%llu\\n", (unsigned long long)imgrement_xxh3(p, n));\n\treturn 0;\n}\n')
+    subprocess.run(["cc", "-O2", "-Wall", "-Werror", "-DIMGREMENT_NO_INT128",
+                    f"-I{src / 'dm_target'}", f"-I{src / 'imgrement_dm'}", "-o", str(prog),
+                    str(tmp_path / "main.c")], check=True)
+    for n in sorted(XXHSUM_H3):
+        got = int(subprocess.run([str(prog), str(n)], capture_output=True, text=True,
+                                 check=True).stdout)
+        assert got == XXHSUM_H3[n], n
