@@ -123,6 +123,16 @@ static inline uint64_t merge(uint64_t acc, uint64_t v)
 	return (acc ^ lane(0, v)) * P1 + P4;
 }
 
+/* XXH64's final mix, which XXH3 uses too for its shortest inputs */
+static inline uint64_t xxh64_avalanche(uint64_t h)
+{
+	h ^= h >> 33;
+	h *= P2;
+	h ^= h >> 29;
+	h *= P3;
+	return h ^ (h >> 32);
+}
+
 uint64_t imgrement_xxh64(const uint8_t *p, size_t len)
 {
 	const uint8_t *end = p + len;
@@ -155,12 +165,7 @@ uint64_t imgrement_xxh64(const uint8_t *p, size_t len)
 	}
 	for (; p < end; p++)
 		h = rotl(h ^ (*p * P5), 11) * P1;
-	h ^= h >> 33;
-	h *= P2;
-	h ^= h >> 29;
-	h *= P3;
-	h ^= h >> 32;
-	return h;
+	return xxh64_avalanche(h);
 }
 
 /*
@@ -220,15 +225,6 @@ static inline uint64_t xxh3_avalanche(uint64_t h)
 {
 	h ^= h >> 37;
 	h *= PRIME_MX1;
-	return h ^ (h >> 32);
-}
-
-static inline uint64_t xxh64_avalanche(uint64_t h)
-{
-	h ^= h >> 33;
-	h *= P2;
-	h ^= h >> 29;
-	h *= P3;
 	return h ^ (h >> 32);
 }
 
@@ -321,8 +317,13 @@ static void xxh3_scramble_scalar(uint64_t *acc, const uint8_t *s)
 	}
 }
 
+/* x86-64 with a compiler that builds AVX2 code per function */
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && \
 	__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define XXH3_X86 1
+#endif
+
+#ifdef XXH3_X86
 #include <immintrin.h>
 
 /* Four lanes a register: the same sums as the scalar loop, lane for lane. */
@@ -393,8 +394,7 @@ uint64_t imgrement_xxh3(const uint8_t *p, size_t len)
 		return xxh3_upto240(p, len);
 #ifdef __AVX2__
 	return xxh3_long(p, len, xxh3_stripes_avx2);
-#elif defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && \
-	__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#elif defined(XXH3_X86)
 	if (xxh3_have_avx2())
 		return xxh3_long(p, len, xxh3_stripes_avx2);
 #endif
