@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import resource
 import shutil
 import signal
@@ -41,10 +42,11 @@ WORKLOADS: dict[str, list[str]] = {
 }
 CONFIGS = ["raw", "linear", "meta", "writes", "all"]
 # The peers, side by side, on each kind of disk: write workloads (replay needs
-# writes) and a mixed one.  "blktrace" traces dm-linear into a tmpfs
-# directory; "bpftrace" prints each bio's block tracepoints (queue and
-# complete) on dm-linear into a tmpfs file, as an eBPF tool would; "meta"
-# and "writes-drop" are imgrement drained by `trace -q -o`;
+# writes) and a mixed one.  "blktrace" traces dm-linear into a directory;
+# "bpftrace" prints each bio's block tracepoints (queue and complete) on
+# dm-linear into a file, as an eBPF tool would; "meta" and "writes-drop"
+# are imgrement drained by `trace -q -o`; all four store on ext4 on a third
+# disk;
 # "writes-wait" is imgrement in wait mode drained by `record` (lossless);
 # "log-writes" is dm-log-writes (xfstests' replay tool).  The lossless two
 # write their log to a second disk of the same kind: dm-log-writes onto it
@@ -356,8 +358,11 @@ class Peer:
         self.free_log = free_log  # discard dm-log-writes' log when done
         self.consumer: subprocess.Popen[bytes] | None = None
         self.traced: imgrement_dm.TracedDevice | None = None
+        # every tracer stores into the same ext4 file system on the third
+        # disk, so each pays for storing its trace alike (page cache,
+        # writeback), where the peers once wrote into tmpfs
         self.out = (PEER_FS / "capture" if config.startswith("writes") or config == "meta"
-                    else STREAMS / config)
+                    else PEER_FS / config)
         self.cpu_ready = 0
         # the baseline (linear) and blktrace's dm-linear exist side by side
         self.dm_name = {"linear": "benchbase", "blktrace": "benchlin", "bpftrace": "benchbpf",
@@ -382,15 +387,26 @@ class Peer:
     def start(self) -> None:
         if self.config == "blktrace":
             self.out.mkdir(exist_ok=True)
+            # its summary at the end says how many events it dropped.  -b 64
+            # -n 16: 1 MiB of relay buffer a CPU, and the output file mapped
+            # (and mlocked, so faulted in and zeroed at once) 1 MiB at a time,
+            # where its default 512 KiB x 16 = 8 MiB windows came in lumps of
+            # 34M instructions, in some of a cell's runs and not in others
             self.consumer = subprocess.Popen(
-                ["blktrace", "-d", self.path, "-D", str(self.out)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                ["blktrace", "-b", "64", "-n", "16", "-d", self.path, "-D", str(self.out)],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             time.sleep(2)  # its per-CPU threads set up the relay buffers
         elif self.config == "bpftrace":
             rdev = os.stat(self.path).st_rdev  # the kernel's dev_t: major << 20 | minor
             prog = BPFTRACE.replace("DEV", str(os.major(rdev) << 20 | os.minor(rdev)))
+            # 64 MiB of perf ring a CPU (its default, 64 pages, lost a third
+            # of a cost cell's events, so many that its cost varied 30%
+            # with how many): it drains behind fio, and the cost bench waits
+            # for it (cost_guest.drained)
             self.consumer = subprocess.Popen(["bpftrace", "-o", str(self.out), "-e", prog],
-                                             stdout=subprocess.DEVNULL)
+                                             stdout=subprocess.DEVNULL,
+                                             env={**os.environ,
+                                                  "BPFTRACE_PERF_RB_PAGES": "16384"})
             deadline = time.monotonic() + 300  # it compiles the program first
             while not (self.out.is_file() and b"Attaching" in self.out.read_bytes()[:200]):
                 if self.consumer.poll() is not None or time.monotonic() > deadline:
@@ -443,13 +459,28 @@ class Peer:
                 # it ended by itself (it says why on stderr): no figures from it
                 raise RuntimeError(f"{self.config}: the consumer exited with "
                                    f"{self.consumer.returncode} during the run")
+            # read to its end (it exits), then reaped by wait4 for its usage
+            summary = (self.consumer.stdout.read().decode(errors="replace")
+                       if self.config == "blktrace" and self.consumer.stdout else "")
             _, _, usage = os.wait4(self.consumer.pid, 0)
             self.consumer.returncode = 0
+            if self.config == "blktrace":
+                # "Total: N events (dropped D), K KiB data"
+                m = re.search(r"Total:\s+(\d+) events \(dropped (\d+)\)", summary)
+                if m is None:
+                    raise RuntimeError(f"blktrace: no summary in its output: {summary!r}")
+                got.update(events=int(m[1]), dropped=int(m[2]))
             if self.out.is_file():
                 got["stored_bytes"] = self.out.stat().st_size
             if self.config == "bpftrace":
+                events = lost = 0
                 with self.out.open("rb") as f:
-                    got["events"] = sum(line.startswith((b"Q ", b"C ")) for line in f)
+                    for line in f:
+                        if line.startswith((b"Q ", b"C ")):
+                            events += 1
+                        elif lm := re.match(rb"Lost (\d+) events", line):
+                            lost += int(lm[1])  # the perf buffer was full
+                got.update(events=events, dropped=lost)
             ticks = os.sysconf("SC_CLK_TCK")
             got["consumer_cpu_s"] = round(usage.ru_utime + usage.ru_stime
                                           - self.cpu_ready / ticks, 3)

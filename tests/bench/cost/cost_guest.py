@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.bench.guest_bench import PEER_FS, PEER_WORKLOADS, STREAMS, Peer, sh
+from tests.bench.guest_bench import PEER_FS, PEER_WORKLOADS, STREAMS, Peer, _cpu_ticks, sh
 
 CONFIGS = [c for c in ["linear", "blktrace", "bpftrace", "meta", "writes-drop",
                        "writes-wait", "log-writes"]
@@ -58,17 +58,42 @@ OUT = Path(os.environ["IMGREMENT_RESULTS"])
 SETTLE = 1.0  # seconds after fio for the consumer to drain, inside the window
 #: Where one more run a cell is profiled by block (not among the REPS).
 PROFILE_DISKS = os.environ.get("COST_PROFILE_DISKS", "brd").split(",")
+#: Every run profiled, to see what varies between a cell's runs (a probe:
+#: cost_report reads only the "profile" rep's windows).
+PROFILE_ALL = bool(os.environ.get("COST_PROFILE_ALL"))
+
+
+def drained(pid: int, quiet: float = 0.3, limit: float = 300.0) -> None:
+    """Return once the consumer ``pid`` has used no CPU for ``quiet``
+    seconds: what it still had to read and store after fio ended is then
+    inside the window.  A consumer that falls behind (bpftrace formats
+    each event in user space, several times fio's own work an I/O) would
+    otherwise carry part of one run's work into the next, or out of every
+    window, as the fixed settle did."""
+    deadline = time.monotonic() + limit
+    last, since = _cpu_ticks(pid), time.monotonic()
+    while time.monotonic() - since < quiet:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the consumer (pid {pid}) still busy {limit:.0f} s after fio")
+        time.sleep(0.1)
+        now = _cpu_ticks(pid)
+        if now != last:
+            last, since = now, time.monotonic()
 
 
 def measured(path: str, workload: str, ios: int, *, profile: bool = False,
-             fenced: bool = True) -> dict[str, Any]:
+             fenced: bool = True, consumer: int | None = None) -> dict[str, Any]:
     """One fenced run of ``ios`` I/Os of ``workload`` on ``path``: fio's own
     figures (``profile``: the plugin also writes the run's profile by block;
-    not ``fenced``: no markers, the plugin counts nothing)."""
+    not ``fenced``: no markers, the plugin counts nothing; ``consumer``: the
+    pid of the tracer's consumer, waited for until it is idle)."""
     argv = ["fio", "--name=cost", f"--filename={path}", "--direct=1", "--ioengine=libaio",
             # io_size far beyond: the I/O count ends the run, not the 200M region
             f"--number_ios={ios}", "--size=200M", "--io_size=100G", "--randrepeat=1",
             "--norandommap",
+            # no disk statistics: fio's helper thread reads them every 250 ms,
+            # work by the clock that made dm-linear's runs spread 2%
+            "--disk_util=0",
             "--group_reporting", "--output-format=json",
             # the workload's own io_size (seqwrite's 512m) would end it first
             *(a for a in PEER_WORKLOADS[workload] if not a.startswith("--io_size"))]
@@ -76,6 +101,8 @@ def measured(path: str, workload: str, ios: int, *, profile: bool = False,
         sh(MARK, "profile" if profile else "start")
     out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
     time.sleep(SETTLE)
+    if consumer is not None:
+        drained(consumer)
     # what the consumer stored, written back inside the window: otherwise the
     # page cache's writeback lands in one run or the next as its timer says
     sh("sync")
@@ -171,14 +198,17 @@ def main() -> int:
                         sh("udevadm", "control", "--stop-exec-queue")
                         first = len(runs)
                         short, long = IOS.get(workload, DEFAULT_IOS)
-                        measured(peer.path, workload, short, fenced=False)  # warm-up
+                        pid = peer.consumer.pid if peer.consumer is not None else None
+                        measured(peer.path, workload, short, fenced=False,
+                                 consumer=pid)  # warm-up
                         reps: list[int | str] = list(range(REPS))
                         if disk_name in PROFILE_DISKS:
                             reps.append("profile")
                         for rep in reps:
                             for part, ios in (("short", short), ("long", long)):
                                 got = measured(peer.path, workload, ios,
-                                               profile=rep == "profile")
+                                               profile=rep == "profile" or PROFILE_ALL,
+                                               consumer=pid)
                                 got.update(disk=disk_name, workload=workload, config=config,
                                            rep=rep, part=part)
                                 runs.append(got)
