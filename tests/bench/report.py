@@ -316,12 +316,12 @@ def peer_lines(res: dict[str, Any]) -> list[str]:
         "taken seconds apart; the configurations of one workload run back to back, their "
         "order rotated. Each cell is the median of those ratios (IOPS; throughput for "
         "seqwrite-1m), with their range, and the records dropped over all runs. "
-        "blktrace traces dm-linear into a tmpfs directory; bpftrace prints each bio's "
-        "block_bio_queue and block_bio_complete tracepoints on dm-linear into a tmpfs file, "
+        "blktrace traces dm-linear into a directory (`-b 64 -n 16`); bpftrace prints each "
+        "bio's block_bio_queue and block_bio_complete tracepoints on dm-linear into a file, "
         "one line per event (the eBPF tools' way); meta and "
         "writes-drop are imgrement drained by `trace -q -o` (drop mode); writes-wait is "
-        "imgrement in wait mode drained by `record` into a file on ext4 on a second disk of "
-        "the same kind (\"waited\": bios that waited for it); log-writes is "
+        "imgrement in wait mode drained by `record` (\"waited\": bios that waited for it); "
+        "all four store on ext4 on a third disk of the same kind; log-writes is "
         "dm-log-writes logging to a second disk of the same kind. For randrw, the ratio is "
         "of read IOPS.",
         "",
