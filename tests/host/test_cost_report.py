@@ -48,6 +48,14 @@ def test_instructions_per_io_ratios_spread_and_goals() -> None:
     assert "worst spread of any cell's runs, (max - min) / median, is 2.00%" in text
     # linear's 2.00% is within; meta's (12,240 - 12,000) / 12,000 = 2.0% too
     assert "cells within it: 5 of 5)" in text
+    # one cell over the bound: counted out, and its configuration named no more
+    wide = [12_480_000 if (r["config"], r["rep"]) == ("meta", 2) else n
+            for r, n in zip(runs, counts)]
+    res3 = cost_report.summarise(wide, runs)
+    res3["reps"] = 3
+    text3 = "\n".join(cost_report.lines(res3))
+    assert "cells within it: 4 of 5)" in text3
+    assert "configurations all within it: linear, blktrace, writes-wait, log-writes;" in text3
 
 
 def test_counts_and_runs_must_match() -> None:
