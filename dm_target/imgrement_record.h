@@ -20,7 +20,7 @@
 #include <linux/types.h>
 #include <linux/ioctl.h>
 
-#define IMGREMENT_RECORD_VERSION	1
+#define IMGREMENT_RECORD_VERSION	2
 
 /* Record types (header.type).  0 is never seen by readers. */
 enum imgrement_record_type {
@@ -69,19 +69,27 @@ struct imgrement_record_header {
 	__le32 size;		/* bytes in this record, a multiple of 8 */
 	__le16 type;		/* enum imgrement_record_type */
 	__u8 version;		/* IMGREMENT_RECORD_VERSION */
-	__u8 reserved;
+	__u8 page_shift;	/* log2 of the writer's page size (version 2) */
 	__le64 seq;		/* per-device sequence number */
 };
 
-/* One segment of a bio: a piece of one page. */
+/*
+ * A run of a bio's segments (version 2): len bytes from offset within a
+ * page, continuing at offset 0 of each next page.  Cut at every page
+ * boundary (1 << hdr.page_shift) it gives the bio's segments, the pieces
+ * bio_for_each_segment() gives.  A run ends where the next segment does not
+ * start a page or the last did not end one (and at an empty segment, which
+ * is a run of its own), so a 1 MiB write of whole pages is one entry, not
+ * 256.  In version 1 each entry was one segment.
+ */
 struct imgrement_segment {
 	__le32 len;		/* bytes */
-	__le32 offset;		/* offset within its page */
+	__le32 offset;		/* offset within its (first) page */
 	__le64 sector;		/* first sector it covers */
 };
 
 /*
- * One bio.  Followed by nr_segments struct imgrement_segment, then
+ * One bio.  Followed by nr_segments struct imgrement_segment (runs), then
  * payload_len bytes of data, then zero padding up to header.size.
  * Sectors are 512-byte units on the traced (device-mapper) device.
  */
@@ -91,7 +99,7 @@ struct imgrement_bio_record {
 	__le32 bytes;		/* size of the bio in bytes (bi_size) */
 	__u8 op;		/* enum imgrement_op */
 	__u8 raw_op;		/* the kernel's REQ_OP_* value */
-	__le16 nr_segments;
+	__le16 nr_segments;	/* entries (runs) that follow */
 	__le32 flags;		/* IMGREMENT_F_* */
 	__le32 rflags;		/* IMGREMENT_R_* */
 	__le64 submit_ns;	/* CLOCK_MONOTONIC when the target mapped it */

@@ -124,7 +124,7 @@ struct imgrement_record_header *imgrement_ring_reserve(struct imgrement_ring *ri
 	hdr->size = cpu_to_le32(bytes);
 	hdr->type = cpu_to_le16(IMGREMENT_REC_NONE);
 	hdr->version = IMGREMENT_RECORD_VERSION;
-	hdr->reserved = 0;
+	hdr->page_shift = PAGE_SHIFT;
 	hdr->seq = cpu_to_le64(seq);
 	WRITE_ONCE(ring->head, ring->head + bytes);
 out:

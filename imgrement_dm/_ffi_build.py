@@ -167,7 +167,7 @@ struct imgrement_record_header {
     __le32 size;
     __le16 type;
     uint8_t version;
-    uint8_t reserved;
+    uint8_t page_shift;
     __le64 seq;
     ...;
 };

@@ -67,6 +67,9 @@ SEGMENT, SEGMENT_FIELDS = struct_for("struct imgrement_segment")
 MARK, MARK_FIELDS = struct_for("struct imgrement_mark_record")
 
 RECORD_VERSION: int = lib.IMGREMENT_RECORD_VERSION
+#: Record versions this package reads: its own, and version 1, whose segment
+#: entries were one segment each where version 2's are runs of them.
+READS_RECORD_VERSIONS: tuple[int, ...] = (RECORD_VERSION, 1)
 REC_BIO: int = lib.IMGREMENT_REC_BIO
 REC_MARK: int = lib.IMGREMENT_REC_MARK
 REC_PAD: int = lib.IMGREMENT_REC_PAD

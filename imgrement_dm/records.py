@@ -17,6 +17,7 @@ import os
 import select
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar, Union
 
@@ -27,7 +28,8 @@ from imgrement_dm.window import UNSUPPORTED, MappedStream
 
 DEBUGFS = Path("/sys/kernel/debug")
 STREAM_DIR = DEBUGFS / "imgrement"
-#: A saved stream starts with these 16 bytes; the last is the record version.
+#: A saved stream starts with these 16 bytes; the last is the record version
+#: (of the tool that saved it: each record carries its own too).
 STREAM_MAGIC = b"IMGREMENT-RECS\0" + bytes([layout.RECORD_VERSION])
 READ_SIZE = 4 << 20
 
@@ -42,7 +44,7 @@ _SEG = layout.SEGMENT
 _MARK = layout.MARK
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Segment:
     """One piece of one page of a bio."""
 
@@ -51,12 +53,40 @@ class Segment:
     sector: int
 
 
+#: The most segments a record gives: version 1 kept the first this many.
+MAX_SEGMENTS = 0xFFFF
+#: The least and most page sizes a version 2 record may name (512 B, 1 MiB):
+#: a corrupt shift would otherwise cut a run into billions of pieces, or none.
+_PAGE_SHIFTS = range(9, 21)
+
+
+def _cut(run: tuple[int, int, int], done: int, page: int) -> Iterator[Segment]:
+    """The segments of one run (version 2): ``len`` bytes from ``offset``,
+    cut at every ``page`` boundary.  ``done`` is the bytes of the bio before
+    the run; each segment's sector is the bio's plus the bytes before it, as
+    the target computes it, so a segment that starts inside a sector keeps
+    that sector."""
+    length, offset, sector = run
+    if not length:
+        yield Segment(0, offset, sector)
+        return
+    first = done >> 9
+    while length:
+        piece = min(length, page - offset)
+        yield Segment(piece, offset, sector + (done >> 9) - first)
+        done += piece
+        length -= piece
+        offset = 0
+
+
 def _field(name: str, doc: str) -> property:
     index = layout.BIO_FIELDS.index(name)
     return property(lambda self: self._f[index], doc=doc)
 
 
 _STATUS = layout.BIO_FIELDS.index("status")
+_VERSION = layout.BIO_FIELDS.index("hdr.version")
+_PAGE_SHIFT = layout.BIO_FIELDS.index("hdr.page_shift")
 
 
 class BioRecord:
@@ -77,7 +107,7 @@ class BioRecord:
     size = _field("bytes", "bytes in the bio")
     op = _field("op", "operation (layout.OPS)")
     raw_op = _field("raw_op", "the kernel's REQ_OP_* value")
-    nr_segments = _field("nr_segments", "number of segments")
+    nr_entries = _field("nr_segments", "segment entries in the record (runs, version 2)")
     flags = _field("flags", "IMGREMENT_F_* bits")
     rflags = _field("rflags", "IMGREMENT_R_* bits")
     submit_ns = _field("submit_ns", "CLOCK_MONOTONIC at map")
@@ -130,22 +160,69 @@ class BioRecord:
         there cost a fifth of the decoder's speed, and most records are
         never asked for their parts.
         """
-        end: int = self._at + _BIO.size + self.nr_segments * _SEG.size + self.payload_len
+        end: int = self._at + _BIO.size + self.nr_entries * _SEG.size + self.payload_len
         size: int = self._f[0]
         if end > self._at + size:
             raise StreamError(
                 f"corrupt record stream: bio record {self.seq} of {size} bytes claims "
-                f"{self.nr_segments} segments and {self.payload_len} payload bytes")
+                f"{self.nr_entries} segment entries and {self.payload_len} payload bytes")
         return end
 
     @property
-    def segments(self) -> list[Segment]:
+    def entries(self) -> list[tuple[int, int, int]]:
+        """The segment entries as the record holds them, (len, page offset,
+        sector): version 2's runs, version 1's segments."""
         self._parts_end()
         at = self._at + _BIO.size
-        return [
-            Segment(*_SEG.unpack_from(self._buf, at + i * _SEG.size))
-            for i in range(self.nr_segments)
-        ]
+        return [_SEG.unpack_from(self._buf, at + i * _SEG.size)
+                for i in range(self.nr_entries)]
+
+    @property
+    def segments(self) -> list[Segment]:
+        """The bio's segments, the pieces of pages ``bio_for_each_segment()``
+        gives: a version 2 record keeps them as runs, cut here at its page
+        size (a 1 MiB write is one entry of 16 bytes, not 256).  At most
+        the first :data:`MAX_SEGMENTS`, as many as a version 1 record kept."""
+        if self._f[_VERSION] == 1:
+            return [Segment(*e) for e in self.entries]
+        runs, page = self._runs()
+        out: list[Segment] = []
+        done = 0
+        for run in runs:
+            out.extend(islice(_cut(run, done, page), MAX_SEGMENTS - len(out)))
+            if len(out) == MAX_SEGMENTS:
+                break
+            done += run[0]
+        return out
+
+    @property
+    def nr_segments(self) -> int:
+        """How many segments :attr:`segments` gives, counted without making them."""
+        if self._f[_VERSION] == 1:
+            return int(self.nr_entries)
+        runs, page = self._runs()
+        n = sum(-(-(offset + length) // page) if length else 1 for length, offset, _ in runs)
+        return min(n, MAX_SEGMENTS)
+
+    def _runs(self) -> tuple[list[tuple[int, int, int]], int]:
+        """A version 2 record's runs and page size, checked: a corrupt one
+        would otherwise be cut into pieces without end."""
+        shift: int = self._f[_PAGE_SHIFT]
+        if shift not in _PAGE_SHIFTS:
+            raise StreamError(
+                f"corrupt record stream: bio record {self.seq} names a page of 2**{shift} "
+                "bytes")
+        page = 1 << shift
+        runs = self.entries
+        if any(offset >= page for _, offset, _ in runs):
+            raise StreamError(
+                f"corrupt record stream: bio record {self.seq} has a segment starting past "
+                f"its {page}-byte page")
+        if sum(length for length, _, _ in runs) > self.size:
+            raise StreamError(
+                f"corrupt record stream: bio record {self.seq}'s segments cover more than "
+                f"its {self.size} bytes")
+        return runs, page
 
     @property
     def payload_start(self) -> int:
@@ -221,12 +298,13 @@ def _decode(buf: Buf, start: int) -> tuple[list[Record], int]:
     end = len(buf)
     bio = _BIO.unpack_from
     new = _new_bio
-    bio_type, version_ok, bio_min = layout.REC_BIO, layout.RECORD_VERSION, _BIO.size
+    bio_type, bio_min = layout.REC_BIO, _BIO.size
+    versions = layout.READS_RECORD_VERSIONS
     last_bio = end - bio_min  # where the fixed part of a bio still fits
     while at <= last_bio:
         f = bio(buf, at)  # (size, type, version, ...): read as a bio, checked below
         size = f[0]
-        if (f[1] == bio_type and f[2] == version_ok and size >= bio_min and not size & 7
+        if (f[1] == bio_type and f[2] in versions and size >= bio_min and not size & 7
                 and at + size <= end):
             r = new(BioRecord)
             r._buf = buf
@@ -256,15 +334,19 @@ def _other_at(buf: Buf, at: int, out: list[Record]) -> tuple[int, bool]:
     return at + size, False
 
 
+def _versions() -> str:
+    return " or ".join(map(str, sorted(layout.READS_RECORD_VERSIONS)))
+
+
 def _decode_other(buf: Buf, at: int, size: int, rtype: int, version: int) -> Record | None:
     if size < _HDR.size or size % 8:
         raise StreamError(f"corrupt record stream: record size {size} at byte {at}")
     if rtype == layout.REC_PAD:
         return None  # only size and type of a pad are meaningful
-    if version != layout.RECORD_VERSION:
+    if version not in layout.READS_RECORD_VERSIONS:
         raise StreamError(
             f"record version {version} at byte {at}; this tool reads version "
-            f"{layout.RECORD_VERSION}: use the imgrement-dm that matches the module"
+            f"{_versions()}: use the imgrement-dm that matches the module"
         )
     if rtype == layout.REC_MARK:
         if size < _MARK.size or _MARK.unpack_from(buf, at)[6] > size - _MARK.size:
@@ -433,11 +515,10 @@ class RecordReader:
             os.close(fd)
             raise StreamError(f"{path} is a saved record stream cut short inside its "
                               f"{len(STREAM_MAGIC)}-byte header: it holds no records")
-        if magic[15:] != STREAM_MAGIC[15:]:
+        if magic[15] not in layout.READS_RECORD_VERSIONS:
             os.close(fd)
             raise StreamError(
-                f"{path} holds record version {magic[15]}; this tool reads "
-                f"{layout.RECORD_VERSION}"
+                f"{path} holds record version {magic[15]}; this tool reads {_versions()}"
             )
         return cls(fd, live=False)
 

@@ -154,12 +154,12 @@ class CaptureReader:
         if zlib.crc32(head[: _HEADER.size - 4]) != crc:
             self._f.close()
             raise CaptureError(f"{path}: the file header is corrupted (checksum mismatch)")
-        if version not in READS_VERSIONS or rec_version != layout.RECORD_VERSION:
+        if version not in READS_VERSIONS or rec_version not in layout.READS_RECORD_VERSIONS:
             self._f.close()
             raise CaptureError(
                 f"{path} is capture format {version} with record version {rec_version}; "
                 f"this tool reads {' or '.join(map(str, READS_VERSIONS))} / "
-                f"{layout.RECORD_VERSION}"
+                f"{' or '.join(map(str, sorted(layout.READS_RECORD_VERSIONS)))}"
             )
         self.version = version
         self._chunk = _CHUNK if version >= 3 else _CHUNK_CRC32

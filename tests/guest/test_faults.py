@@ -201,7 +201,7 @@ def test_a_failed_read_leaves_zeros_where_its_data_would_be(error_device: str) -
         (rec,), _ = decode(raw[off:off + size])
         if isinstance(rec, BioRecord) and rec.pid == os.getpid() and rec.op_name == "read":
             assert (rec.status, rec.payload_len, rec.has_payload) == (-5, 0, False)
-            rest = raw[off + head + seg * rec.nr_segments:off + size]
+            rest = raw[off + head + seg * rec.nr_entries:off + size]
             assert len(rest) >= 4096, "the read's payload space was reserved"
             assert rest == bytes(len(rest)), f"read record {rec.seq} shows stale bytes"
             reads += 1

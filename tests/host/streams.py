@@ -13,14 +13,17 @@ def _pad(b: bytes) -> bytes:
 def bio(seq: int, *, sector: int = 0, op: int = 1, flags: int = 0, status: int = 0,
         segments: list[tuple[int, int, int]] | None = None, payload: bytes = b"",
         submit_ns: int = 1000, complete_ns: int = 2000, pid: int = 42, comm: bytes = b"fio",
-        size: int | None = None) -> bytes:
+        size: int | None = None, version: int = layout.RECORD_VERSION,
+        page_shift: int = 12) -> bytes:
+    """A bio record; ``segments`` are its entries as the record holds them
+    (version 2: runs, cut at pages of ``1 << page_shift`` bytes)."""
     segments = segments if segments is not None else []
     nbytes = size if size is not None else (sum(s[0] for s in segments) or len(payload))
     body = b"".join(layout.SEGMENT.pack(*s) for s in segments) + payload
     total = layout.BIO.size + len(body)
     total += -total % 8
     head = layout.BIO.pack(
-        total, layout.REC_BIO, layout.RECORD_VERSION, 0, seq, sector, nbytes, op, op,
+        total, layout.REC_BIO, version, page_shift, seq, sector, nbytes, op, op,
         len(segments), flags, layout.PAYLOAD_FLAG if payload else 0, submit_ns,
         complete_ns, status & 0xFFFFFFFF, pid, pid, len(payload), comm,
     )

@@ -189,8 +189,8 @@ def test_a_bio_whose_parts_overrun_it_is_an_error_when_read() -> None:
     raw = bytes(first) + streams.bio(1, payload=b"n" * 8)
     recs, _ = decode(raw)
     assert isinstance(recs[0], BioRecord) and isinstance(recs[1], BioRecord)
-    with pytest.raises(StreamError, match="claims 7 segments and 512 payload bytes"):
+    with pytest.raises(StreamError, match="claims 7 segment entries and 512 payload bytes"):
         recs[0].segments  # noqa: B018
-    with pytest.raises(StreamError, match="claims 7 segments"):
+    with pytest.raises(StreamError, match="claims 7 segment entries"):
         recs[0].payload  # noqa: B018
     assert bytes(recs[1].payload) == b"n" * 8

@@ -28,7 +28,7 @@ def test_layout_matches_the_documented_sizes() -> None:
     assert layout.SEGMENT.size == 16
     assert layout.MARK.size == 32
     assert layout.BIO_FIELDS[:5] == ("hdr.size", "hdr.type", "hdr.version",
-                                     "hdr.reserved", "hdr.seq")
+                                     "hdr.page_shift", "hdr.seq")
 
 
 def test_bio_record_fields_segments_and_payload() -> None:
@@ -49,6 +49,81 @@ def test_bio_record_fields_segments_and_payload() -> None:
     assert r.segments == [Segment(512, 3584, 1 << 40), Segment(512, 0, (1 << 40) + 1)]
     assert r.has_payload and bytes(r.payload) == data[:1024]
     assert isinstance(r.payload, memoryview) and r.payload.obj is raw  # no copy
+
+
+def test_a_run_is_cut_into_the_segments_of_its_pages() -> None:
+    """Version 2 keeps segments as runs: one entry for a write of whole pages
+    (256 entries of a 1 MiB write took 4 KiB of record).  Cut at the record's
+    page size, each segment's sector counts the bytes before it, so a run
+    that starts 512 bytes before a page's end gives 512 at 3584, then pages."""
+    runs = [(512 + 3 * 4096 + 1024, 3584, 100), (0, 17, 108), (1024, 512, 108)]
+    (r,), _ = decode(streams.bio(0, sector=100, segments=runs, size=1536 + 3 * 4096 + 1024))
+    assert isinstance(r, BioRecord)
+    assert (r.nr_entries, r.entries) == (3, runs)
+    assert r.segments == [
+        Segment(512, 3584, 100), Segment(4096, 0, 101), Segment(4096, 0, 109),
+        Segment(4096, 0, 117), Segment(1024, 0, 125),
+        Segment(0, 17, 108),  # an empty segment is its own entry, and stays one
+        Segment(1024, 512, 108),
+    ]
+    assert r.nr_segments == len(r.segments) == 7
+    # Another page size: the same entry cut at 16 KiB pages.
+    (big,), _ = decode(streams.bio(1, sector=0, segments=[(40960, 8192, 0)], page_shift=14))
+    assert isinstance(big, BioRecord)
+    assert big.segments == [Segment(8192, 8192, 0), Segment(16384, 0, 16),
+                            Segment(16384, 0, 48)]
+    assert big.nr_segments == 3
+
+
+def test_a_segment_that_starts_inside_a_sector_keeps_the_bio_s_byte_count() -> None:
+    """The target computes a segment's sector from the bio's bytes before it:
+    a run of 64 + 4096 + 448 bytes (a buffer 64 bytes before a page's end)
+    gives sectors 0, 0 and 8, as the version 1 records had them."""
+    (r,), _ = decode(streams.bio(0, sector=0, segments=[(64 + 4096 + 448, 4032, 0)]))
+    assert isinstance(r, BioRecord)
+    assert r.segments == [Segment(64, 4032, 0), Segment(4096, 0, 0), Segment(448, 0, 8)]
+
+
+def test_version_1_records_and_streams_still_read(tmp_path: Path) -> None:
+    """Captures made before runs hold version 1 records, one entry a segment."""
+    pieces = [(3584, 512, 0), (4096, 0, 7)]
+    v1 = streams.bio(0, segments=pieces, version=1, page_shift=0) + streams.mark(1, "m")
+    (r, m), _ = decode(v1)
+    assert isinstance(r, BioRecord) and isinstance(m, MarkRecord)
+    assert r.segments == [Segment(*p) for p in pieces] and r.nr_segments == 2
+    old = tmp_path / "old.rec"
+    old.write_bytes(STREAM_MAGIC[:15] + bytes([1]) + v1)
+    with RecordReader.from_file(old) as reader:
+        assert [i.seq for i in reader if isinstance(i, BioRecord)] == [0]
+    newer = tmp_path / "newer.rec"
+    newer.write_bytes(STREAM_MAGIC[:15] + bytes([9]) + v1)
+    with pytest.raises(StreamError, match="holds record version 9; this tool reads 1 or 2"):
+        RecordReader.from_file(newer)
+
+
+@pytest.mark.parametrize(
+    "raw,message",
+    [
+        (streams.bio(0, segments=[(4096, 0, 0)], page_shift=0), "names a page of 2\\*\\*0 bytes"),
+        (streams.bio(0, segments=[(512, 4096, 0)]), "segment starting past its 4096-byte page"),
+        (streams.bio(0, segments=[(8192, 0, 0)], size=4096), "segments cover more than its 4096"),
+    ],
+)
+def test_corrupt_runs_are_refused_when_read(raw: bytes, message: str) -> None:
+    (r,), _ = decode(raw)
+    assert isinstance(r, BioRecord)
+    for part in ("segments", "nr_segments"):
+        with pytest.raises(StreamError, match=message):
+            getattr(r, part)
+
+
+def test_a_run_gives_at_most_as_many_segments_as_version_1_kept() -> None:
+    huge = 0xFFFFF000  # a bio of almost 4 GiB in one run: 1,048,575 pages
+    (r,), _ = decode(streams.bio(0, segments=[(huge, 0, 0)], size=huge))
+    assert isinstance(r, BioRecord)
+    segs = r.segments
+    assert len(segs) == r.nr_segments == 0xFFFF
+    assert segs[-1] == Segment(4096, 0, 0xFFFE * 8)
 
 
 def test_marks_pads_and_order() -> None:
