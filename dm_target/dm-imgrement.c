@@ -639,106 +639,79 @@ static void copy_payload(struct bio *bio, struct bvec_iter iter, char *dst)
  * whole pages is thus one 16-byte entry where 256 segments cost the record
  * 4 KiB, record_bio about 8,000 instructions and the consumer as many again
  * to store it (the cost bench's profile); a reader cuts a run into its
- * segments by arithmetic.  count_segments() and fill_segments() walk the
- * bvec array itself, from bi_iter's bvec and the bytes done in it, as the
- * iterator does.  A bio that does not advance through its bvecs (5.10's
- * WRITE_SAME repeats one over bi_size) is left to the iterator, each of
- * its segments an entry of its own.
+ * segments by arithmetic.
+ *
+ * walk_runs() walks the bvec array itself, from bi_iter's bvec and the bytes
+ * done in it, as the iterator does, once: it writes the first @max runs to
+ * @out and returns how many there are.  record_bio() gives it a few entries
+ * on the stack, which hold every run of most bios, so it knows the record's
+ * size and its entries from one walk (two walks, one to count and one to
+ * fill, cost a 1 MiB write of 256 one-page bvecs about 4,900 instructions);
+ * a bio of more runs is walked again into its record.  A bio that does not
+ * advance through its bvecs (5.10's WRITE_SAME repeats one over bi_size) is
+ * left to the iterator, each of its segments an entry of its own.
  */
-static inline bool run_goes_on(unsigned int run_end, unsigned int offset,
-			       unsigned int len)
-{
-	/* run_end: offset_in_page() of where the open run ends, or 1 if none */
-	return !run_end && !offset && len;
-}
+#define IMGREMENT_STACK_RUNS	4
 
-static unsigned int count_segments(struct bio *bio)
-{
-	const struct bio_vec *bv = bio->bi_io_vec + bio->bi_iter.bi_idx;
-	unsigned int done = bio->bi_iter.bi_bvec_done;
-	unsigned int left = bio->bi_iter.bi_size;
-	unsigned int run_end = 1;
-	unsigned int n = 0;
-
-	if (!bio_has_data(bio))
-		return 0;
-	if (unlikely(bio_no_advance_iter(bio)))
-		return bio_segments(bio);
-	for (; left; bv++, done = 0) {
-		unsigned int len = min(left, bv->bv_len - done);
-		unsigned int offset = offset_in_page(bv->bv_offset + done);
-
-		if (!run_goes_on(run_end, offset, len))
-			n++;
-		/* an empty segment is a run of its own: nothing continues it */
-		run_end = len ? offset_in_page(offset + len) : 1;
-		left -= len;
-	}
-	return n;
-}
-
-/*
- * Each run's first sector: the bio's plus the bytes before it, counted in
- * bytes, since a segment need not be whole sectors (an O_DIRECT buffer that
- * crosses a page gives, say, 64 + 448 bytes).
- */
 static inline void put_segment(struct imgrement_segment *seg, unsigned int len,
 			       unsigned int offset, sector_t sector, u64 done)
 {
 	seg->len = cpu_to_le32(len);
 	seg->offset = cpu_to_le32(offset);
+	/*
+	 * The bio's sector plus the bytes before it, counted in bytes, since
+	 * a segment need not be whole sectors (an O_DIRECT buffer that
+	 * crosses a page gives, say, 64 + 448 bytes).
+	 */
 	seg->sector = cpu_to_le64(sector + (done >> SECTOR_SHIFT));
 }
 
-/* Fill the first @nr_segs runs (count_segments() of them, or fewer). */
-static void fill_segments(struct imgrement_bio_record *rec, struct bio *bio,
-			  sector_t sector, unsigned int nr_segs)
+static unsigned int walk_runs(struct bio *bio, sector_t sector,
+			      struct imgrement_segment *out, unsigned int max)
 {
-	struct imgrement_segment *seg = (struct imgrement_segment *)(rec + 1);
 	const struct bio_vec *bv = bio->bi_io_vec + bio->bi_iter.bi_idx;
 	unsigned int skip = bio->bi_iter.bi_bvec_done;
-	unsigned int left = bio->bi_iter.bi_size;
-	struct imgrement_segment *end = seg + nr_segs;
-	unsigned int run_len = 0, run_offset = 0, run_end = 1;
-	u64 done = 0, run_done = 0;
-	bool open = false;
+	unsigned int size = bio->bi_iter.bi_size;
+	unsigned int left = size;
+	unsigned int run_left = 0, run_offset = 0;
+	unsigned int run_end = 1;	/* in-page end of the open run; 1: none */
+	unsigned int n = 0;
 
+	if (!bio_has_data(bio))
+		return 0;
 	if (unlikely(bio_no_advance_iter(bio))) {
 		struct bvec_iter iter;
 		struct bio_vec one;
+		u64 done = 0;
 
 		bio_for_each_segment(one, bio, iter) {
-			if (seg == end)
-				break;
-			put_segment(seg++, one.bv_len, one.bv_offset, sector, done);
+			if (n < max)
+				put_segment(out + n, one.bv_len, one.bv_offset, sector, done);
+			n++;
 			done += one.bv_len;
 		}
-		return;
+		return n;
 	}
 	for (; left; bv++, skip = 0) {
 		unsigned int len = min(left, bv->bv_len - skip);
 		unsigned int offset = offset_in_page(bv->bv_offset + skip);
 
-		if (run_goes_on(run_end, offset, len)) {
-			run_len += len;
-		} else {
-			if (open) {
-				/* the open run is whole: write it, start this one */
-				put_segment(seg++, run_len, run_offset, sector, run_done);
-				if (seg == end)
-					return;
-			}
-			open = true;
-			run_len = len;
+		/* an empty segment is a run of its own: nothing continues it */
+		if (run_end || offset || !len) {
+			/* the open run (the bytes from run_left to left) is whole */
+			if (n && n <= max)
+				put_segment(out + n - 1, run_left - left, run_offset,
+					    sector, size - run_left);
+			n++;
+			run_left = left;
 			run_offset = offset;
-			run_done = done;
 		}
 		run_end = len ? offset_in_page(offset + len) : 1;
-		done += len;
 		left -= len;
 	}
-	if (open)
-		put_segment(seg, run_len, run_offset, sector, run_done);
+	if (n && n <= max)
+		put_segment(out + n - 1, run_left, run_offset, sector, size - run_left);
+	return n;
 }
 
 /*
@@ -794,7 +767,8 @@ static bool record_bio(struct imgrement_c *ic, struct bio *bio, sector_t sector,
 	struct imgrement_io *io = dm_per_bio_data(bio, sizeof(struct imgrement_io));
 	int capture = READ_ONCE(ic->capture);
 	u8 op = record_op(bio);
-	unsigned int nr_segs = count_segments(bio);
+	struct imgrement_segment runs[IMGREMENT_STACK_RUNS];
+	unsigned int nr_segs = walk_runs(bio, sector, runs, IMGREMENT_STACK_RUNS);
 	u32 payload = 0, rflags = 0;
 	struct imgrement_bio_record *rec;
 	u64 seq, bytes;
@@ -854,8 +828,10 @@ static bool record_bio(struct imgrement_c *ic, struct bio *bio, sector_t sector,
 		rec->tid = cpu_to_le32(task_pid_nr(current));
 		copy_comm(rec->comm);
 	}
-	if (nr_segs)
-		fill_segments(rec, bio, sector, nr_segs);
+	if (nr_segs <= IMGREMENT_STACK_RUNS)
+		memcpy(rec + 1, runs, nr_segs * sizeof(*runs));
+	else
+		walk_runs(bio, sector, (struct imgrement_segment *)(rec + 1), nr_segs);
 	/* Zero the padding after the payload: no stale bytes reach readers. */
 	memset((char *)rec + bytes, 0, le32_to_cpu(rec->hdr.size) - bytes);
 

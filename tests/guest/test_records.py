@@ -159,6 +159,8 @@ SCRIPT = [
     ("unaligned-page-offset", 512 * 101, [(512, 8192)]),
     ("odd-page-offset", 4096 * 40, [(3584, 1536)]),
     ("vectored", 4096 * 100, [(0, 4096), (1024, 2048), (0, 16384)]),
+    # more runs than the target's walk keeps on its stack: it walks again
+    ("six-runs", 4096 * 200, [(1024, 2048)] * 6),
     ("64k", 1 << 20, [(0, 64 << 10)]),
     ("1m", 4 << 20, [(0, 1 << 20)]),
 ]
@@ -203,10 +205,12 @@ def test_direct_writes_and_reads_recorded_exactly(
         )
         # Kept as runs, as few entries as the pieces allow: one a bio of one
         # buffer (its pieces end and start pages where they meet), three for
-        # the vectored write's buffers (the second neither starts nor ends one).
+        # the vectored write's buffers (the second neither starts nor ends
+        # one), six for six buffers in the middle of their pages.
         for r in recs:
             assert r.entries == page_runs([(x.len, x.offset, x.sector) for x in r.segments])
-        assert [r.nr_entries for r in recs] == [3 if name == "vectored" else 1] * len(recs)
+        runs = {"vectored": 3, "six-runs": 6}.get(name, 1)
+        assert [r.nr_entries for r in recs] == [runs] * len(recs)
         assert all(r.complete_ns >= r.submit_ns > 0 for r in recs)
         assert all(r.comm == "python" and r.tid > 0 for r in recs)
     if len(whole) <= 64 << 10:

@@ -201,7 +201,7 @@ def profile_summary(runs: list[dict[str, Any]], windows: dict[int, dict[str, int
 #: a mode's profiled run is its floor; everything else a traced I/O costs
 #: over dm-linear (the clock reads, the per-bio bookkeeping, the wake-ups,
 #: the consumer reading and storing the stream) is what could be saved.
-FLOOR_APPEND = ("record_bio", "count_segments", "fill_segments", "record_op", "record_flags",
+FLOOR_APPEND = ("record_bio", "walk_runs", "put_segment", "record_op", "record_flags",
                 "imgrement_ring_reserve", "imgrement_ring_commit")
 FLOOR_COPY = ("copy_payload",)
 #: Which profiled configuration each floor is read from.
