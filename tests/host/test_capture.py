@@ -11,6 +11,7 @@ import io
 import shutil
 import struct
 import subprocess
+import zlib
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from imgrement_dm import increment
 from imgrement_dm.errors import CaptureError, IncrementError
 from imgrement_dm.formats import export
 from imgrement_dm.formats.capture import CaptureReader, write_capture
-from imgrement_dm.records import Drop
+from imgrement_dm.records import BioRecord, Drop
 from tests import logwrites
 from tests.host import streams
 
@@ -108,6 +109,32 @@ def test_truncated_and_corrupted_captures_are_refused(tmp_path: Path) -> None:
             increment.apply(base, bad, out)
         assert "intact chunk" in str(e.value) or "header is corrupted" in str(e.value), name
         assert not out.exists() and not out.with_name(out.name + ".part").exists()
+
+
+def _with_record_version(cap: Path, version: int) -> None:
+    """Rewrite a capture's header to say its records are of ``version``."""
+    raw = bytearray(cap.read_bytes())
+    struct.pack_into("<I", raw, 12, version)
+    struct.pack_into("<I", raw, 64, zlib.crc32(bytes(raw[:64])))
+    cap.write_bytes(bytes(raw))
+
+
+def test_captures_of_version_1_records_still_read(tmp_path: Path) -> None:
+    """Captures made before record version 2 hold one entry a segment and
+    page_shift 0; they read, their segments as stored.  A record version the
+    tool does not know is refused by name."""
+    pieces = [(3584, 512, 8), (4096, 0, 15)]
+    cap = _capture(tmp_path, [streams.bio(0, sector=8, op=W, segments=pieces, version=1,
+                                          page_shift=0, payload=b"v" * 7680)])
+    _with_record_version(cap, 1)
+    with CaptureReader(cap) as r:
+        (rec,) = list(r.items())
+    assert isinstance(rec, BioRecord)
+    assert [(s.len, s.offset, s.sector) for s in rec.segments] == pieces
+    assert bytes(rec.payload) == b"v" * 7680
+    _with_record_version(cap, 9)
+    with pytest.raises(CaptureError, match=r"with record version 9; this tool reads .* / 1 or 2"):
+        CaptureReader(cap)
 
 
 def test_drops_refuse_apply_unless_forced(tmp_path: Path) -> None:
