@@ -44,9 +44,13 @@ _SEG = layout.SEGMENT
 _MARK = layout.MARK
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Segment:
     """One piece of one page of a bio."""
+
+    # slots by hand (dataclass(slots=True) needs Python 3.10): a record
+    # gives up to 65,535 of them
+    __slots__ = ("len", "offset", "sector")
 
     len: int
     offset: int
