@@ -70,6 +70,13 @@ RECORD_VERSION: int = lib.IMGREMENT_RECORD_VERSION
 #: Record versions this package reads: its own, and version 1, whose segment
 #: entries were one segment each where version 2's are runs of them.
 READS_RECORD_VERSIONS: tuple[int, ...] = (RECORD_VERSION, 1)
+
+
+def record_versions_read() -> str:
+    """The record versions this package reads, for an error message."""
+    return " or ".join(map(str, sorted(READS_RECORD_VERSIONS)))
+
+
 REC_BIO: int = lib.IMGREMENT_REC_BIO
 REC_MARK: int = lib.IMGREMENT_REC_MARK
 REC_PAD: int = lib.IMGREMENT_REC_PAD

@@ -338,10 +338,6 @@ def _other_at(buf: Buf, at: int, out: list[Record]) -> tuple[int, bool]:
     return at + size, False
 
 
-def _versions() -> str:
-    return " or ".join(map(str, sorted(layout.READS_RECORD_VERSIONS)))
-
-
 def _decode_other(buf: Buf, at: int, size: int, rtype: int, version: int) -> Record | None:
     if size < _HDR.size or size % 8:
         raise StreamError(f"corrupt record stream: record size {size} at byte {at}")
@@ -350,7 +346,7 @@ def _decode_other(buf: Buf, at: int, size: int, rtype: int, version: int) -> Rec
     if version not in layout.READS_RECORD_VERSIONS:
         raise StreamError(
             f"record version {version} at byte {at}; this tool reads version "
-            f"{_versions()}: use the imgrement-dm that matches the module"
+            f"{layout.record_versions_read()}: use the imgrement-dm that matches the module"
         )
     if rtype == layout.REC_MARK:
         if size < _MARK.size or _MARK.unpack_from(buf, at)[6] > size - _MARK.size:
@@ -522,7 +518,8 @@ class RecordReader:
         if magic[15] not in layout.READS_RECORD_VERSIONS:
             os.close(fd)
             raise StreamError(
-                f"{path} holds record version {magic[15]}; this tool reads {_versions()}"
+                f"{path} holds record version {magic[15]}; this tool reads "
+                f"{layout.record_versions_read()}"
             )
         return cls(fd, live=False)
 

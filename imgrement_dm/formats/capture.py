@@ -159,7 +159,7 @@ class CaptureReader:
             raise CaptureError(
                 f"{path} is capture format {version} with record version {rec_version}; "
                 f"this tool reads {' or '.join(map(str, READS_VERSIONS))} / "
-                f"{' or '.join(map(str, sorted(layout.READS_RECORD_VERSIONS)))}"
+                f"{layout.record_versions_read()}"
             )
         self.version = version
         self._chunk = _CHUNK if version >= 3 else _CHUNK_CRC32
