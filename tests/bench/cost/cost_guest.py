@@ -17,6 +17,7 @@ line k of the plugin's file being run k's count (cost_report.py pairs them).
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -48,13 +49,17 @@ REPS = int(os.environ.get("COST_REPS", "5"))  # 0: the profiled runs alone
 #: short runs' standard deviation was 2.5M to 4.6M instructions in every
 #: cell, 4 KiB or 1 MiB): with 400 I/Os between the runs (125M
 #: instructions) the five runs of a cell spread 4 to 15%, so 2,000, about
-#: as many instructions as the 4 KiB cells' 60,000 I/Os.  A long run stores
+#: as many instructions as the 4 KiB cells' 60,000 I/Os.  (Most of that
+#: fixed cost's variation was fio's clock calibration, since moved out of
+#: the window: see measured().)  A long run stores
 #: 2 GB, so the stores are freed after every run (Peer.free_store).
 DEFAULT_IOS = (int(os.environ.get("COST_SHORT", "5000")),
                int(os.environ.get("COST_LONG", "65000")))
 IOS = {"seqwrite-1m": (8, 2008)}
 MARK = os.environ["INSNMARK"]
 OUT = Path(os.environ["IMGREMENT_RESULTS"])
+#: fio's working directory (where it leaves the prerun's output)
+FIO_DIR = Path("/tmp/cost-fio")
 SETTLE = 1.0  # seconds after fio for the consumer to drain, inside the window
 #: Where one more run a cell is profiled by block (not among the REPS).
 PROFILE_DISKS = os.environ.get("COST_PROFILE_DISKS", "brd").split(",")
@@ -86,7 +91,15 @@ def measured(path: str, workload: str, ios: int, *, profile: bool = False,
     """One fenced run of ``ios`` I/Os of ``workload`` on ``path``: fio's own
     figures (``profile``: the plugin also writes the run's profile by block;
     not ``fenced``: no markers, the plugin counts nothing; ``consumer``: the
-    pid of the tracer's consumer, waited for until it is idle)."""
+    pid of the tracer's consumer, waited for until it is idle).
+
+    The window opens inside fio, in its job process just before the first
+    I/O (``--exec_prerun``), not before fio starts: fio calibrates its clock
+    at start by spinning on the clock for about 65 ms (51 rounds of 1.28 ms,
+    fio's gettime.c), and under emulation the instructions a spin of fixed
+    guest time executes follow the host's speed.  In a probe that spin was
+    the whole spread of a cell's short runs: their user-space instructions
+    ranged over 15-19M in five runs, the kernel's under 1M."""
     argv = ["fio", "--name=cost", f"--filename={path}", "--direct=1", "--ioengine=libaio",
             # io_size far beyond: the I/O count ends the run, not the 200M region
             f"--number_ios={ios}", "--size=200M", "--io_size=100G", "--randrepeat=1",
@@ -98,17 +111,27 @@ def measured(path: str, workload: str, ios: int, *, profile: bool = False,
             # the workload's own io_size (seqwrite's 512m) would end it first
             *(a for a in PEER_WORKLOADS[workload] if not a.startswith("--io_size"))]
     if fenced:
-        sh(MARK, "profile" if profile else "start")
-    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
-    time.sleep(SETTLE)
-    if consumer is not None:
-        drained(consumer)
-    # what the consumer stored, written back inside the window: otherwise the
-    # page cache's writeback lands in one run or the next as its timer says
-    sh("sync")
-    if fenced:
-        sh(MARK, "stop")
-    job = json.loads(out)["jobs"][0]
+        argv.append(f"--exec_prerun={MARK} {'profile' if profile else 'start'}")
+    # the harness's own garbage collection, a lump whenever its allocations
+    # reach the threshold, kept out of the window: collected before, none inside
+    gc.collect()
+    gc.disable()
+    try:
+        # fio writes the prerun's output to cost.prerun.txt in its directory
+        out = subprocess.run(argv, capture_output=True, text=True, check=True,
+                             cwd=FIO_DIR).stdout
+        time.sleep(SETTLE)
+        if consumer is not None:
+            drained(consumer)
+        # what the consumer stored, written back inside the window: otherwise the
+        # page cache's writeback lands in one run or the next as its timer says
+        sh("sync")
+        if fenced:
+            sh(MARK, "stop")
+    finally:
+        gc.enable()
+    # fio says where the prerun's output went on the same stdout, before the JSON
+    job = json.loads(out[out.index("{"):])["jobs"][0]
     done = job["read"]["total_ios"] + job["write"]["total_ios"]
     return {"ios": done, "fio_reads": job["read"]["total_ios"],
             "fio_writes": job["write"]["total_ios"]}
@@ -159,6 +182,7 @@ def diagnose_udev() -> None:
 
 def main() -> int:
     STREAMS.mkdir(parents=True, exist_ok=True)
+    FIO_DIR.mkdir(parents=True, exist_ok=True)
     # 3 GiB each: the disk, the log, the capture file system, which takes a
     # cell's every written byte in the data modes (up to 2.5 GB)
     subprocess.run(["modprobe", "brd", "rd_nr=3", f"rd_size={3072 << 10}"], check=True)

@@ -53,7 +53,7 @@ def summarise(counts: list[int], runs: list[dict[str, Any]]) -> dict[str, Any]:
             per.setdefault(key, []).append(n / r["ios"])
     # a long run's I/Os alone: its count less what a run costs once, taken
     # from the median of the cell's short runs (their spread is mostly that
-    # fixed part: fio starting, the markers, the settle)
+    # fixed part: fio's exit, the markers, the settle)
     for key, got in longs.items():
         fixed = statistics.median(n for n, _ in shorts[key])
         ios0 = shorts[key][0][1]
@@ -261,11 +261,16 @@ def lines(res: dict[str, Any]) -> list[str]:
            "exactly: the guest runs with a TCG plugin (tests/bench/cost/insncount.c) that "
            "adds up the instructions every vCPU executes, kernel and user, fio and the "
            "consumer alike, between two marker instructions the guest executes around each "
-           "run. Each rep is two runs of a fixed number of I/Os, a short and a long one "
-           f"({lengths}): a long run's "
+           "run: the first inside fio, in its job process just before the first I/O "
+           "(`--exec_prerun`), the second once the run is over. fio's start stays outside: "
+           "it calibrates its clock by spinning on it for about 65 ms, and under emulation "
+           "the instructions a spin of fixed guest time executes follow the host's speed "
+           "(inside the window, it alone spread a cell's short runs by 15-19M "
+           "instructions). Each rep is two runs of a fixed number of I/Os, a short and a "
+           f"long one ({lengths}): a long run's "
            "count less the median of the cell's short runs, over the I/Os between "
-           "them, is what an I/O costs, so what every run costs once (fio starting and "
-           "ending, the markers, a 1 s settle and then a wait until the consumer has used "
+           "them, is what an I/O costs, so what every run costs once (fio's last I/Os and "
+           "its exit, the markers, a 1 s settle and then a wait until the consumer has used "
            "no CPU for 0.3 s, and a `sync` that "
            "writes back what it stored) cancels; udev, which probes a device each time a "
            "writer closes it, is held off during a cell's runs, and fio keeps no disk "
