@@ -60,6 +60,16 @@ MARK = os.environ["INSNMARK"]
 OUT = Path(os.environ["IMGREMENT_RESULTS"])
 #: fio's working directory (where it leaves the prerun's output)
 FIO_DIR = Path("/tmp/cost-fio")
+#: 2 MiB pages reserved for fio's buffers: seqwrite-1m's four 1 MiB buffers
+#: and their alignment round up to three, one run at a time
+HUGEPAGES = 8
+#: The vCPU fio runs on, in every run.  Left to the scheduler, bpftrace's
+#: runs came out at two levels about 2,000 instructions an I/O apart: its
+#: tracepoints' perf events are opened on CPU 0 alone, and the kernel runs
+#: the perf event's own path (perf_tp_event and on) for an event that fires
+#: on the CPU where one is open, so its cost followed where fio ran.  CPU 1:
+#: on a machine of many CPUs, most of a tracepoint's events fire elsewhere.
+FIO_CPU = 1
 SETTLE = 1.0  # seconds after fio for the consumer to drain, inside the window
 #: Where one more run a cell is profiled by block (not among the REPS).
 PROFILE_DISKS = os.environ.get("COST_PROFILE_DISKS", "brd").split(",")
@@ -107,6 +117,10 @@ def measured(path: str, workload: str, ios: int, *, profile: bool = False,
             # no disk statistics: fio's helper thread reads them every 250 ms,
             # work by the clock that made dm-linear's runs spread 2%
             "--disk_util=0",
+            # fio's buffers in huge pages reserved at start (HUGEPAGES): see main()
+            "--iomem=mmaphuge",
+            # fio on one vCPU (FIO_CPU): which one its I/O ran on changed a peer's work
+            f"--cpus_allowed={FIO_CPU}",
             "--group_reporting", "--output-format=json",
             # the workload's own io_size (seqwrite's 512m) would end it first
             *(a for a in PEER_WORKLOADS[workload] if not a.startswith("--io_size"))]
@@ -183,6 +197,20 @@ def diagnose_udev() -> None:
 def main() -> int:
     STREAMS.mkdir(parents=True, exist_ok=True)
     FIO_DIR.mkdir(parents=True, exist_ok=True)
+    # fio's buffers in huge pages, so that every configuration's bios are
+    # built from the same physical layout.  A direct 1 MiB write's pages
+    # join one segment where they are physically contiguous and make one
+    # each where not, and malloc'd buffers were contiguous as the allocator
+    # happened to have memory at the time (transparent huge pages): in a
+    # probe, dm-linear's long seqwrite-1m run made ~250 calls of
+    # __bio_add_page an I/O fewer than blktrace's, meta's and
+    # dm-log-writes', 3,760 instructions an I/O counted as their cost.
+    Path("/proc/sys/vm/nr_hugepages").write_text(f"{HUGEPAGES}\n")
+    meminfo = dict(line.split(":", 1) for line in
+                   Path("/proc/meminfo").read_text().splitlines())
+    if int(meminfo["HugePages_Total"]) < HUGEPAGES:
+        raise RuntimeError(f"only {meminfo['HugePages_Total'].strip()} of {HUGEPAGES} "
+                           "huge pages could be reserved for fio's buffers")
     # 3 GiB each: the disk, the log, the capture file system, which takes a
     # cell's every written byte in the data modes (up to 2.5 GB)
     subprocess.run(["modprobe", "brd", "rd_nr=3", f"rd_size={3072 << 10}"], check=True)
