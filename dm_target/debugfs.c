@@ -6,7 +6,7 @@
  *            whole records only, blocks until one is there (or returns
  *            -EAGAIN with O_NONBLOCK); poll() reports a batch (ring.h):
  *            at once for a mark or 1/16 of the buffer unread, else at most
- *            50 ms after a record, and sleepers are woken the same way.
+ *            200 ms after a record, and sleepers are woken the same way.
  *            Several readers share one stream: each record goes to exactly
  *            one of them, like bytes from a pipe.  After the device is
  *            removed, readers that had the file open drain what is left and

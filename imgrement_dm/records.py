@@ -448,7 +448,7 @@ class RecordReader:
     ``first_seq``: the sequence number the reader expects first (0 for a
     stream read from its start); ``None`` learns it from the first record.
 
-    A reader that waits is woken in batches by the kernel (at most 50 ms
+    A reader that waits is woken in batches by the kernel (at most 200 ms
     after a record, at once for a mark or a sixteenth of the buffer), so
     keeping up with a busy disk costs a few reads a second, not one per bio.
     """
