@@ -45,11 +45,11 @@
 /*
  * A reader's wake-ups cost the same however few records they bring, so the
  * delay sets what tracing a slow stream of bios costs: in the cost bench's
- * profiled runs (brd, `trace -q -o` storing), 50 ms made the consumer's user space 1,555
- * instructions a 1 MiB write and 191 a 4 KiB one; 200 ms, 445 and 51.  A
- * busy stream does not wait for it (1/16 of the buffer wakes at once), so
- * neither drops nor the lossless mode's waits depend on it; a live display
- * lags by up to this much.
+ * profiled runs (brd, `trace -q -o` storing), 50 ms made the consumer's
+ * user space 1,555 instructions a 1 MiB write and 191 a 4 KiB one; 200 ms,
+ * 445 and 51.  A busy stream does not wait for it (1/16 of the buffer wakes
+ * at once), so neither drops nor the lossless mode's waits depend on it; a
+ * live display lags by up to this much.
  */
 #define IMGREMENT_WAKE_DELAY_MS 200
 
