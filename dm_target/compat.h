@@ -48,13 +48,6 @@ static inline sector_t imgrement_bdev_nr_sectors(struct block_device *bdev)
 #define IMGREMENT_TARGET_FEATURES 0
 #endif
 
-/* blk_opf_t (the type of bi_opf) arrived in 6.0. */
-#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 0, 0)
-typedef blk_opf_t imgrement_opf_t;
-#else
-typedef unsigned int imgrement_opf_t;
-#endif
-
 /* memcpy_from_bvec() arrived in 5.15; before that, map the page ourselves. */
 #if LINUX_VERSION_CODE >= KERNEL_VERSION(5, 15, 0)
 #define imgrement_memcpy_from_bvec(to, bv) memcpy_from_bvec(to, bv)

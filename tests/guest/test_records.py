@@ -357,7 +357,9 @@ def test_fua_flush_discard_and_write_zeroes(make_traced: Callable[..., Traced]) 
         os.close(fd)
     dsync = mine(t.until_mark("dsync"))
     assert dsync[0].op_name == "write" and dsync[0].sector == 16 and dsync[0].size == 4096
-    assert "fua" in dsync[0].flag_names
+    # every flag exactly, each from its own bit of bi_opf (record_flags' table):
+    # a direct write is REQ_SYNC | REQ_IDLE, O_DSYNC adds REQ_FUA
+    assert dsync[0].flag_names == ["fua", "sync", "idle"]
     # O_DSYNC may add a cache flush after the FUA write, depending on kernel
     assert all(r.op_name == "flush" for r in dsync[1:])
 
