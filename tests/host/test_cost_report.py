@@ -106,6 +106,17 @@ def test_a_profile_is_mapped_to_symbols_and_grouped() -> None:
     assert prof["top"][0] == ("imgrement_map [imgrement]", 30)
 
 
+def test_symbols_that_cost_the_same_are_listed_by_name() -> None:
+    """The page is regenerated from the same runs byte for byte: a tie in the
+    top symbols (two at 202 in the 6 Dec grid) must not follow set order."""
+    names = ["zeta", "alpha", "mu", "beta", "omega", "gamma", "kappa", "delta"]
+    windows = {1: {}, 2: {n: 100 for n in names}}
+    runs = [{"disk": "brd", "workload": "w", "config": c, "rep": "profile", "ios": 10}
+            for c in ("linear", "meta")]
+    prof = cost_report.profile_summary(runs, windows, top=8)["brd-w"]["meta"]
+    assert prof["top"] == [(n, 10) for n in sorted(names)]
+
+
 def test_a_rep_is_the_difference_of_its_two_runs() -> None:
     """What each run costs once (fio's start and end) cancels: 50M fixed,
     then 10,000 instructions an I/O, gives 10,000 an I/O whatever N is."""

@@ -190,8 +190,9 @@ def profile_summary(runs: list[dict[str, Any]], windows: dict[int, dict[str, int
             out.setdefault(f"{disk}-{workload}", {})[config] = {
                 "extra_per_io": round(total), "groups": {g: round(x) for g, x in
                                                          sorted(groups.items())},
+                # (a tie by name: the page comes out the same from the same runs)
                 "top": [(s, round(x)) for s, x in sorted(extra.items(),
-                                                         key=lambda kv: -kv[1])[:top]]}
+                                                         key=lambda kv: (-kv[1], kv[0]))[:top]]}
     return out
 
 
