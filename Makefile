@@ -161,8 +161,10 @@ bench: all
 # marker instructions around each fio run of a fixed number of I/Os; the
 # peer table's configurations and workloads, COST_REPS runs each.  Writes
 # build/bench/results-cost.json and the section that leads docs/benchmarks.md.
-# brd's 35 cells took 50 minutes here (5 Dec 2026, COST_ENV="COST_DISKS=brd");
-# the virtio disk's cells, the default's second half, have not been run whole.
+# brd's 35 cells took 60 minutes here (6 Dec 2026, COST_ENV="COST_DISKS=brd");
+# the virtio disk's, the default's second half, about 4.5 minutes a cell (its
+# three 4 KiB write workloads, 21 cells, 93 minutes with the boot); its
+# seqwrite-1m and randrw cells have not been run.
 COST_ENV ?=
 bench-cost: all
 	scripts/install-host-deps --bench
