@@ -551,12 +551,13 @@ static u8 record_op(struct bio *bio)
 
 /*
  * The record's flag for each request flag it keeps, by the flag's bit in
- * bi_opf (the bits differ between kernels; their names do not).
- * record_flags() looks up only the bits a bio has set, usually two (a direct
- * write's REQ_SYNC and REQ_IDLE): testing all eleven one by one cost a
- * traced bio about 50 instructions in the cost bench's profile.
+ * bi_opf (the bits differ between kernels; their names do not); the flags
+ * it does not keep are 0 here.  record_flags() looks up only the flag bits
+ * a bio has set, usually two (a direct write's REQ_SYNC and REQ_IDLE):
+ * testing all eleven one by one cost a traced bio about 50 instructions in
+ * the cost bench's profile.  32 entries: any bit of a u32 bi_opf has one.
  */
-static const u16 record_flag_of_bit[__REQ_NR_BITS] = {
+static const u16 record_flag_of_bit[32] = {
 	[__REQ_FUA] = IMGREMENT_F_FUA,
 	[__REQ_PREFLUSH] = IMGREMENT_F_PREFLUSH,
 	[__REQ_SYNC] = IMGREMENT_F_SYNC,
@@ -570,13 +571,9 @@ static const u16 record_flag_of_bit[__REQ_NR_BITS] = {
 	[__REQ_NOMERGE] = IMGREMENT_F_NOMERGE,
 };
 
-#define IMGREMENT_KEPT_REQ_FLAGS (REQ_FUA | REQ_PREFLUSH | REQ_SYNC | REQ_META | \
-				  REQ_PRIO | REQ_RAHEAD | REQ_BACKGROUND | \
-				  REQ_NOWAIT | REQ_NOUNMAP | REQ_IDLE | REQ_NOMERGE)
-
 static u32 record_flags(struct bio *bio)
 {
-	unsigned long bits = (__force u32)(bio->bi_opf & IMGREMENT_KEPT_REQ_FLAGS);
+	unsigned long bits = (__force u32)(bio->bi_opf & ~REQ_OP_MASK);
 	u32 f = 0;
 
 	BUILD_BUG_ON(__REQ_NR_BITS > 32);
