@@ -172,14 +172,14 @@ def test_the_floor_is_the_targets_append_and_copy_and_meta_is_held_to_it() -> No
     assert "randwrite-4k-qd1: 20,000 and 80,000" in text
 
 
-def _boot(d: Path, disk: str, per_io: dict[str, int]) -> None:
+def _boot(d: Path, disk: str, per_io: dict[str, int], workload: str = "w") -> None:
     """A boot's results folder: each configuration's 2 reps of a short and
     a long run, 1,000 fixed instructions and ``per_io`` an I/O."""
     runs, counts = [], []
     for config, cost in per_io.items():
         for rep in range(2):
             for part, ios in (("short", 100), ("long", 1100)):
-                runs.append({"disk": disk, "workload": "w", "config": config, "rep": rep,
+                runs.append({"disk": disk, "workload": workload, "config": config, "rep": rep,
                              "part": part, "ios": ios, "dropped": 0})
                 counts.append(1000 + cost * ios)
     d.mkdir()
@@ -196,9 +196,25 @@ def test_boots_are_merged_each_cell_from_one(tmp_path: Path) -> None:
     assert cost_report.main([str(tmp_path / "a"), str(doc), str(tmp_path / "b")]) == 0
     res = json.loads((tmp_path / "a" / "results-cost.json").read_text())
     assert res["cost_ratio"]["meta"] == {"brd-w": 1.1, "virtio-w": 1.25}
-    assert "Each disk's cells come from one boot: brd; virtio." in doc.read_text()
+    assert "Each row's cells come from one boot (2 boots): brd-w; virtio-w." in doc.read_text()
     _boot(tmp_path / "c", "brd", {"meta": 120})
     with pytest.raises(SystemExit, match="brd-w-meta was measured in both"):
+        cost_report.main([str(tmp_path / "a"), str(doc), str(tmp_path / "c")])
+
+
+def test_one_disk_from_two_boots_a_row_from_one(tmp_path: Path) -> None:
+    """One disk's workloads may come from two boots (the page's virtio rows
+    do), and the page names each boot's rows; a row split between boots is
+    refused, since its ratios would be to another boot's dm-linear."""
+    _boot(tmp_path / "a", "virtio", {"linear": 200, "meta": 250})
+    _boot(tmp_path / "b", "virtio", {"linear": 100, "meta": 130}, workload="x")
+    doc = tmp_path / "b.md"
+    assert cost_report.main([str(tmp_path / "a"), str(doc), str(tmp_path / "b")]) == 0
+    res = json.loads((tmp_path / "a" / "results-cost.json").read_text())
+    assert res["cost_ratio"]["meta"] == {"virtio-w": 1.25, "virtio-x": 1.3}
+    assert "Each row's cells come from one boot (2 boots): virtio-w; virtio-x." in doc.read_text()
+    _boot(tmp_path / "c", "virtio", {"blktrace": 220})
+    with pytest.raises(SystemExit, match=r"virtio-w-blktrace was measured in both .*/a and .*/c"):
         cost_report.main([str(tmp_path / "a"), str(doc), str(tmp_path / "c")])
 
 

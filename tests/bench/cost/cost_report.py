@@ -302,8 +302,8 @@ def lines(res: dict[str, Any]) -> list[str]:
            "a copy of a 4 KiB block is about 4,100. What this does not capture: memory "
            "bandwidth, caches and device time on real hardware (the throughput tables "
            "below stay for that). "
-           + (("Each disk's cells come from one boot: " + "; ".join(
-               ", ".join(ds) for ds in res["boots"].values()) + ". ")
+           + ((f"Each row's cells come from one boot ({len(res['boots'])} boots): "
+               + "; ".join(", ".join(rows) for rows in res["boots"].values()) + ". ")
               if len(res.get("boots", {})) > 1 else "")
            + "Measured here: "
            + ", ".join(sorted(keys)) + " with " + ", ".join(configs) + "."
@@ -382,33 +382,35 @@ def _runs_of(d: Path) -> tuple[list[int], list[dict[str, Any]]]:
 
 def main(argv: list[str]) -> int:
     """OUT DOC [DIR...]: the counts and runs of the boot in OUT, and of
-    each DIR (another boot's results: say, the virtio disk's); a cell
-    measured in two boots is refused, since its ratio must be to the
-    dm-linear of its own boot.  The profile of every boot that has one."""
+    each DIR (another boot's results: say, the virtio disk's); a row (a
+    disk's workload) measured in two boots is refused, since its ratios
+    must be to the dm-linear of its own boot.  The profile of every boot
+    that has one."""
     out, doc = Path(argv[0]), Path(argv[1])
     boots = [out, *map(Path, argv[2:])]
     counts: list[int] = []
     runs: list[dict[str, Any]] = []
-    seen: dict[tuple[str, str, str], Path] = {}
+    seen: dict[tuple[str, str], Path] = {}
     profile: dict[str, Any] = {}
-    disks: dict[str, list[str]] = {}
+    rows: dict[str, list[str]] = {}
     for d in boots:
         c, listed = _runs_of(d)
-        for key in {(x["disk"], x["workload"], x["config"]) for x in listed}:
-            if key in seen:
-                raise SystemExit(f"cost_report: {'-'.join(key)} was measured in both "
-                                 f"{seen[key]} and {d}; give each boot's cells once")
-            seen[key] = d
+        for cell in sorted({(x["disk"], x["workload"], x["config"]) for x in listed}):
+            if seen.get(cell[:2], d) != d:
+                raise SystemExit(f"cost_report: {'-'.join(cell)} was measured in both "
+                                 f"{seen[cell[:2]]} and {d}; give each row's cells from "
+                                 "one boot, so its ratios are to that boot's dm-linear")
+            seen[cell[:2]] = d
         counts += c
         runs += listed
-        disks[str(d)] = sorted({x["disk"] for x in listed})
+        rows[str(d)] = sorted({f"{x['disk']}-{x['workload']}" for x in listed})
         prof, syms = d / "cost-profile.txt", d / "cost-kallsyms.txt"
         if prof.exists() and syms.exists():
             windows = profiles(prof.read_text(), Symbols(syms.read_text()))
             profile.update(profile_summary(listed, windows))
     res = summarise(counts, runs)
     res["reps"] = max((r["rep"] for r in runs if r["rep"] != "profile"), default=-1) + 1
-    res["boots"] = disks
+    res["boots"] = rows
     if profile:
         res["profile"] = profile
         res["floor"] = floor_goals(res)
