@@ -162,9 +162,9 @@ bench: all
 # peer table's configurations and workloads, COST_REPS runs each.  Writes
 # build/bench/results-cost.json and the section that leads docs/benchmarks.md.
 # brd's 35 cells took 60 minutes here (6 Dec 2026, COST_ENV="COST_DISKS=brd");
-# the virtio disk's, the default's second half, about 4.5 minutes a cell (its
-# three 4 KiB write workloads, 21 cells, 93 minutes with the boot); its
-# seqwrite-1m and randrw cells have not been run.
+# the virtio disk's, the default's second half, about 4.5 minutes a 4 KiB
+# write cell (its three 4 KiB write workloads, 21 cells, 93 minutes with the
+# boot) and under 2 a seqwrite-1m or randrw cell (14 cells, 27 minutes).
 COST_ENV ?=
 bench-cost: all
 	scripts/install-host-deps --bench
