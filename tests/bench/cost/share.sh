@@ -2,8 +2,8 @@
 # Do the sandbox's virtio disks share one backend's bandwidth?  The cost
 # bench's writes-drop stores its records on a second virtio disk while fio
 # writes the traced one; if the two disks draw on the same host bandwidth,
-# a workload that uses all of it leaves the store too little, whatever the
-# consumer does.  fio, 1 MiB sequential O_DIRECT writes at queue depth 4
+# a workload that uses all of it leaves the store only what the split gives
+# the consumer's way of writing.  fio, 1 MiB sequential O_DIRECT writes at queue depth 4
 # (seqwrite-1m's shape), on each disk alone and on both at once; then the
 # consumer's shape (4 MiB writes, one at a time: a 64 MiB buffer wakes its
 # reader when a sixteenth is unread; and 32 MiB) beside it.  Each disk is
