@@ -5,8 +5,8 @@
 # a workload that uses all of it leaves the store only what the split gives
 # the consumer's way of writing.  fio, 1 MiB sequential O_DIRECT writes at queue depth 4
 # (seqwrite-1m's shape), on each disk alone and on both at once; then the
-# consumer's shape (4 MiB writes, one at a time: a 64 MiB buffer wakes its
-# reader when a sixteenth is unread; and 32 MiB) beside it.  Each disk is
+# way a consumer stores (large writes, one at a time: 4 MiB, a sixteenth of
+# the bench's 64 MiB buffer, and 32 MiB) beside it.  Each disk is
 # written once first, unreported: the first write of a sparse image file
 # on the host ran at a sixth of the later ones' speed.
 #   imgrement-dm sandbox --disk 4G --disk 4G --memory 4G --results build/share \
